@@ -1,0 +1,1 @@
+"""The load balancer: AF_PACKET receive, Maglev backend choice, IP-in-IP encapsulation."""
