@@ -1,0 +1,135 @@
+"""The deployment: which topology, the VIP, which hosts balance and which serve.
+
+All roles are configuration (`controller/deployment.json`); paths inside the file resolve
+relative to the file itself, except `www_root`, which is relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.topology import Topology, TopologyError, load_topology
+
+REPO_ROOT: Path = Path(__file__).resolve().parent.parent
+DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
+
+
+class DeploymentError(ValueError):
+    """A deployment file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    topology: Topology
+    vip: str
+    """The virtual IP clients connect to, "20.0.0.1"."""
+    vip_ports: tuple[int, ...]
+    """TCP/UDP ports served on the VIP."""
+    load_balancers: tuple[str, ...]
+    """Hosts running the load balancer; the fabric splits VIP traffic between them."""
+    backends: tuple[tuple[str, int], ...]
+    """(host name, Maglev weight), in the file's order."""
+    hash_seed: int
+    """Seed of the 5-tuple hash, shared by every load-balancer instance."""
+    server_mss: int
+    """MSS the servers advertise, leaving room for the 20-byte IP-in-IP header."""
+    www_root: Path
+    """Files the backend web servers serve."""
+
+    def backend_ips(self) -> tuple[tuple[str, int], ...]:
+        """(backend IP, weight), in the file's order."""
+        return tuple((self.topology.host_ip(h), w) for h, w in self.backends)
+
+    def clients(self) -> list[str]:
+        """Hosts that are neither load balancers nor backends, natural order."""
+        busy = set(self.load_balancers) | {h for h, _ in self.backends}
+        return [h for h in self.topology.hosts() if h not in busy]
+
+
+def _need(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in data:
+        raise DeploymentError(f"{where}: missing key {key!r}")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DeploymentError(f"{where}: key {key!r} must be {kind.__name__}")
+    return value
+
+
+def parse_deployment(
+    data: object, topology: Topology, base: Path, source: str = "<deployment>"
+) -> Deployment:
+    """Validate decoded JSON against the topology. `base` resolves `www_root`."""
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{source}: top level must be an object")
+    vip = _need(data, "vip", str, source)
+    try:
+        ipaddress.IPv4Address(vip)
+    except ValueError:
+        raise DeploymentError(f"{source}: vip {vip!r} is not an IPv4 address") from None
+    hosts = set(topology.hosts())
+    if vip in {topology.host_ip(h) for h in hosts}:
+        raise DeploymentError(f"{source}: vip {vip} is a host's address")
+    ports = _need(data, "vip_ports", list, source)
+    if not ports or not all(
+        isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports
+    ):
+        raise DeploymentError(f"{source}: vip_ports must be a non-empty list of ports 1..65535")
+    lbs = _need(data, "load_balancers", list, source)
+    backends = _need(data, "backends", dict, source)
+    if not lbs:
+        raise DeploymentError(f"{source}: load_balancers is empty")
+    if not backends:
+        raise DeploymentError(f"{source}: backends is empty")
+    for h in [*lbs, *backends]:
+        if h not in hosts:
+            raise DeploymentError(f"{source}: {h!r} is not a host of {topology.source}")
+    if len(set(lbs)) != len(lbs):
+        raise DeploymentError(f"{source}: load_balancers lists a host twice")
+    both = set(lbs) & set(backends)
+    if both:
+        raise DeploymentError(f"{source}: {sorted(both)} both load balancer and backend")
+    for h, w in backends.items():
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise DeploymentError(f"{source}: backend {h!r} weight must be an integer >= 0")
+    if not any(backends.values()):
+        raise DeploymentError(f"{source}: every backend weight is 0")
+    seed = _need(data, "hash_seed", int, source)
+    if not 0 <= seed < 2**64:
+        raise DeploymentError(f"{source}: hash_seed must be in 0..2**64-1")
+    mss = _need(data, "server_mss", int, source)
+    if not 536 <= mss <= 1460:
+        raise DeploymentError(f"{source}: server_mss {mss} not in 536..1460")
+    www = _need(data, "www_root", str, source)
+    return Deployment(
+        topology=topology,
+        vip=vip,
+        vip_ports=tuple(ports),
+        load_balancers=tuple(lbs),
+        backends=tuple(backends.items()),
+        hash_seed=seed,
+        server_mss=mss,
+        www_root=(base / www).resolve(),
+    )
+
+
+def load_deployment(path: str | Path | None = None) -> Deployment:
+    """Read the deployment file and the topology it names."""
+    p = Path(path) if path is not None else DEFAULT_DEPLOYMENT
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise DeploymentError(f"{p}: cannot read: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise DeploymentError(f"{p}: bad JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{p}: top level must be an object")
+    topo_name = _need(data, "topology", str, str(p))
+    try:
+        topology = load_topology(p.parent / topo_name)
+    except TopologyError as e:
+        raise DeploymentError(f"{p}: topology: {e}") from None
+    return parse_deployment(data, topology, REPO_ROOT, str(p))
