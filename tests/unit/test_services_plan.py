@@ -1,0 +1,131 @@
+"""controller.services: what runs where per mode, and the generated haproxy config (no root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller import services
+from controller.deployment import load_deployment
+
+STATE = Path("/tmp/l4lb-test-state")
+
+
+@pytest.fixture(scope="module")
+def dep():
+    return load_deployment()
+
+
+def by_node(plan: services.Plan) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in plan.services:
+        out.setdefault(s.node, []).append(s.role)
+    return out
+
+
+def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
+    p = services.plan(dep, "fastpath", STATE, python="/py")
+    nodes = by_node(p)
+    assert nodes["h1"] == ["lb"] and nodes["h2"] == ["lb"]
+    for h, _ in dep.backends:
+        assert nodes[h] == ["agent", "www"]
+    lb = next(s for s in p.services if s.name == "lb-h1")
+    assert lb.argv == ("/py", "-m", "fastpath.lb", "h1-eth0")
+    assert lb.ready_file == str(services.lb_stats_path(STATE, "h1"))
+    www = next(s for s in p.services if s.name == "www-h3")
+    assert www.argv[:3] == ("php", "-S", "20.0.0.1:80")
+    assert www.argv[-1] == str(dep.www_root)
+    assert www.listen == ("20.0.0.1", 80)
+    assert www.log.startswith(str(STATE)), "server output goes to a file, never a pipe"
+    # Backends come before load balancers: the first balanced packet finds a server.
+    roles = [s.role for s in p.services]
+    assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
+    assert p.setup == () and p.files == {}
+
+
+def test_none_plan_serves_on_backend_addresses_without_lb(dep) -> None:
+    p = services.plan(dep, "none", STATE)
+    assert {s.role for s in p.services} == {"www"}
+    listens = sorted(s.listen for s in p.services if s.listen)
+    assert listens == sorted((dep.topology.host_ip(h), 80) for h, _ in dep.backends)
+
+
+def test_haproxy_plan_binds_vip_on_lbs_and_proxies_to_backends(dep) -> None:
+    p = services.plan(dep, "haproxy", STATE)
+    assert [s.name for s in p.services if s.role == "haproxy"] == ["haproxy-h1", "haproxy-h2"]
+    assert [c.argv for c in p.setup] == [("ip", "addr", "add", "20.0.0.1/32", "dev", "lo")] * 2
+    assert all(c.undo == ("ip", "addr", "del", "20.0.0.1/32", "dev", "lo") for c in p.setup)
+    cfg = p.files[str(STATE / "haproxy-h1.cfg")]
+    assert "mode tcp" in cfg and "bind 20.0.0.1:80" in cfg
+    for h, w in dep.backends:
+        assert f"server {h} {dep.topology.host_ip(h)}:80 weight {w}" in cfg
+    assert "www" in {s.role for s in p.services} and "agent" not in {s.role for s in p.services}
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="haproxy not installed")
+def test_haproxy_accepts_generated_config(dep, tmp_path: Path) -> None:
+    cfg = tmp_path / "h.cfg"
+    cfg.write_text(services.haproxy_config(dep, "h1", tmp_path))
+    res = subprocess.run(["/usr/sbin/haproxy", "-c", "-f", str(cfg)], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_unknown_mode_is_a_clear_error(dep) -> None:
+    with pytest.raises(services.ServiceError, match="choose one of fastpath, scapy"):
+        services.plan(dep, "nginx", STATE)  # type: ignore[arg-type]
+
+
+def test_proc_net_addr_matches_kernel_format() -> None:
+    # /proc/net/tcp shows 127.0.0.1:80 as 0100007F:0050
+    assert services._proc_net_addr("127.0.0.1", 80) == "0100007F:0050"
+    assert services._proc_net_addr("20.0.0.1", 80) == "01000014:0050"
+
+
+def test_listening_sees_a_real_listener_and_start_time_identifies_process(tmp_path) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    assert not services.listening(os.getpid(), "127.0.0.1", port)
+    s.listen()
+    try:
+        assert services.listening(os.getpid(), "127.0.0.1", port)
+    finally:
+        s.close()
+    assert services.proc_start_time(os.getpid()) is not None
+    assert services.proc_cpu_seconds(os.getpid()) is not None
+
+
+def test_stop_kills_recorded_process_by_pid_and_spares_reused_pids(tmp_path: Path) -> None:
+    # A real child recorded as a service, plus a record whose start time does not match its PID
+    # (a PID reused by someone else): stop must end the first and leave the second alone.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        state = {
+            "mode": "none",
+            "services": [
+                {"name": "x", "node": "h3", "role": "www", "pid": proc.pid,
+                 "start_time": services.proc_start_time(proc.pid)},
+                {"name": "y", "node": "h3", "role": "www", "pid": other.pid,
+                 "start_time": (services.proc_start_time(other.pid) or 0) + 1},
+            ],
+            "undo": [],
+        }  # fmt: skip
+        services._write_state(tmp_path, state)
+        assert [r["name"] for r in services.running(tmp_path)] == ["x"]
+        assert services.stop(tmp_path, timeout=5) == 1
+        assert proc.poll() is not None
+        assert other.poll() is None
+        assert not (tmp_path / services.STATE_FILE).exists()
+        assert services.stop(tmp_path) == 0  # idempotent
+    finally:
+        for p in (proc, other):
+            p.kill()
+            p.wait()
