@@ -124,10 +124,11 @@ def compute_routes(
             raise TopologyError(f"{topo.source}: load-balancer {h!r} is not a host")
     tors = {topo.gateway(h).node for h in hosts}
     dist = {t: switch_distances(topo, t) for t in sorted(tors)}
-    routes = [
+    # the VIP first, so that where it is a group (at the LBs' ToR) it is group 1
+    routes = [(f"{vip}/32", list(lb_hosts))]
+    routes += [
         (str(ipaddress.ip_interface(topo.host_interface(h).ip or "").network), [h]) for h in hosts
     ]
-    routes.append((f"{vip}/32", list(lb_hosts)))
 
     programs: dict[str, SwitchProgram] = {}
     for sw in topo.switches():
