@@ -75,6 +75,18 @@ def test_haproxy_accepts_generated_config(dep, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_scapy_plan_passes_backends_and_next_hop(dep) -> None:
+    p = services.plan(dep, "scapy", STATE, python="/py")
+    lb = next(s for s in p.services if s.name == "lb-h2")
+    assert lb.argv[:4] == ("/py", "-m", "bench.scapy_lb", "h2-eth0")
+    args = list(lb.argv)
+    backends = [args[i + 1] for i, a in enumerate(args) if a == "--backend"]
+    assert backends == [ip for ip, _ in dep.backend_ips()]
+    assert args[args.index("--next-hop-mac") + 1] == dep.topology.gateway("h2").mac
+    assert lb.ready_packet_socket
+    assert {s.role for s in p.services if s.node == "h3"} == {"agent", "www"}
+
+
 def test_unknown_mode_is_a_clear_error(dep) -> None:
     with pytest.raises(services.ServiceError, match="choose one of fastpath, scapy"):
         services.plan(dep, "nginx", STATE)  # type: ignore[arg-type]
@@ -99,6 +111,7 @@ def test_listening_sees_a_real_listener_and_start_time_identifies_process(tmp_pa
     finally:
         s.close()
     assert services.proc_start_time(os.getpid()) is not None
+    assert not services.has_packet_socket(os.getpid())
     assert services.proc_cpu_seconds(os.getpid()) is not None
 
 
