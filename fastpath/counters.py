@@ -39,6 +39,8 @@ class DropReason(IntEnum):
     """Inner packet + 20 exceeds the MTU and DF is clear (dropped, not fragmented)."""
     FRAG_NEEDED = 14
     """Inner packet + 20 exceeds the MTU with DF set: an ICMP frag-needed went to the sender."""
+    INTERNAL_ERROR = 15
+    """A bug raised inside the core; the frame was dropped (tests assert this stays 0)."""
 
 
 _REASONS = tuple(DropReason)
