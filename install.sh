@@ -35,7 +35,7 @@ fi
 
 # The virtualenv: Debian's python3 with system site-packages, so `import mininet` works.
 PY=/usr/bin/python3
-stamp_src=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+stamp_src=$(cat setup.cfg pyproject.toml install.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import mininet' 2>/dev/null; then
   rm -rf .venv
   echo "install.sh: creating .venv (system site-packages, for Debian's mininet)"
@@ -43,6 +43,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import mininet' 2>/dev/nu
 fi
 if [ "$(cat .venv/.l4lb-stamp 2>/dev/null)" != "$stamp_src" ]; then
   echo "install.sh: installing Python packages into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,bench]"
+  # compat mode puts the repository on sys.path, so packages added later import without a reinstall.
+  .venv/bin/pip install -q --disable-pip-version-check \
+    --config-settings editable_mode=compat -e ".[test,bench]"
   echo "$stamp_src" > .venv/.l4lb-stamp
 fi
