@@ -1,0 +1,619 @@
+"""The running network: build the fat tree under mininet, route it, keep it, take it down.
+
+Hosts are mininet Hosts; switches are plain mininet nodes acting as Linux routers (no OVS, no
+OpenFlow controller); links are veth pairs (no TCLink: this kernel has no netem). Addresses,
+MACs and routes come from the Topology and the route computation (controller.routes, realised
+by controller.drivers.linux). Nothing depends on ARP: every neighbour entry is permanent.
+
+`up(..., "cli")` keeps the network in this process and opens mininet's CLI; `up(..., "detach")`
+starts a small background process (`python -m controller.network serve`) that owns the
+mininet objects until SIGTERM. Either way the owner writes /run/l4lb/state.json (see
+controller.netstate) as it goes and holds /run/l4lb/fattree.lock while the network is up, so
+`down` works from that file alone, also after a crash of the owner, and `exec` finds nodes by
+PID. Mininet's own logging is kept quiet; one progress line per phase says what took how long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from controller import netstate, nodeconfig
+from controller.drivers import linux
+from controller.netstate import STATE_DIR, NetState, NodeRecord
+from controller.routes import SwitchProgram, compute_routes
+from controller.topology import Topology
+
+__all__ = ["STATE_DIR", "NetworkError", "down", "exec_on", "node_pid", "running", "up"]
+
+REPO = Path(__file__).resolve().parent.parent
+Progress = Callable[[str], None]
+STOP_TIMEOUT = 20.0  # seconds `down` waits for the owner to take the network down
+
+
+class NetworkError(RuntimeError):
+    """The network cannot be brought up, reached or taken down; the message says what to do."""
+
+
+class UnknownNode(LookupError):
+    """A node name the running network does not have; the message lists the valid ones."""
+
+
+class _Stop(BaseException):
+    """SIGTERM/SIGHUP/SIGINT reached the owner: stop the network."""
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- what to build ---------------------------------------------------------------------------
+
+
+def _plan(topo_path: str | None) -> tuple[Topology, Any, dict[str, SwitchProgram]]:
+    """Topology, deployment and every switch's program; pure, so bad input fails before root."""
+    from controller.deployment import load_deployment
+    from controller.topology import load_topology
+
+    dep = load_deployment()
+    topo = load_topology(topo_path) if topo_path else dep.topology
+    missing = [h for h in dep.load_balancers if h not in topo.nodes]
+    if missing:
+        raise ValueError(f"{topo.source}: the deployment's load balancers {missing} are missing")
+    return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers)
+
+
+# --- building and stopping, in the owning process ----------------------------------------------
+
+
+class _Signals:
+    """Turns SIGTERM/SIGHUP/SIGINT into _Stop: a flag checked between build steps, or an
+    exception while the owner just waits (the CLI's loop, the detached idle loop)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.raising = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.raising:
+            self.raising = False  # once: the teardown that follows must not be interrupted
+            raise _Stop(signal.Signals(signum).name)
+
+    def install(self, sigint: bool = True) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP, *([signal.SIGINT] if sigint else [])):
+            signal.signal(sig, self._handler)
+
+    def check(self) -> None:
+        if self.requested:
+            raise _Stop("signal")
+
+
+class Network:
+    """The mininet objects of one fat tree, owned by this process."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        programs: dict[str, SwitchProgram],
+        mode: str,
+        state_dir: Path = STATE_DIR,
+        signals: _Signals | None = None,
+    ) -> None:
+        self.topo = topo
+        self.programs = programs
+        self.state_dir = state_dir
+        self.signals = signals or _Signals()
+        self.net: Any = None
+        me = os.getpid()
+        self.state = NetState(
+            owner_pid=me,
+            owner_start_time=netstate.proc_start_time(me) or 0,
+            mode=mode,
+            topology=topo.source,
+            started=time.time(),
+            interfaces=[i.name for n in topo.nodes.values() for i in n.interfaces.values()],
+        )
+
+    def build(self, progress: Progress = _print) -> float:
+        """Create, link, address and route every node; returns the seconds it took."""
+        from mininet.log import setLogLevel
+        from mininet.net import Mininet
+
+        setLogLevel("output")  # mininet's "*** Adding ..." lines off, CLI output on
+        t0 = time.monotonic()
+        # Mininet.init() raises root-namespace limits and sysctls; this network needs none of
+        # that, and the machine is shared.
+        Mininet.inited = True
+        self.router_cls, self.intf_cls, self.link_cls = _mininet_classes()
+        self.net = Mininet(topo=None, controller=None, build=False, intf=self.intf_cls)
+        netstate.write_state(self.state, self.state_dir)
+        names = self.topo.hosts() + self.topo.switches()
+        for name in names:
+            self.signals.check()
+            self._add_node(name)
+        t1 = time.monotonic()
+        progress(f"up: {len(names)} nodes in {t1 - t0:.2f} s")
+
+        pids = {n: r.pid for n, r in self.state.nodes.items()}
+        sysctl = {n: nodeconfig.sysctl_argv(nodeconfig.sysctls(self.topo, n)) for n in names}
+        _run_all({n: ["mnexec", "-a", str(pids[n]), *argv] for n, argv in sysctl.items()}, "sysctl")
+        self.signals.check()
+        _run_root_batch(nodeconfig.link_commands(self.topo, pids))
+        self._record_links()
+        t2 = time.monotonic()
+        progress(f"up: {len(self.topo.links())} links in {t2 - t1:.2f} s")
+
+        self.signals.check()
+        batches: dict[str, tuple[int, list[list[str]]]] = {}
+        n_routes = 0
+        for n in names:
+            cmds = nodeconfig.node_commands(self.topo, n)
+            if n in self.programs:
+                routes = linux.program_commands(self.programs[n], self.topo)
+                n_routes += sum(1 for c in routes if c[1] == "route")
+                cmds += routes
+            batches[n] = (pids[n], cmds)
+        linux.run_batches(batches)
+        t3 = time.monotonic()
+        progress(
+            f"up: addresses, static neighbours and {n_routes} routes on "
+            f"{len(self.programs)} switches in {t3 - t2:.2f} s"
+        )
+        self.state.ready = True
+        netstate.write_state(self.state, self.state_dir)
+        return t3 - t0
+
+    def _add_node(self, name: str) -> None:
+        kind = self.topo.node(name).kind
+        if kind == "host":
+            from mininet.node import Host
+
+            node = self.net.addHost(name, cls=Host, ip=None)
+        else:
+            node = self.net.addSwitch(name, cls=self.router_cls, inNamespace=True)
+        ns = netstate.netns_of(node.pid)
+        if ns is None or ns == netstate.root_netns():
+            raise NetworkError(f"{name}: node shell {node.pid} has no namespace of its own")
+        self.state.nodes[name] = NodeRecord(
+            name, kind, node.pid, netstate.proc_start_time(node.pid) or 0, ns
+        )
+        netstate.write_state(self.state, self.state_dir)
+
+    def _record_links(self) -> None:
+        """Give mininet its Link/Intf objects for the veths already made (for the CLI)."""
+        for a, b in self.topo.links():
+            link = self.link_cls(
+                self.net[a.node],
+                self.net[b.node],
+                port1=a.port,
+                port2=b.port,
+                intfName1=a.name,
+                intfName2=b.name,
+                addr1=a.mac,
+                addr2=b.mac,
+                intf=self.intf_cls,
+                params1={"ip": a.ip},
+                params2={"ip": b.ip},
+            )
+            self.net.links.append(link)
+
+    def stop(self, progress: Progress = _print) -> list[int]:
+        """Stop services and every process in the network's namespaces (which removes the
+        namespaces and veths); returns PIDs that survived (none, normally)."""
+        t0 = time.monotonic()
+        left = teardown(self.state, self.state_dir)
+        if self.net is not None:
+            for node in self.net.hosts + self.net.switches:
+                with suppress(Exception):
+                    node.cleanup()  # reap the shell, close its pty
+        progress(f"down: {len(self.state.nodes)} nodes stopped in {time.monotonic() - t0:.2f} s")
+        return left
+
+
+def _mininet_classes() -> tuple[type, type, type]:
+    from mininet.link import Intf, Link
+    from mininet.node import Node
+
+    class Router(Node):
+        """A node in its own namespace that routes; nothing to start or stop."""
+
+        def __init__(self, name: str, **params: Any) -> None:
+            params.pop("listenPort", None)
+            super().__init__(name, **params)
+
+        def start(self, controllers: Any) -> None:
+            pass
+
+    class QuietIntf(Intf):
+        """Records its address for mininet's CLI; the ip batches configure it."""
+
+        def config(self, ip: str | None = None, **params: Any) -> dict[str, Any]:
+            if ip:
+                self.ip, prefix = ip.split("/")
+                self.prefixLen = int(prefix)
+            return {}
+
+    class PrebuiltLink(Link):
+        """A Link whose veth pair already exists (made in one batch for all links)."""
+
+        @classmethod
+        def makeIntfPair(cls, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    return Router, QuietIntf, PrebuiltLink
+
+
+def _run_all(cmds: dict[str, list[str]], what: str, timeout: float = 20.0) -> None:
+    procs = {
+        n: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for n, argv in cmds.items()
+    }
+    errors = []
+    for n, p in procs.items():
+        out, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            errors.append(f"{n}: {out.strip()}")
+    if errors:
+        raise NetworkError(f"{what} failed: " + "; ".join(errors))
+
+
+def _run_root_batch(commands: list[list[str]]) -> None:
+    proc = subprocess.run(
+        ["ip", "-batch", "-"],
+        input=linux.batch_text(commands),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise NetworkError(f"creating links failed: {proc.stderr.strip()}")
+
+
+def teardown(st: NetState, state_dir: Path = STATE_DIR) -> list[int]:
+    """Take down what the state file names, from the file alone; returns surviving PIDs."""
+    from controller import services
+
+    with suppress(Exception):
+        services.stop(state_dir)  # by PID, and undoes their setup; the rest goes below
+    left = netstate.kill_namespaces(st)
+    _delete_root_interfaces(st.interfaces)
+    netstate.remove_state(state_dir)
+    return left
+
+
+def _delete_root_interfaces(names: Sequence[str]) -> list[str]:
+    """Delete any of the network's interface names found in the root namespace (normally none:
+    every end lives in a node and vanishes with it)."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
+    stray = [n for n in names if n in present]
+    for n in stray:
+        subprocess.run(["ip", "link", "del", n], capture_output=True, check=False)
+    return stray
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def running(state_dir: Path = STATE_DIR) -> NetState | None:
+    """The recorded network if its owner is still running, else None."""
+    st = netstate.read_state(state_dir)
+    if st is not None and netstate.is_running(st.owner_pid, st.owner_start_time):
+        return st
+    return None
+
+
+def _describe(st: NetState) -> str:
+    since = time.strftime("%H:%M:%S", time.localtime(st.started))
+    return f"pid {st.owner_pid}, {st.mode} mode, since {since}, from {st.topology}"
+
+
+def _claim(state_dir: Path, wait: float) -> int:
+    """Take the fat-tree lock and clear what a crashed owner left; returns the lock's fd."""
+    if os.geteuid() != 0:
+        raise NetworkError("bringing a network up needs root (network namespaces, veths)")
+    fd = netstate.take_lock(state_dir, wait)
+    if fd is None:
+        st = running(state_dir)
+        if st is not None:
+            raise NetworkError(
+                f"a network is already up ({_describe(st)}); "
+                "take it down first with `python -m controller down`"
+            )
+        raise NetworkError(
+            f"{state_dir / netstate.LOCK_FILE} is held by another process (a network coming up "
+            "or going down, or someone else's turn on the fat tree); try again later"
+        )
+    stale = netstate.read_state(state_dir)
+    if stale is not None:
+        _print(f"up: cleaning up a network whose owner died ({_describe(stale)})")
+        teardown(stale, state_dir)
+    return fd
+
+
+def up(
+    topo_path: str | None,
+    mode: Literal["cli", "detach"],
+    services: bool = False,
+    wait: float = 0.0,
+    state_dir: Path = STATE_DIR,
+) -> int:
+    """Build and route the network, then open the CLI (tearing down on exit) or detach.
+
+    `wait`: seconds to wait for the fat-tree lock if another network is up (default: refuse at
+    once). Returns 0 when the network was up (cli: and is down again), 130 when interrupted.
+    Raises NetworkError (or ValueError for a bad file) when it cannot.
+    """
+    topo, dep, programs = _plan(topo_path)  # bad files fail here, before anything is made
+    lock = _claim(state_dir, wait)
+    try:
+        if mode == "detach":
+            return _spawn_owner(topo_path, services, lock, state_dir)
+        return _foreground(topo, dep, programs, services, state_dir)
+    finally:
+        os.close(lock)  # the detached owner keeps its own descriptor: the lock stays held
+
+
+def _start_services(dep: Any, state_dir: Path, progress: Progress) -> None:
+    from controller import services as svc
+
+    t0 = time.monotonic()
+    started = svc.start(lambda name: node_pid(name, state_dir), dep, "fastpath", state_dir)
+    progress(f"up: {len(started)} services in {time.monotonic() - t0:.2f} s")
+
+
+def _foreground(
+    topo: Topology, dep: Any, programs: dict[str, SwitchProgram], services: bool, state_dir: Path
+) -> int:
+    signals = _Signals()
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signals.install()
+    network = Network(topo, programs, "cli", state_dir, signals)
+    try:
+        took = network.build()
+        _print(f"up: network routed in {took:.2f} s")
+        if services:
+            _start_services(dep, state_dir, _print)
+        from mininet.cli import CLI
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles Ctrl-C
+        signals.raising = True
+        CLI(network.net)
+        signals.raising = False
+        return 0
+    except (_Stop, KeyboardInterrupt):
+        _print("up: interrupted, taking the network down")
+        return 130
+    finally:
+        signals.raising = False
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the teardown must finish
+        left = network.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if left:
+            raise NetworkError(f"processes survived the teardown: {left}")
+
+
+def _spawn_owner(topo_path: str | None, services: bool, lock: int, state_dir: Path) -> int:
+    """Start the detached owner, relay its progress, return when the network is routed."""
+    r, w = os.pipe()
+    log = open(state_dir / netstate.LOG_FILE, "w")  # noqa: SIM115 (handed to the child)
+    argv = [sys.executable, "-m", "controller.network", "serve", "--ready-fd", str(w)]
+    argv += ["--lock-fd", str(lock), "--state-dir", str(state_dir)]
+    argv += ["--topo", topo_path] if topo_path else []
+    argv += ["--services"] if services else []
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    try:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(w, lock),
+            start_new_session=True,  # Ctrl-C in our terminal is ours to relay, not its
+            env=env,
+            cwd=REPO,
+        )
+    finally:
+        os.close(w)
+        log.close()
+    ready, error = False, ""
+    try:
+        with os.fdopen(r, "r") as pipe:
+            for line in pipe:
+                kind, _, text = line.rstrip("\n").partition(" ")
+                if kind == "progress":
+                    _print(text)
+                elif kind == "ready":
+                    ready = True
+                elif kind == "error":
+                    error = text
+    except KeyboardInterrupt:
+        _print("up: interrupted, taking the network down")
+        child.send_signal(signal.SIGTERM)
+        _wait_child(child)
+        return 130
+    if ready:
+        _print(f"up: network running in the background (pid {child.pid}); `down` stops it")
+        return 0
+    _wait_child(child)
+    tail = _tail(state_dir / netstate.LOG_FILE)
+    raise NetworkError(
+        f"the network did not come up: {error or f'owner exited with {child.returncode}'}"
+        + (f"\n{tail}" if tail and not error else "")
+    )
+
+
+def _wait_child(child: subprocess.Popen[bytes]) -> None:
+    while True:
+        try:
+            child.wait(timeout=STOP_TIMEOUT)
+            return
+        except KeyboardInterrupt:
+            continue  # the teardown is running; let it finish
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """The detached owner: build, report on the ready pipe, wait for SIGTERM, tear down."""
+    state_dir = Path(args.state_dir)
+    os.set_inheritable(args.lock_fd, False)  # nothing we start may keep the lock alive
+    pipe: Any = os.fdopen(args.ready_fd, "w", buffering=1)
+
+    def progress(line: str) -> None:
+        print(line, flush=True)  # the log
+        if pipe is not None:
+            with suppress(OSError):
+                pipe.write(f"progress {line}\n")
+
+    signals = _Signals()
+    signals.install()
+    network: Network | None = None
+    try:
+        topo, dep, programs = _plan(args.topo)
+        network = Network(topo, programs, "detach", state_dir, signals)
+        took = network.build(progress)
+        progress(f"up: network routed in {took:.2f} s")
+        if args.services:
+            _start_services(dep, state_dir, progress)
+        signals.check()
+        with suppress(OSError):
+            pipe.write("ready\n")
+            pipe.close()
+        pipe = None
+        signals.raising = True
+        while True:
+            signal.pause()
+    except _Stop:
+        return 0
+    except BaseException as e:
+        traceback.print_exc()
+        if pipe is not None:
+            with suppress(OSError):
+                pipe.write(f"error {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 1
+    finally:
+        signals.raising = False
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)  # the teardown must finish
+        if network is not None:
+            network.stop(progress)
+        if pipe is not None:
+            with suppress(OSError):
+                pipe.close()
+
+
+# --- down, exec -----------------------------------------------------------------------------
+
+
+def down(state_dir: Path = STATE_DIR) -> int:
+    """Take the network down: ask its owner, or clean up from the state file if it died.
+
+    Returns 0 when nothing of it is left (also when nothing was up), 1 otherwise.
+    """
+    if os.geteuid() != 0:
+        raise NetworkError("taking a network down needs root")
+    st = netstate.read_state(state_dir)
+    if st is None:
+        fd = netstate.take_lock(state_dir)
+        if fd is None:
+            raise NetworkError(
+                f"no network is recorded, but {state_dir / netstate.LOCK_FILE} is held: a "
+                "network is coming up; try again in a moment"
+            )
+        os.close(fd)
+        _print("down: no network is up")
+        return 0
+    t0 = time.monotonic()
+    if netstate.is_running(st.owner_pid, st.owner_start_time):
+        os.kill(st.owner_pid, signal.SIGTERM)
+        if not netstate.wait_gone(st.owner_pid, st.owner_start_time, STOP_TIMEOUT):
+            _print(f"down: owner {st.owner_pid} did not stop in {STOP_TIMEOUT:.0f} s; killing it")
+            os.kill(st.owner_pid, signal.SIGKILL)
+            netstate.wait_gone(st.owner_pid, st.owner_start_time, 5.0)
+    else:
+        _print(f"down: the owner (pid {st.owner_pid}) is gone; cleaning up from the state file")
+    # Whatever the owner did or did not do, make sure from the record (idempotent).
+    fd = netstate.take_lock(state_dir, wait=5.0)
+    try:
+        left = teardown(st, state_dir)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if left:
+        _print(f"down: processes survived in the network's namespaces: {left}")
+        return 1
+    _print(f"down: network down in {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+def node_pid(name: str, state_dir: Path = STATE_DIR) -> int:
+    """PID of a running node's shell (for nsenter / mnexec -a)."""
+    st = netstate.read_state(state_dir)
+    if st is None:
+        raise NetworkError("no network is up; start one with `python -m controller up --detach`")
+    rec = st.nodes.get(name)
+    if rec is None:
+        raise UnknownNode(
+            f"unknown host {name!r}; hosts: {' '.join(st.hosts())}; "
+            f"switches: {' '.join(st.switches())}"
+        )
+    if not st.ready or not netstate.is_running(rec.pid, rec.start_time):
+        what = "is still coming up" if not st.ready else "is gone (did the network crash?)"
+        raise NetworkError(f"node {name} (pid {rec.pid}) {what}; see `python -m controller down`")
+    return rec.pid
+
+
+def exec_on(host: str, argv: list[str], state_dir: Path = STATE_DIR) -> int:
+    """Run argv in a node's network and mount namespaces; returns its exit status (128+N when
+    killed by signal N)."""
+    if not argv:
+        raise ValueError("no command given")
+    pid = node_pid(host, state_dir)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the command's to handle
+    try:
+        rc = subprocess.call(["mnexec", "-a", str(pid), *argv])
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return rc if rc >= 0 else 128 - rc
+
+
+# --- entry point of the detached owner ------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.network")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="(internal) own a detached network until SIGTERM")
+    p.add_argument("--ready-fd", type=int, required=True)
+    p.add_argument("--lock-fd", type=int, required=True)
+    p.add_argument("--state-dir", default=str(STATE_DIR))
+    p.add_argument("--topo", default=None)
+    p.add_argument("--services", action="store_true")
+    args = parser.parse_args(argv)
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
