@@ -293,11 +293,12 @@ class Fabric:
     up_done: bool = False
     _net: Any = None
 
-    def up(self) -> None:
+    def up(self, wait: float = 0.0) -> None:
         from controller import network  # needs mininet and root: imported only here
 
         self._net = network
-        rc = network.up(None, "detach")
+        # `wait` again here: another run may take the lock between our check and this call.
+        rc = network.up(None, "detach", wait=wait)
         if rc != 0:
             raise RuntimeError(f"the fat tree did not come up (controller.network.up: exit {rc})")
         self.up_done = True
@@ -643,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             log(f"bringing up the fat tree (lb={opts.lb}, {len(opts.clients)} clients, "
                 f"{opts.rounds} rounds, files {','.join(opts.files)})")  # fmt: skip
-            fabric.up()
+            fabric.up(opts.wait_network)
             recs = services.start(fabric.node_pid, opts.deployment, opts.lb)
             log(f"services up: {', '.join(r['name'] for r in recs)}")
             res = run_load(opts, fabric, recs, log if not opts.quiet else lambda m: None)
