@@ -1,0 +1,141 @@
+"""The agent's packet core: an Ethernet frame carrying IP-in-IP in, the inner packet's place out.
+
+Pure: no sockets, no clock (`now` is passed in). The I/O edge (agent.decap) hands each received
+frame to `process_at`, and writes `buf[offset:offset + length]` to the local stack when the
+length is non-zero; every other frame is counted by `DecapDrop` reason, exactly once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from agent.config import DecapConfig, parse_network
+from agent.counters import DecapCounters, DecapDrop
+
+ETH_LEN = 14
+ETH_P_IP = 0x0800
+IPPROTO_IPIP = 4
+IPV4_MIN = 20
+FRAG_MASK = 0x3FFF  # MF flag + fragment offset; DF (0x4000) does not make a fragment
+
+# Fast path, one read: EtherType; outer IPv4 with IHL 5 (version/IHL, total length, flags +
+# fragment offset, protocol, source, destination); inner IPv4 (version/IHL, total length,
+# destination).
+FAST = struct.Struct("!12xHBxHxxHxBxxIIBxH12xI")
+# Slow path pieces.
+ETHERTYPE = struct.Struct("!12xH")
+# Outer/inner IPv4 fixed header: version/IHL, total length, flags + fragment offset, protocol,
+# source, destination.
+IPV4 = struct.Struct("!BxHxxHxBxxII")
+
+DROPPED = (0, 0)
+SPOOF_CACHE_MAX = 4096  # addresses remembered from allowed CIDRs (bounded memory)
+
+
+class Decapsulator:
+    """Checks one frame and locates the inner packet; counts every frame in `counters`."""
+
+    def __init__(self, cfg: DecapConfig) -> None:
+        self.cfg = cfg
+        self.counters = DecapCounters()
+        self.local = int(ipaddress.IPv4Address(cfg.local_ip))
+        self.vips = frozenset(int(ipaddress.IPv4Address(v)) for v in cfg.vips)
+        nets = [parse_network("allowed_lbs", s) for s in cfg.allowed_lbs]
+        # Single addresses go to a set (one lookup on the fast path); CIDRs are tested on the
+        # slow path, and sources found inside them join `allowed` (up to SPOOF_CACHE_MAX).
+        self.allowed: set[int] = {int(n.network_address) for n in nets if n.prefixlen == 32}
+        self.allowed_nets = tuple(
+            (int(n.network_address), int(n.netmask)) for n in nets if n.prefixlen < 32
+        )
+        self.last_spoofed: tuple[int, float] | None = None
+        """(outer source, now) of the latest tunnel from a source that is not allowed."""
+
+    def process(self, frame: memoryview, now: float) -> tuple[int, int]:
+        """(offset, length) of the inner packet inside `frame`, or (0, 0) if dropped."""
+        return self.process_at(frame, 0, len(frame), now)
+
+    def process_at(self, buf: memoryview, start: int, end: int, now: float) -> tuple[int, int]:
+        """As `process` for the frame buf[start:end] (no slicing); the offset is into `buf`."""
+        if end - start >= 54:
+            et, ovi, otot, ofrag, proto, src, dst, ivi, itot, idst = FAST.unpack_from(buf, start)
+            if (
+                et == ETH_P_IP
+                and ovi == 0x45
+                and proto == IPPROTO_IPIP
+                and dst == self.local
+                and src in self.allowed
+                and not ofrag & FRAG_MASK
+                and ivi == 0x45
+                and otot <= end - start - ETH_LEN
+                and IPV4_MIN <= itot <= otot - IPV4_MIN
+                and idst in self.vips
+            ):
+                self.counters.delivered += 1
+                return (start + ETH_LEN + IPV4_MIN, itot)
+        return self._slow(buf, start, end - start, now)
+
+    def _slow(self, buf: memoryview, start: int, n: int, now: float) -> tuple[int, int]:
+        """Every check in order; the first that fails names the drop."""
+        drop = self._drop
+        if n < ETH_LEN + IPV4_MIN:
+            if n >= ETH_LEN and ETHERTYPE.unpack_from(buf, start)[0] != ETH_P_IP:
+                return drop(DecapDrop.NOT_IPV4)
+            return drop(DecapDrop.TRUNCATED)
+        if ETHERTYPE.unpack_from(buf, start)[0] != ETH_P_IP:
+            return drop(DecapDrop.NOT_IPV4)
+        vi, otot, frag, proto, src, dst = IPV4.unpack_from(buf, start + ETH_LEN)
+        if vi >> 4 != 4:
+            return drop(DecapDrop.NOT_IPV4)
+        ohl = (vi & 15) * 4
+        if ohl < IPV4_MIN:
+            return drop(DecapDrop.BAD_IHL)
+        if n < ETH_LEN + ohl:
+            return drop(DecapDrop.TRUNCATED)
+        if otot < ohl or otot > n - ETH_LEN:
+            return drop(DecapDrop.BAD_TOTAL_LENGTH)
+        if proto != IPPROTO_IPIP:
+            return drop(DecapDrop.NOT_IPIP)
+        if dst != self.local:
+            return drop(DecapDrop.NOT_LOCAL)
+        if not self._allowed(src):
+            self.last_spoofed = (src, now)
+            return drop(DecapDrop.SPOOFED_SOURCE)
+        if frag & FRAG_MASK:
+            return drop(DecapDrop.OUTER_FRAGMENT)
+        payload = otot - ohl
+        if payload < IPV4_MIN:
+            return drop(DecapDrop.INNER_TRUNCATED)
+        inner = start + ETH_LEN + ohl
+        ivi, itot, _ifrag, _iproto, _isrc, idst = IPV4.unpack_from(buf, inner)
+        if ivi >> 4 != 4:
+            return drop(DecapDrop.INNER_NOT_IPV4)
+        ihl = (ivi & 15) * 4
+        if ihl < IPV4_MIN:
+            return drop(DecapDrop.INNER_BAD_IHL)
+        if itot < ihl or itot > payload:
+            return drop(DecapDrop.INNER_BAD_LENGTH)
+        if idst not in self.vips:
+            return drop(DecapDrop.INNER_NOT_VIP)
+        self.counters.delivered += 1
+        return (inner, itot)
+
+    def last_spoofed_source(self) -> str | None:
+        """The latest spoofed outer source as dotted text, for the stats line."""
+        if self.last_spoofed is None:
+            return None
+        return str(ipaddress.IPv4Address(self.last_spoofed[0]))
+
+    def _allowed(self, src: int) -> bool:
+        if src in self.allowed:
+            return True
+        for net, mask in self.allowed_nets:
+            if src & mask == net:
+                if len(self.allowed) < SPOOF_CACHE_MAX:
+                    self.allowed.add(src)  # the fast path takes it from now on
+                return True
+        return False
+
+    def _drop(self, reason: DecapDrop) -> tuple[int, int]:
+        self.counters.drops[reason] += 1
+        return DROPPED
