@@ -70,6 +70,10 @@ class Command:
     node: str
     argv: tuple[str, ...]
     undo: tuple[str, ...] | None = None
+    # Run (and undo later) only if this probe's output contains `probe_match`: a setting that is
+    # already as wanted is left alone, and not "restored" to something it never was.
+    probe: tuple[str, ...] | None = None
+    probe_match: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,21 @@ def plan(
                     name=f"agent-{host}",
                     node=host,
                     role="agent",
-                    argv=(py, "-m", "agent.decap"),
+                    argv=(
+                        py,
+                        "-m",
+                        "agent.decap",
+                        "--iface",
+                        topo.host_interface(host).name,
+                        "--stats-file",
+                        str(agent_stats_path(state_dir, host)),
+                        "--stats-interval",
+                        "1",
+                    ),
                     log=str(logs / f"agent-{host}.log"),
+                    # Ready once it writes its counters: by then the VIP is on the host, so
+                    # the server started next can bind it.
+                    ready_file=str(agent_stats_path(state_dir, host)),
                     stats=str(agent_stats_path(state_dir, host)),
                 )
             )
@@ -168,6 +185,25 @@ def plan(
                 argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
                 log=str(logs / f"www-{host}.log"),
                 listen=(addr, HTTP_PORT),
+            )
+        )
+
+    # Hosts send TCP with the checksum left to the NIC (veth "offload"), which within one kernel
+    # is never filled in: a load balancer that copies such a segment into a tunnel hands the
+    # backend a bad checksum (seen as TcpInCsumErrors). p4-utils' P4Host turns host offloads off
+    # for this reason; here tx checksumming, on every host that is not a load balancer, in every
+    # mode, so all modes' clients send alike.
+    for host in topo.hosts():
+        if host in deployment.load_balancers:
+            continue
+        ifn = topo.host_interface(host).name
+        setup.append(
+            Command(
+                node=host,
+                argv=("ethtool", "-K", ifn, "tx", "off"),
+                undo=("ethtool", "-K", ifn, "tx", "on"),
+                probe=("ethtool", "-k", ifn),
+                probe_match="tx-checksumming: on",
             )
         )
 
@@ -237,9 +273,19 @@ def plan(
 
 
 def _in_node(pid: int, argv: Sequence[str]) -> list[str]:
-    # Mininet nodes are unnamed network namespaces: enter the one of the node's shell. nsenter
-    # execs the command (no fork for -n), so the PID we get is the service's own PID.
-    return ["nsenter", "-t", str(pid), "-n", "--", *argv]
+    """The command line running argv in a node, as `ip netns exec` would.
+
+    Mininet nodes are unnamed network namespaces: enter the one of the node's shell. Like `ip
+    netns exec`, give the command a private mount namespace with sysfs mounted afresh, so
+    /sys/class/net shows the node's interfaces, not the root namespace's. Every step execs
+    (nsenter -n and unshare -m do not fork; sh execs the last command), so the PID we get is
+    the service's own.
+    """
+    return [
+        "nsenter", "-t", str(pid), "-n", "--",
+        "unshare", "--mount", "--propagation", "private",
+        "sh", "-c", 'mount -t sysfs sysfs /sys && exec "$@"', "sh", *argv,
+    ]  # fmt: skip
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -392,6 +438,12 @@ def start(
             Path(f).unlink(missing_ok=True)  # a stale stats file must not pass for readiness
         for cmd in p.setup:
             pid = node_pid(cmd.node)
+            if cmd.probe is not None:
+                out = subprocess.run(
+                    _in_node(pid, cmd.probe), capture_output=True, text=True, timeout=10
+                ).stdout
+                if cmd.probe_match not in out:
+                    continue
             res = subprocess.run(
                 _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=10, check=False
             )

@@ -38,7 +38,7 @@ def nodes() -> Iterator[dict[str, int]]:
     made: list[str] = []
     sleepers: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for host in [*dep.load_balancers, *(h for h, _ in dep.backends)]:
+        for host in dep.topology.hosts():
             ns = f"svc{tag}{host}"
             sh("ip", "netns", "add", ns)
             made.append(ns)

@@ -44,7 +44,14 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     # Backends come before load balancers: the first balanced packet finds a server.
     roles = [s.role for s in p.services]
     assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
-    assert p.setup == () and p.files == {}
+    assert p.files == {}
+    # tx checksum offload off on every non-LB host (clients' segments get real checksums).
+    offload = {c.node: c for c in p.setup if c.argv[:2] == ("ethtool", "-K")}
+    assert sorted(offload) == sorted(h for h in dep.topology.hosts() if h not in ("h1", "h2"))
+    c = offload["h16"]
+    assert c.argv == ("ethtool", "-K", "h16-eth0", "tx", "off")
+    assert c.undo == ("ethtool", "-K", "h16-eth0", "tx", "on")
+    assert c.probe == ("ethtool", "-k", "h16-eth0") and c.probe_match == "tx-checksumming: on"
 
 
 def test_none_plan_serves_on_backend_addresses_without_lb(dep) -> None:
@@ -57,8 +64,11 @@ def test_none_plan_serves_on_backend_addresses_without_lb(dep) -> None:
 def test_haproxy_plan_binds_vip_on_lbs_and_proxies_to_backends(dep) -> None:
     p = services.plan(dep, "haproxy", STATE)
     assert [s.name for s in p.services if s.role == "haproxy"] == ["haproxy-h1", "haproxy-h2"]
-    assert [c.argv for c in p.setup] == [("ip", "addr", "add", "20.0.0.1/32", "dev", "lo")] * 2
-    assert all(c.undo == ("ip", "addr", "del", "20.0.0.1/32", "dev", "lo") for c in p.setup)
+    vip_cmds = [c for c in p.setup if c.argv[0] == "ip"]
+    assert [(c.node, c.argv) for c in vip_cmds] == [
+        (h, ("ip", "addr", "add", "20.0.0.1/32", "dev", "lo")) for h in ("h1", "h2")
+    ]
+    assert all(c.undo == ("ip", "addr", "del", "20.0.0.1/32", "dev", "lo") for c in vip_cmds)
     cfg = p.files[str(STATE / "haproxy-h1.cfg")]
     assert "mode tcp" in cfg and "bind 20.0.0.1:80" in cfg
     for h, w in dep.backends:
