@@ -390,6 +390,7 @@ def _foreground(
 
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles Ctrl-C
         signals.raising = True
+        signals.check()
         CLI(network.net)
         signals.raising = False
         return 0
@@ -504,6 +505,7 @@ def _serve(args: argparse.Namespace) -> int:
         pipe = None
         signals.raising = True
         while True:
+            signals.check()  # a signal that came before `raising` was set
             signal.pause()
     except _Stop:
         return 0

@@ -1,0 +1,70 @@
+"""Helpers of the fat-tree tests: reaching nodes, waiting for the fat-tree lock, and checking
+that nothing of a network is left once it is down."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controller import netstate
+from controller.netstate import NetState
+
+LOCK_WAIT = 600.0  # seconds to wait for another run's fat tree to go away
+PROBE = Path(__file__).with_name("synprobe.py")
+# interface names of a fat tree in the root namespace: must never be there
+FATTREE_IFACE = re.compile(r"^\d+: ([htac]\d+-eth\d+)[@:]")
+
+
+def wait_for_lock(seconds: float = LOCK_WAIT) -> None:
+    """Wait until no fat tree is up (the lock is free), so timing starts at our turn."""
+    deadline = time.monotonic() + seconds
+    while True:
+        fd = netstate.take_lock(wait=0.0)
+        if fd is not None:
+            os.close(fd)
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"another fat tree held {netstate.LOCK_FILE} for over {seconds:.0f} s")
+        time.sleep(0.5)
+
+
+def in_node(pid: int, argv: list[str]) -> list[str]:
+    return ["mnexec", "-a", str(pid), *argv]
+
+
+def probe_argv(pid: int, *args: str) -> list[str]:
+    return in_node(pid, [sys.executable, str(PROBE), *args])
+
+
+def root_fattree_interfaces() -> list[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return [m.group(1) for line in out.splitlines() if (m := FATTREE_IFACE.match(line))]
+
+
+def live_namespaces() -> set[int]:
+    out = subprocess.run(
+        ["lsns", "-t", "net", "-n", "-o", "NS"], capture_output=True, text=True, check=True
+    ).stdout
+    return {int(x) for x in out.split()}
+
+
+def assert_nothing_left(st: NetState) -> None:
+    """What `down` promises: no process, namespace or interface of the network remains."""
+    inodes = {r.netns for r in st.nodes.values()}
+    assert netstate.read_state() is None, "state file left behind"
+    alive = [n for n, r in st.nodes.items() if netstate.is_running(r.pid, r.start_time)]
+    assert not alive, f"node shells still running: {alive}"
+    assert not netstate.is_running(st.owner_pid, st.owner_start_time), "owner still running"
+    members = netstate.namespace_members(inodes)
+    assert not members, f"processes left in the network's namespaces: {members}"
+    assert not (inodes & live_namespaces()), "network namespaces still exist"
+    assert root_fattree_interfaces() == [], "fat-tree interfaces in the root namespace"
+    fd = netstate.take_lock()
+    assert fd is not None, "the fat-tree lock is still held"
+    os.close(fd)

@@ -1,0 +1,96 @@
+"""TCP SYN probe for the fat-tree tests, run inside a mininet host (no scapy: it starts fast).
+
+synprobe.py listen IFACE DST MAX_SECONDS
+    Prints "ready" once its AF_PACKET socket is bound, then records every TCP SYN to DST
+    that arrives on IFACE (not the ones it sends) until SIGTERM or MAX_SECONDS, and prints
+    one JSON object: {"iface": ..., "syns": [[src, sport, dport], ...]}.
+synprobe.py send DST DPORT REPEAT SPORT...
+    Sends REPEAT SYNs per source port to DST:DPORT through a raw socket (the kernel adds
+    the IP header and routes it), then exits. Nothing answers them: that is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+ETH_P_IP = 0x0800
+PACKET_OUTGOING = 4
+IPV4 = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
+TCP = struct.Struct("!HHIIBBHHH")  # TCP header without options
+PSEUDO = struct.Struct("!4s4sBBH")  # TCP checksum pseudo-header
+SYN = 0x02
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def listen(iface: str, dst: str, max_seconds: float) -> int:
+    want = socket.inet_aton(dst)
+    syns: list[list[object]] = []
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    # SOCK_DGRAM: the kernel strips the Ethernet header, so packets start at IPv4
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    sock.bind((iface, ETH_P_IP))
+    print("ready", flush=True)
+    deadline = time.monotonic() + max_seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                continue
+            pkt, addr = sock.recvfrom(65535)
+            if addr[0] != iface or addr[2] == PACKET_OUTGOING or len(pkt) < IPV4.size:
+                continue  # another interface (before bind), or our own transmission
+            ver_ihl, _, _, _, _, _, proto, _, src, d = IPV4.unpack_from(pkt)
+            ihl = (ver_ihl & 0x0F) * 4
+            if proto != socket.IPPROTO_TCP or d != want or len(pkt) < ihl + TCP.size:
+                continue
+            sport, dport, _, _, _, flags, _, _, _ = TCP.unpack_from(pkt, ihl)
+            if flags & SYN:
+                syns.append([socket.inet_ntoa(src), sport, dport])
+    finally:
+        print(json.dumps({"iface": iface, "syns": syns}), flush=True)
+    return 0
+
+
+def send(dst: str, dport: int, repeat: int, sports: list[int]) -> int:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.connect((dst, 9))  # no packet: only asks the kernel which source address it would use
+    src = socket.inet_aton(probe.getsockname()[0])
+    probe.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    d = socket.inet_aton(dst)
+    for sport in sports:
+        for seq in range(repeat):
+            hdr = TCP.pack(sport, dport, 1000 + seq, 0, 5 << 4, SYN, 64240, 0, 0)
+            csum = checksum(PSEUDO.pack(src, d, 0, socket.IPPROTO_TCP, len(hdr)) + hdr)
+            sock.sendto(hdr[:16] + struct.pack("!H", csum) + hdr[18:], (dst, 0))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "listen":
+        return listen(argv[1], argv[2], float(argv[3]))
+    if len(argv) >= 5 and argv[0] == "send":
+        return send(argv[1], int(argv[2]), int(argv[3]), [int(p) for p in argv[4:]])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
