@@ -427,8 +427,13 @@ def counters(
             "rx_bytes": d.get("rx_bytes", 0),
         }
         agent = after.stats.get(f"agent-{host}")
-        if agent is not None:
-            entry["agent"] = _delta(agent, before.stats.get(f"agent-{host}"))
+        if isinstance(agent, dict):
+            d = _delta(agent, before.stats.get(f"agent-{host}"))
+            # The agent's own counters: frames decapsulated and delivered, drops by reason.
+            entry["agent"] = {k: d[k] for k in ("frames", "delivered", "dropped") if k in d}
+            drops = {k: v for k, v in (d.get("drops") or {}).items() if v}
+            if drops:
+                entry["agent"]["drops"] = drops
         per_backend[host] = entry
     per_lb: dict[str, Any] = {}
     lb_bytes = 0
@@ -470,9 +475,9 @@ def run_round(
     opts: Options,
     node_pid: Callable[[str], int],
     rnd: int,
-    on_fetch: Callable[[Fetch], None] = lambda f: None,
+    log: Callable[[str], None] | None = None,
 ) -> list[Fetch]:
-    """All clients at once; returns when every worker has ended."""
+    """All clients at once; returns when every worker has ended. Logs progress every 5 s."""
     py = services.python_bin()
     procs: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
     sel = selectors.DefaultSelector()
@@ -490,7 +495,13 @@ def run_round(
         bufs: dict[str, bytes] = {}
         open_pipes = len(procs)
         deadline = time.monotonic() + opts.timeout * len(client_urls(opts, 0)) + 30
+        total = len(client_urls(opts, 0)) * len(opts.clients)
+        next_note = time.monotonic() + 5.0
         while open_pipes and time.monotonic() < deadline:
+            if log is not None and time.monotonic() >= next_note:
+                bad = sum(1 for f in fetches if verdict(f, opts.expected))
+                log(f"  round {rnd}: {len(fetches)}/{total} downloads done, {bad} failed")
+                next_note += 5.0
             for key, _ in sel.select(timeout=1.0):
                 client, p = key.data
                 chunk = os.read(key.fd, 65536)
@@ -500,10 +511,7 @@ def run_round(
                     continue
                 data = bufs.get(client, b"") + chunk
                 *lines, bufs[client] = data.split(b"\n")
-                for line in lines:
-                    f = Fetch.from_json(json.loads(line))
-                    fetches.append(f)
-                    on_fetch(f)
+                fetches.extend(Fetch.from_json(json.loads(line)) for line in lines)
         for client, p in procs.values():
             try:
                 rc = p.wait(timeout=5)
@@ -541,7 +549,7 @@ def run_load(
     fetches: list[Fetch] = []
     failed = 0
     for rnd in range(1, opts.rounds + 1):
-        fetches += run_round(opts, fabric.node_pid, rnd)
+        fetches += run_round(opts, fabric.node_pid, rnd, log)
         failed = sum(1 for f in fetches if verdict(f, opts.expected))
         log(progress_line(rnd, opts.rounds, fetches, failed))
     after = snapshot(fabric, opts.deployment, recs)

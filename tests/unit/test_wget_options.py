@@ -60,11 +60,12 @@ def test_counters_are_deltas_and_lb_bytes_sum_lb_interfaces() -> None:
     def snap(n: int, agent: int) -> wl.Snapshot:
         ifaces = {f"{h}-eth0": {k: v + n for k, v in zero.items()} for h in ["h1", "h2", "h3",
                   "h7", "h11", "h15"]}  # fmt: skip
-        stats = {f"agent-{h}": {"delivered": agent} for h, _ in dep.backends}
+        stats = {f"agent-{h}": {"delivered": agent, "event": "stats", "drops": {"x": agent - 5}}
+                 for h, _ in dep.backends}  # fmt: skip
         return wl.Snapshot(0.0, ifaces, {"h1": n / 100, "h2": 0.0}, {"h3": n}, stats)
 
     per_backend, per_lb, lb_bytes = wl.counters(dep, "fastpath", snap(10, 5), snap(110, 25))
     assert lb_bytes == 200  # 100 from each of h1-eth0 and h2-eth0
     assert per_backend["h3"]["requests"] == 100 and per_backend["h7"]["requests"] == 0
-    assert per_backend["h11"]["agent"] == {"delivered": 20}
+    assert per_backend["h11"]["agent"] == {"delivered": 20, "drops": {"x": 20}}
     assert per_lb["h1"]["cpu_s"] == 1.0 and per_lb["h2"]["tx_packets"] == 100
