@@ -429,7 +429,9 @@ def start(
     p = plan(deployment, mode, state_dir)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     preflight(node_pid, deployment, mode, state_dir)
-    state: dict = {"mode": mode, "services": [], "undo": []}
+    # Files this run makes (configs, counters, sockets), removed again by stop().
+    made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
+    state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
     _write_state(state_dir, state)
     try:
         for path, text in p.files.items():
@@ -467,7 +469,7 @@ def start(
 
 def _spawn(node: int, svc: Service) -> dict:
     Path(svc.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(svc.log, "ab") as log:
+    with open(svc.log, "wb") as log:  # this run's log only (the driver counts requests in it)
         try:
             proc = subprocess.Popen(
                 _in_node(node, svc.argv),
@@ -556,6 +558,9 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
         subprocess.run(
             _in_node(undo["node_pid"], undo["argv"]), capture_output=True, timeout=10, check=False
         )
+    for f in state.get("files", []):
+        with contextlib.suppress(OSError):
+            Path(f).unlink()
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
     return len(live)

@@ -129,6 +129,9 @@ def test_haproxy_mode_binds_vip_on_lb_hosts_and_undoes_it(nodes, tmp_path) -> No
         services.stop(tmp_path)
     for r in recs:
         assert services.proc_state(r["pid"]) is None
+    assert (
+        not (tmp_path / "haproxy-h1.cfg").exists() and not (tmp_path / "haproxy-h1.sock").exists()
+    )
     addrs = subprocess.run(
         ["nsenter", "-t", str(nodes["h1"]), "-n", "ip", "-4", "addr", "show", "dev", "lo"],
         capture_output=True, text=True, check=True,
