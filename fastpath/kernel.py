@@ -1,0 +1,352 @@
+"""The per-packet code of the Balancer, built as closures over its tables.
+
+Why closures: every name the hot path touches is a local or a closure cell (no attribute
+lookups, no method calls on the common path), which halves the cost per packet in CPython.
+The control plane (fastpath.balancer) changes the tables *in place* (list slice assignment),
+so closures handed out once stay valid. The rules applied are documented in
+fastpath/balancer.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from struct import Struct
+
+import xxhash
+
+from fastpath.conntrack import ConnTable
+from fastpath.counters import Counters, DropReason
+from fastpath.packet import (
+    ETH_HLEN,
+    ETH_IPV4_FIELDS,
+    ETH_P_IP,
+    ICMP,
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REQUEST,
+    ICMP_ERROR_TOS,
+    ICMP_FRAG_NEEDED_CODE,
+    ICMP_HLEN,
+    ICMP_TIME_EXCEEDED,
+    IP_DF,
+    IP_MF_OFFSET,
+    IPPROTO_ICMP,
+    IPPROTO_IPIP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4,
+    OUTER_LEN,
+    OUTER_TTL,
+    PORTS,
+    TCP_HLEN,
+    UDP_HLEN,
+    checksum,
+    ipv4_header_ok,
+)
+
+ProcessFn = Callable[[memoryview, memoryview, float], int]
+BatchFn = Callable[[Sequence[memoryview], Sequence[memoryview], list[int], int, float], int]
+
+NO_BACKEND = -1
+
+_TRUNCATED = DropReason.TRUNCATED.value
+_NOT_IPV4 = DropReason.NOT_IPV4.value
+_BAD_IHL = DropReason.BAD_IHL.value
+_BAD_TOTAL_LENGTH = DropReason.BAD_TOTAL_LENGTH.value
+_BAD_CHECKSUM = DropReason.BAD_CHECKSUM.value
+_NOT_VIP = DropReason.NOT_VIP.value
+_WRONG_PORT = DropReason.WRONG_PORT.value
+_TTL_EXPIRED = DropReason.TTL_EXPIRED.value
+_IPIP_LOOP = DropReason.IPIP_LOOP.value
+_UNSUPPORTED_PROTO = DropReason.UNSUPPORTED_PROTO.value
+_ICMP_UNSUPPORTED = DropReason.ICMP_UNSUPPORTED.value
+_ICMP_BAD_QUOTE = DropReason.ICMP_BAD_QUOTE.value
+_NO_BACKEND = DropReason.NO_BACKEND.value
+_TOO_BIG = DropReason.TOO_BIG.value
+_FRAG_NEEDED = DropReason.FRAG_NEEDED.value
+_INTERNAL_ERROR = DropReason.INTERNAL_ERROR.value
+
+_MIN_FRAME = ETH_HLEN + 20
+_TCP_UDP = frozenset((IPPROTO_TCP, IPPROTO_UDP))
+_ICMP_ERRORS = frozenset((ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED))
+_SUPPORTED = frozenset((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP))
+# The outer IPv4 header from its byte 1: TOS, total length, ID, flags/offset, TTL, protocol,
+# checksum (the template holds the rest).
+_IPV4_VAR = Struct("!BHHHBBH")
+
+
+@dataclass
+class Tables:
+    """What the kernel reads. The control plane mutates the lists and the bytearray in place;
+    the scalars are fixed for the Balancer's life."""
+
+    vips: dict[int, frozenset[int]]
+    """VIP as an int -> ports served (an empty set means any port)."""
+    seeds: list[int]
+    """Flow hash seed per IP protocol number."""
+    mtu: int
+    verify_checksum: bool
+    table: list[int] = field(default_factory=list)
+    """Lookup table: slot -> backend id, NO_BACKEND when no backend has weight > 0."""
+    templates: list[bytes] = field(default_factory=list)
+    """Per backend id: Ethernet + outer IPv4 header (TOS, length, ID, flags, checksum zero);
+    b"" once the backend left the set."""
+    sums: list[int] = field(default_factory=list)
+    """Per backend id: 16-bit word sum of the template's IPv4 header (for the checksum)."""
+    eth: bytearray = field(default_factory=lambda: bytearray(ETH_HLEN))
+    """Ethernet header of ICMP replies (next hop, local MAC, IPv4)."""
+
+
+def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn, BatchFn]:
+    """Build `process(frame, out, now) -> int` and `process_batch(...)` over `t`."""
+    drops = counters.drops
+    forwarded = counters.forwarded
+    vips_get = t.vips.get
+    seeds = t.seeds
+    table = t.table
+    templates = t.templates
+    sums = t.sums
+    eth = t.eth
+    mtu = t.mtu
+    max_inner = mtu - 20
+    verify = t.verify_checksum
+    unpack_fields = ETH_IPV4_FIELDS.unpack_from
+    pack_ipv4 = IPV4.pack_into
+    pack_icmp = ICMP.pack_into
+    unpack_ipv4 = IPV4.unpack_from
+    unpack_ports = PORTS.unpack_from
+    pack_ports = PORTS.pack
+    pack_ipv4_var = _IPV4_VAR.pack_into
+    h3 = xxhash.xxh3_64_intdigest
+    ident = 0  # outer IPv4 ID counter
+
+    def encap(frame: memoryview, out: memoryview, tl: int, tos: int, frag: int, bid: int) -> int:
+        # Slow-path twin of the inlined copy at the end of `process`.
+        nonlocal ident
+        ident = (ident + 1) & 0xFFFF
+        df = frag & IP_DF
+        otl = tl + 20
+        # Ones' complement sum of the header words, folded by `% 0xFFFF` (see packet.checksum).
+        csum = 0xFFFE - (sums[bid] + tos + otl + ident + df - 1) % 0xFFFF
+        out[0:OUTER_LEN] = templates[bid]
+        pack_ipv4_var(out, 15, tos, otl, ident, df, OUTER_TTL, IPPROTO_IPIP, csum)
+        out[OUTER_LEN : OUTER_LEN + tl] = frame[ETH_HLEN : ETH_HLEN + tl]
+        forwarded[bid] += 1
+        return OUTER_LEN + tl
+
+    def choose(key: int, track: bool, now: float) -> int:
+        """Backend id for a flow hash: tracked (refreshed if `track`), else from the table."""
+        bid = ct.lookup(key, now) if track else ct.get(key)
+        if bid is None or not templates[bid]:
+            bid = table[key % len(table)]
+            if bid != NO_BACKEND and track:
+                ct.insert(key, bid)
+        return bid
+
+    def too_big(frame: memoryview, out: memoryview, hl: int, tl: int, frag: int) -> int:
+        """Inner + 20 > mtu: ICMP frag-needed from the VIP back to the sender if DF is set."""
+        nonlocal ident
+        if not frag & IP_DF:
+            drops[_TOO_BIG] += 1
+            return 0
+        quote = min(hl + 8, tl)
+        icmp_len = ICMP_HLEN + quote
+        otl = 20 + icmp_len
+        ident = (ident + 1) & 0xFFFF
+        out[0:ETH_HLEN] = eth
+        pack_ipv4(
+            out, 14, 0x45, ICMP_ERROR_TOS, otl, ident, 0, OUTER_TTL, IPPROTO_ICMP, 0,
+            bytes(frame[30:34]), bytes(frame[26:30]),
+        )  # fmt: skip
+        pack_icmp(out, 34, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED_CODE, 0, 0, mtu - 20)
+        out[42 : 42 + quote] = frame[ETH_HLEN : ETH_HLEN + quote]
+        out[36:38] = checksum(out[34 : 34 + icmp_len]).to_bytes(2, "big")
+        out[24:26] = checksum(out[14:34]).to_bytes(2, "big")
+        drops[_FRAG_NEEDED] += 1
+        return ETH_HLEN + otl
+
+    def icmp(
+        frame: memoryview, out: memoryview, now: float, hl: int, tl: int, frag: int, tos: int
+    ) -> int:
+        l4 = ETH_HLEN + hl
+        if tl < hl + ICMP_HLEN:
+            drops[_TRUNCATED] += 1
+            return 0
+        icmp_type = frame[l4]
+        if icmp_type == ICMP_ECHO_REQUEST:
+            if tl > max_inner:
+                return too_big(frame, out, hl, tl, frag)
+            bid = choose(h3(frame[26:34], seeds[IPPROTO_ICMP]), True, now)
+        elif icmp_type in _ICMP_ERRORS:
+            # The quoted packet was sent by a VIP to the client: IP header + >= 8 bytes.
+            q = l4 + ICMP_HLEN
+            end = ETH_HLEN + tl
+            if end - q < 20 or frame[q] >> 4 != 4:
+                drops[_ICMP_BAD_QUOTE] += 1
+                return 0
+            qhl = (frame[q] & 15) << 2
+            _, _, _, _, qfrag, _, qproto, _, qsrc, qdst = unpack_ipv4(frame, q)
+            ports = vips_get(int.from_bytes(qsrc, "big"))
+            # Cut or malformed, not sent by a VIP, or a non-first fragment (no ports).
+            if qhl < 20 or end - q < qhl + 8 or ports is None or qfrag & 0x1FFF:
+                drops[_ICMP_BAD_QUOTE] += 1
+                return 0
+            if qproto in _TCP_UDP:
+                qsport, qdport = unpack_ports(frame, q + qhl)
+                if ports and qsport not in ports:
+                    drops[_ICMP_BAD_QUOTE] += 1
+                    return 0
+                flow = qdst + qsrc + pack_ports(qdport, qsport)
+            elif qproto == IPPROTO_ICMP:
+                flow = qdst + qsrc
+            else:
+                drops[_ICMP_BAD_QUOTE] += 1
+                return 0
+            if tl > max_inner:
+                return too_big(frame, out, hl, tl, frag)
+            bid = choose(h3(flow, seeds[qproto]), False, now)
+        else:
+            drops[_ICMP_UNSUPPORTED] += 1
+            return 0
+        if bid == NO_BACKEND:
+            drops[_NO_BACKEND] += 1
+            return 0
+        return encap(frame, out, tl, tos, frag, bid)
+
+    def slow_key(frame: memoryview, hl: int, tl: int, proto: int, ports: frozenset[int]) -> int:
+        """TCP/UDP with IP options: the ports are not next to the addresses. -1: dropped."""
+        l4 = ETH_HLEN + hl
+        if tl < hl + (TCP_HLEN if proto == IPPROTO_TCP else UDP_HLEN):
+            drops[_TRUNCATED] += 1
+            return -1
+        if ports and ((frame[l4 + 2] << 8) | frame[l4 + 3]) not in ports:
+            drops[_WRONG_PORT] += 1
+            return -1
+        return h3(bytes(frame[26:34]) + bytes(frame[l4 : l4 + 4]), seeds[proto])
+
+    def process_batch(
+        frames: Sequence[memoryview],
+        outs: Sequence[memoryview],
+        lens: list[int],
+        n: int,
+        now: float,
+    ) -> int:
+        # The whole per-packet path is inlined in this loop (no call per packet on the common
+        # path); `continue` is a drop already counted.
+        nonlocal ident
+        k = 0
+        if now >= ct.rotate_at:
+            ct.tick(now)
+        young_get = ct.young.get
+        for i in range(n):
+            frame = frames[i]
+            try:
+                size = len(frame)
+                if size < _MIN_FRAME:
+                    drops[_TRUNCATED] += 1
+                    continue
+                ethertype, vihl, tos, tl, frag, ttl, proto, dst = unpack_fields(frame, 0)
+                if ethertype != ETH_P_IP or vihl >> 4 != 4:
+                    drops[_NOT_IPV4] += 1
+                    continue
+                hl = (vihl & 15) << 2
+                if hl != 20:
+                    if hl < 20:
+                        drops[_BAD_IHL] += 1
+                        continue
+                    if size < ETH_HLEN + hl:
+                        drops[_TRUNCATED] += 1
+                        continue
+                if tl < hl or tl + ETH_HLEN > size:
+                    drops[_BAD_TOTAL_LENGTH] += 1
+                    continue
+                if verify and not ipv4_header_ok(frame, ETH_HLEN, hl):
+                    drops[_BAD_CHECKSUM] += 1
+                    continue
+                ports = vips_get(dst)
+                if ports is None:
+                    drops[_NOT_VIP] += 1
+                    continue
+                if ttl <= 1:
+                    drops[_TTL_EXPIRED] += 1
+                    continue
+                if frag & IP_MF_OFFSET:
+                    # A fragment: hash addresses only, so every fragment of a datagram (the
+                    # first one too) reaches the same backend.
+                    if proto not in _SUPPORTED:
+                        drops[_IPIP_LOOP if proto == IPPROTO_IPIP else _UNSUPPORTED_PROTO] += 1
+                        continue
+                    key = h3(frame[26:34], seeds[proto])
+                elif proto in _TCP_UDP:
+                    if hl != 20:
+                        key = slow_key(frame, hl, tl, proto, ports)
+                        if key < 0:
+                            continue
+                    else:
+                        if tl < (40 if proto == IPPROTO_TCP else 28):
+                            drops[_TRUNCATED] += 1
+                            continue
+                        if ports and ((frame[36] << 8) | frame[37]) not in ports:
+                            drops[_WRONG_PORT] += 1
+                            continue
+                        # Source, destination, source port, destination port: contiguous.
+                        key = h3(frame[26:38], seeds[proto])
+                else:
+                    if proto == IPPROTO_ICMP:
+                        m = icmp(frame, outs[k], now, hl, tl, frag, tos)
+                        young_get = ct.young.get  # the slow path may have rotated the table
+                        if m:
+                            lens[k] = m
+                            k += 1
+                    else:
+                        drops[_IPIP_LOOP if proto == IPPROTO_IPIP else _UNSUPPORTED_PROTO] += 1
+                    continue
+                if tl > max_inner:
+                    m = too_big(frame, outs[k], hl, tl, frag)
+                    if m:
+                        lens[k] = m
+                        k += 1
+                    continue
+                # Backend: the tracked one, else the lookup table's (and track it).
+                bid = young_get(key)
+                if bid is None:
+                    bid = ct.old.pop(key, None)
+                    if bid is not None:
+                        ct.insert(key, bid)
+                        young_get = ct.young.get
+                if bid is None or not templates[bid]:
+                    bid = table[key % len(table)]
+                    if bid == NO_BACKEND:
+                        drops[_NO_BACKEND] += 1
+                        continue
+                    ct.insert(key, bid)
+                    young_get = ct.young.get  # insert may have rotated the generations
+                # Inlined encap(): outer header from the backend's template, checksum patched.
+                ident = (ident + 1) & 0xFFFF
+                df = frag & IP_DF
+                otl = tl + 20
+                csum = 0xFFFE - (sums[bid] + tos + otl + ident + df - 1) % 0xFFFF
+                out = outs[k]
+                out[0:34] = templates[bid]
+                pack_ipv4_var(out, 15, tos, otl, ident, df, OUTER_TTL, IPPROTO_IPIP, csum)
+                out[34 : 34 + tl] = frame[14 : 14 + tl]
+                forwarded[bid] += 1
+                lens[k] = otl + 14
+                k += 1
+            except Exception:  # a bug, not an input: count it and keep forwarding
+                drops[_INTERNAL_ERROR] += 1
+        return k
+
+    # One-frame API over the batch loop (one code path to test and to keep fast).
+    one_frame: list[memoryview | None] = [None]
+    one_out: list[memoryview | None] = [None]
+    one_len = [0]
+
+    def process(frame: memoryview, out: memoryview, now: float) -> int:
+        one_frame[0] = frame
+        one_out[0] = out
+        k = process_batch(one_frame, one_out, one_len, 1, now)  # type: ignore[arg-type]
+        one_frame[0] = one_out[0] = None  # hold no reference to the caller's buffers
+        return one_len[0] if k else 0
+
+    return process, process_batch
