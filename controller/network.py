@@ -29,10 +29,11 @@ from types import FrameType
 from typing import Any, Literal
 
 from controller import netstate, nodeconfig
+from controller.deployment import Deployment, load_deployment
 from controller.drivers import linux
 from controller.netstate import STATE_DIR, NetState, NodeRecord
 from controller.routes import SwitchProgram, compute_routes
-from controller.topology import Topology
+from controller.topology import Topology, load_topology
 
 __all__ = ["STATE_DIR", "NetworkError", "down", "exec_on", "node_pid", "running", "up"]
 
@@ -60,11 +61,9 @@ def _print(line: str) -> None:
 # --- what to build ---------------------------------------------------------------------------
 
 
-def _plan(topo_path: str | None) -> tuple[Topology, Any, dict[str, SwitchProgram]]:
-    """Topology, deployment and every switch's program; pure, so bad input fails before root."""
-    from controller.deployment import load_deployment
-    from controller.topology import load_topology
-
+def _plan(topo_path: str | None) -> tuple[Topology, Deployment, dict[str, SwitchProgram]]:
+    """Topology, deployment and every switch's program: bad files fail here, before anything
+    is made."""
     dep = load_deployment()
     topo = load_topology(topo_path) if topo_path else dep.topology
     missing = [h for h in dep.load_balancers if h not in topo.nodes]
@@ -81,22 +80,22 @@ class _Signals:
     exception while the owner just waits (the CLI's loop, the detached idle loop)."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: str | None = None  # name of the first stop signal
         self.raising = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
+        self.requested = self.requested or signal.Signals(signum).name
         if self.raising:
             self.raising = False  # once: the teardown that follows must not be interrupted
-            raise _Stop(signal.Signals(signum).name)
+            raise _Stop(self.requested)
 
     def install(self, sigint: bool = True) -> None:
         for sig in (signal.SIGTERM, signal.SIGHUP, *([signal.SIGINT] if sigint else [])):
             signal.signal(sig, self._handler)
 
     def check(self) -> None:
-        if self.requested:
-            raise _Stop("signal")
+        if self.requested is not None:
+            raise _Stop(self.requested)
 
 
 class Network:
@@ -261,7 +260,11 @@ def _run_all(cmds: dict[str, list[str]], what: str, timeout: float = 20.0) -> No
     }
     errors = []
     for n, p in procs.items():
-        out, _ = p.communicate(timeout=timeout)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out = p.communicate()[0] + f" (timed out after {timeout:.0f} s)"
         if p.returncode != 0:
             errors.append(f"{n}: {out.strip()}")
     if errors:
@@ -285,8 +288,10 @@ def teardown(st: NetState, state_dir: Path = STATE_DIR) -> list[int]:
     """Take down what the state file names, from the file alone; returns surviving PIDs."""
     from controller import services
 
-    with suppress(Exception):
+    try:
         services.stop(state_dir)  # by PID, and undoes their setup; the rest goes below
+    except Exception as e:
+        _print(f"down: stopping the services failed ({e}); ending them with the namespaces")
     left = netstate.kill_namespaces(st)
     _delete_root_interfaces(st.interfaces)
     netstate.remove_state(state_dir)
@@ -366,7 +371,7 @@ def up(
         os.close(lock)  # the detached owner keeps its own descriptor: the lock stays held
 
 
-def _start_services(dep: Any, state_dir: Path, progress: Progress) -> None:
+def _start_services(dep: Deployment, state_dir: Path, progress: Progress) -> None:
     from controller import services as svc
 
     t0 = time.monotonic()
@@ -375,7 +380,11 @@ def _start_services(dep: Any, state_dir: Path, progress: Progress) -> None:
 
 
 def _foreground(
-    topo: Topology, dep: Any, programs: dict[str, SwitchProgram], services: bool, state_dir: Path
+    topo: Topology,
+    dep: Deployment,
+    programs: dict[str, SwitchProgram],
+    services: bool,
+    state_dir: Path,
 ) -> int:
     signals = _Signals()
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
@@ -394,7 +403,10 @@ def _foreground(
         CLI(network.net)
         signals.raising = False
         return 0
-    except (_Stop, KeyboardInterrupt):
+    except (_Stop, KeyboardInterrupt) as e:
+        if isinstance(e, _Stop) and e.args and e.args[0] != "SIGINT":
+            _print(f"up: {e.args[0]}, taking the network down")  # `down`, or a hangup
+            return 0
         _print("up: interrupted, taking the network down")
         return 130
     finally:
@@ -529,14 +541,19 @@ def _serve(args: argparse.Namespace) -> int:
 # --- down, exec -----------------------------------------------------------------------------
 
 
-def down(state_dir: Path = STATE_DIR) -> int:
+def down(owner: int | None = None, state_dir: Path = STATE_DIR) -> int:
     """Take the network down: ask its owner, or clean up from the state file if it died.
 
+    `owner`: only if the network is (or was) owned by that PID, so a caller never takes down a
+    network someone else brought up since (the lock is free once an owner has died).
     Returns 0 when nothing of it is left (also when nothing was up), 1 otherwise.
     """
     if os.geteuid() != 0:
         raise NetworkError("taking a network down needs root")
     st = netstate.read_state(state_dir)
+    if st is not None and owner is not None and st.owner_pid != owner:
+        _print(f"down: the network that is up is not pid {owner}'s ({_describe(st)}); left alone")
+        return 0
     if st is None:
         fd = netstate.take_lock(state_dir)
         if fd is None:
@@ -556,13 +573,19 @@ def down(state_dir: Path = STATE_DIR) -> int:
             netstate.wait_gone(st.owner_pid, st.owner_start_time, 5.0)
     else:
         _print(f"down: the owner (pid {st.owner_pid}) is gone; cleaning up from the state file")
-    # Whatever the owner did or did not do, make sure from the record (idempotent).
-    fd = netstate.take_lock(state_dir, wait=5.0)
+    # Whatever the owner did or did not do, make sure from the record (idempotent), under the
+    # lock, so a network someone brings up meanwhile is neither touched nor half-cleaned.
+    fd = netstate.take_lock(state_dir, wait=STOP_TIMEOUT)
+    if fd is None:
+        raise NetworkError(f"{state_dir / netstate.LOCK_FILE} stays held; cannot finish cleanup")
     try:
+        now = netstate.read_state(state_dir)
+        if now is not None and now.owner_pid != st.owner_pid:
+            _print(f"down: a new network is up ({_describe(now)}); left alone")
+            return 0
         left = teardown(st, state_dir)
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
     if left:
         _print(f"down: processes survived in the network's namespaces: {left}")
         return 1

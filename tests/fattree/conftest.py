@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from fatnet import LOCK_WAIT, wait_for_lock
+from fatnet import LOCK_WAIT, down_if_ours, wait_for_lock
 
 from controller.netstate import NetState
 
@@ -40,14 +40,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def fattree() -> Iterator[NetState]:
-    """The fat tree, up (detached) for a module's tests, and always taken down after."""
+    """The fat tree, up (detached) for a module's tests, and always taken down after (ours
+    only: if `up` failed, the network that is up belongs to someone else)."""
     from controller import network
 
     wait_for_lock()
+    assert network.up(None, "detach", wait=LOCK_WAIT) == 0
+    st = network.running()
     try:
-        assert network.up(None, "detach", wait=LOCK_WAIT) == 0
-        st = network.running()
         assert st is not None and st.ready
         yield st
     finally:
-        network.down()
+        down_if_ours([st.owner_pid] if st else [])

@@ -68,3 +68,12 @@ def assert_nothing_left(st: NetState) -> None:
     fd = netstate.take_lock()
     assert fd is not None, "the fat-tree lock is still held"
     os.close(fd)
+
+
+def down_if_ours(owners: list[int]) -> None:
+    """Take the network down if one of `owners` owns it (never someone else's fat tree)."""
+    from controller import network
+
+    st = netstate.read_state()
+    if st is not None and st.owner_pid in owners:
+        network.down(owner=st.owner_pid)

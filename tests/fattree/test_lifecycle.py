@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from fatnet import assert_nothing_left, in_node, wait_for_lock
+from fatnet import LOCK_WAIT, assert_nothing_left, down_if_ours, in_node, wait_for_lock
 
 from controller import netstate, network
 from controller.deployment import REPO_ROOT
@@ -23,13 +23,23 @@ UP_BOUND = 10.0  # seconds, the issue's figure
 
 
 @pytest.fixture
-def turn() -> Iterator[None]:
-    """Our turn on the fat tree; whatever a test leaves up is taken down after it."""
+def turn() -> Iterator[list[int]]:
+    """Our turn on the fat tree. A test appends the owner PID of each network it brings up;
+    whichever of those is still up afterwards is taken down (never someone else's)."""
     wait_for_lock()
+    owners: list[int] = []
     try:
-        yield
+        yield owners
     finally:
-        network.down()
+        down_if_ours(owners)
+
+
+def up_detached(owners: list[int]) -> NetState:
+    assert network.up(None, "detach", wait=LOCK_WAIT) == 0
+    st = network.running()
+    assert st is not None and st.ready
+    owners.append(st.owner_pid)
+    return st
 
 
 def ping(st: NetState, src: str, dst_ip: str) -> int:
@@ -37,11 +47,9 @@ def ping(st: NetState, src: str, dst_ip: str) -> int:
     return subprocess.run(argv, capture_output=True, timeout=10).returncode
 
 
-def test_up_is_fast_and_down_leaves_nothing(turn: None) -> None:
-    t0 = time.monotonic()
-    assert network.up(None, "detach") == 0
-    st = network.running()
-    assert st is not None and st.ready
+def test_up_is_fast_and_down_leaves_nothing(turn: list[int]) -> None:
+    t0 = time.monotonic()  # (includes waiting for the lock if another run took it just now)
+    st = up_detached(turn)
     # routed: across the core, and the VIP to a load balancer's MAC (no reply: none runs)
     assert ping(st, "h16", "10.1.1.2") == 0
     took = time.monotonic() - t0
@@ -53,13 +61,10 @@ def test_up_is_fast_and_down_leaves_nothing(turn: None) -> None:
     assert network.down() == 0
     print(f"down: {time.monotonic() - t1:.2f} s")
     assert_nothing_left(st)
-    assert network.down() == 0  # nothing up: still fine
 
 
-def test_down_after_the_owner_crashed(turn: None) -> None:
-    assert network.up(None, "detach") == 0
-    st = network.running()
-    assert st is not None
+def test_down_after_the_owner_crashed(turn: list[int]) -> None:
+    st = up_detached(turn)
     # something started in a host, outside the owner's control
     stray = subprocess.Popen(in_node(st.nodes["h3"].pid, ["sleep", "300"]))
     try:
@@ -67,7 +72,7 @@ def test_down_after_the_owner_crashed(turn: None) -> None:
         assert netstate.wait_gone(st.owner_pid, st.owner_start_time, 5.0)
         assert network.running() is None  # the record stays, its owner is gone
         assert netstate.read_state() is not None
-        assert network.down() == 0
+        assert network.down(owner=st.owner_pid) == 0  # (not a network someone started since)
         assert stray.wait(timeout=5) != 0  # ended by down, not by itself
     finally:
         if stray.poll() is None:
@@ -77,7 +82,7 @@ def test_down_after_the_owner_crashed(turn: None) -> None:
 
 
 @pytest.mark.parametrize("mode", ["--detach", "--cli"])
-def test_ctrl_c_during_up_tears_down(turn: None, mode: str) -> None:
+def test_ctrl_c_during_up_tears_down(turn: list[int], mode: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "controller", "up", mode],
         stdin=subprocess.PIPE,  # the CLI, if reached, ends at EOF
@@ -91,6 +96,7 @@ def test_ctrl_c_during_up_tears_down(turn: None, mode: str) -> None:
     assert first.startswith("up: 36 nodes"), first
     st = netstate.read_state()
     assert st is not None and len(st.nodes) == 36
+    turn.append(st.owner_pid)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends to `up`
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130, first + rest
