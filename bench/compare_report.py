@@ -136,6 +136,7 @@ def chart(
     ax.bar([i + 0.2 for i in x], cl_mb, width=0.4, color="#cccccc", label="delivered to clients")
     ax.set_xticks(list(x), list(modes))
     ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(0, max([*lb_mb, *cl_mb, 1.0]) * 4)
     ax.set_title("MB sent by h1+h2 vs MB delivered (DSR keeps replies off the LBs)")
     ax.legend(fontsize=8)
 
