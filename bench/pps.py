@@ -1,0 +1,627 @@
+"""The forwarding benchmark: fastpath against the course-style scapy LB and against the kernel
+forwarding the same traffic, on the veth testbed of bench/testbed.py. Run it as bench/pps.sh.
+
+Per round, interleaved (every system sees the same machine state within a round):
+  kernel    the DUT forwards the VIP traffic as a plain router (ip_forward=1)
+  fastpath  `python -m fastpath.lb d0` on the DUT, encapsulating to the sink
+  paced     fastpath offered a paced 300,000 packets/s: loss_at_paced
+  scapy     bench/scapy_lb.py with one persistent conf.L2socket (the fair scapy baseline), and
+            briefly the course's sendp (a socket per packet)
+  agent     `python -m agent.decap` on the DUT offered IP-in-IP: inner datagrams reaching the
+            local UDP layer (its /proc/net/snmp counters) per second
+  latency   UDP request/reply one at a time through LB + agent vs routed by the kernel
+Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
+
+Saturation: trafgen (one worker on the generator core) sends 64-byte UDP frames over many flows
+as fast as it can; delivered = the sink's rx counter, offered = the generator's tx counter
+(sent + dropped at the DUT's backlog); the first `--warmup` seconds are not counted.
+CPU placements (the receive-livelock trap): `split` keeps the DUT's receive softirq on the
+generator's core and the DUT process alone on its core; `dut-core` steers the DUT's receive
+processing (RPS) onto the DUT core, so the kernel router gets a core of its own and the LB shares
+its core with the softirq. A system's rate in a round is its best placement; both are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import frames, stats
+from bench import testbed as tbm
+from bench.procs import ProcError, Procs
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+PLACEMENTS = ("split", "dut-core")
+UDP_PORT = 9  # discard: nobody listens in the sink (the sink drops at its IP layer anyway)
+PING_PORT = 7777
+
+Counter = Callable[[], int]
+
+
+@dataclass
+class Ctx:
+    """Everything a phase needs."""
+
+    tb: tbm.Testbed
+    procs: Procs
+    args: argparse.Namespace
+    cfg_udp: Path  # trafgen: 64-byte UDP frames to the VIP, one per flow
+    cfg_ipip: Path  # trafgen: the same flows as IP-in-IP from the LB's address, for the agent
+    cfg_probe: Path  # trafgen: a few frames, for readiness probes
+    cfg_probe_ipip: Path
+
+
+def say(text: str) -> None:
+    print(f"[pps {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# -- counters -------------------------------------------------------------------------------
+def sink_rx(ctx: Ctx) -> int:
+    return ctx.tb.link_stats(ctx.tb.sink, "s0")["rx_packets"]
+
+
+def gen_offered(ctx: Ctx) -> int:
+    st = ctx.tb.link_stats(ctx.tb.gen, "g0")
+    return st["tx_packets"] + st["tx_dropped"]
+
+
+def dut_udp_delivered(ctx: Ctx) -> int:
+    """Datagrams that reached the DUT's UDP layer: nobody listens on UDP_PORT, so each counts
+    as NoPorts (read-by-socket and socket-overflow counters added for safety)."""
+    udp = ctx.tb.snmp(ctx.tb.dut, "Udp")
+    return udp["NoPorts"] + udp["InDatagrams"] + udp["InErrors"]
+
+
+# -- traffic --------------------------------------------------------------------------------
+def trafgen(ctx: Ctx, name: str, cfg: Path, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    argv = ["trafgen", "-P", "1", "-C", "--no-sock-mem", "-Q", "-i", str(cfg), "-o", "g0"]
+    proc = ctx.procs.start(name, ctx.tb.gen, [*argv, *extra], cpu=ctx.args.gen_cpu)
+    ctx.procs.pin_children(proc, ctx.args.gen_cpu)
+    return proc
+
+
+def saturate(ctx: Ctx, name: str, delivered: Counter, cfg: Path, seconds: float) -> dict[str, Any]:
+    """Offers traffic as fast as trafgen goes for warmup + seconds; rates over the last part."""
+    tg = trafgen(ctx, f"trafgen-{name}", cfg)
+    try:
+        time.sleep(ctx.args.warmup)
+        ctx.procs.check_alive(tg)
+        d0, o0, t0 = delivered(), gen_offered(ctx), time.monotonic()
+        time.sleep(seconds)
+        d1, o1, t1 = delivered(), gen_offered(ctx), time.monotonic()
+    finally:
+        ctx.procs.stop(tg)
+    dt = t1 - t0
+    return {
+        "offered_pps": round((o1 - o0) / dt),
+        "delivered_pps": round((d1 - d0) / dt),
+        "loss": round(stats.loss(o1 - o0, d1 - d0), 5),
+        "seconds": round(dt, 3),
+    }
+
+
+def paced(ctx: Ctx, name: str, delivered: Counter, rate: int, seconds: float) -> dict[str, Any]:
+    """Offers rate x seconds packets at `rate` (trafgen's paced mode), waits for the queues to
+    drain, and compares what arrived with what was offered."""
+    count = int(rate * seconds)
+    d0, o0, t0 = delivered(), gen_offered(ctx), time.monotonic()
+    tg = trafgen(ctx, f"trafgen-{name}", ctx.cfg_udp, ["-b", f"{rate}pps", "-n", str(count)])
+    try:
+        tg.wait(timeout=seconds * 3 + 10)
+    except subprocess.TimeoutExpired:
+        say(f"{name}: trafgen did not finish in time; stopping it")
+    finally:
+        ctx.procs.stop(tg)
+    sent_for = time.monotonic() - t0
+    time.sleep(0.5)  # drain
+    d1, o1 = delivered(), gen_offered(ctx)
+    return {
+        "target_pps": rate,
+        "offered": o1 - o0,
+        "offered_pps": round((o1 - o0) / sent_for),
+        "delivered": d1 - d0,
+        "loss": round(stats.loss(o1 - o0, d1 - d0), 6),
+    }
+
+
+def wait_ready(ctx: Ctx, proc: subprocess.Popen[bytes], delivered: Counter, probe: Path) -> float:
+    """Sends a few probe frames at a time until some arrive: the forwarder under test is
+    working. Returns the seconds it took; raises ProcError if it died or never forwarded."""
+    start = time.monotonic()
+    deadline = start + ctx.args.ready_timeout
+    while time.monotonic() < deadline:
+        ctx.procs.check_alive(proc)
+        before = delivered()
+        tg = trafgen(ctx, "trafgen-probe", probe, ["-t", "1ms", "-n", "20"])
+        try:
+            tg.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            ctx.procs.stop(tg)
+        time.sleep(0.1)
+        if delivered() > before:
+            return time.monotonic() - start
+        time.sleep(0.3)
+    raise ProcError(f"nothing forwarded within {ctx.args.ready_timeout:.0f} s of starting")
+
+
+# -- DUT programs ---------------------------------------------------------------------------
+def backend_args(backends: Sequence[str]) -> list[str]:
+    return [arg for ip in backends for arg in ("--backend", ip)]
+
+
+def lb_argv(ctx: Ctx, backends: Sequence[str] = tbm.BACKEND_IPS) -> list[str]:
+    argv = [PY, "-m", "fastpath.lb", "d0", "--vip", tbm.VIP, *backend_args(backends)]
+    return [*argv, *ctx.args.lb_arg]
+
+
+def scapy_argv(persistent: bool) -> list[str]:
+    argv = [PY, "-m", "bench.scapy_lb", "d0", "--vip", tbm.VIP, *backend_args(tbm.BACKEND_IPS)]
+    argv += ["--next-hop-mac", tbm.GEN_MAC, "--local-ip", tbm.DUT_IP]
+    return [*argv, "--persistent-socket"] if persistent else argv
+
+
+def agent_argv(ctx: Ctx, iface: str, allow: str) -> list[str]:
+    stats_file = ctx.procs.log_dir / f"agent-{iface}.json"
+    return [
+        PY,
+        "-m",
+        "agent.decap",
+        "--iface",
+        iface,
+        "--vip",
+        tbm.VIP,
+        "--allow-lb",
+        allow,
+        "--stats-file",
+        str(stats_file),
+        *ctx.args.agent_arg,
+    ]
+
+
+def place(ctx: Ctx, placement: str) -> None:
+    """Sets where the DUT's receive work runs (see the module docstring)."""
+    tb, gen_cpu, dut_cpu = ctx.tb, ctx.args.gen_cpu, ctx.args.dut_cpu
+    if placement == "split":
+        tb.set_rps(tb.dut, "d0", [])  # runs where trafgen sends: the generator core
+        tb.set_rps(tb.gen, "g0", [gen_cpu])  # the DUT's output, routed off the DUT core
+    else:
+        tb.set_rps(tb.dut, "d0", [dut_cpu])
+        tb.set_rps(tb.gen, "g0", [])
+
+
+def run_forwarder(
+    ctx: Ctx, name: str, argv: list[str] | None, seconds: float, placements: Sequence[str]
+) -> dict[str, Any]:
+    """Saturation per placement for one forwarder on the DUT (argv None: the kernel router)."""
+    tb = ctx.tb
+    tb.set_sink_drop(True)
+    tb.set_dut_forwarding(argv is None)
+    out: dict[str, Any] = {}
+    for placement in placements:
+        place(ctx, placement)
+        proc = None
+        try:
+            if argv is not None:
+                proc = ctx.procs.start(f"{name}-{placement}", tb.dut, argv, cpu=ctx.args.dut_cpu)
+                ready = wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+            else:
+                ready = 0.0
+            res = saturate(ctx, f"{name}-{placement}", lambda: sink_rx(ctx), ctx.cfg_udp, seconds)
+            res["ready_s"] = round(ready, 2)
+            if proc is not None:
+                ctx.procs.check_alive(proc)
+            out[placement] = res
+            say(
+                f"{name:9} {placement:8} delivered {res['delivered_pps']:>9,} pps of "
+                f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%})"
+            )
+        except ProcError as exc:
+            out[placement] = {"error": str(exc)}
+            say(f"{name} {placement}: FAILED: {exc}")
+        finally:
+            if proc is not None:
+                ctx.procs.stop(proc)
+    tb.set_dut_forwarding(False)
+    place(ctx, "split")
+    return out
+
+
+def run_paced(ctx: Ctx, placement: str) -> dict[str, Any]:
+    tb = ctx.tb
+    tb.set_sink_drop(True)
+    place(ctx, placement)
+    proc = ctx.procs.start("fastpath-paced", tb.dut, lb_argv(ctx), cpu=ctx.args.dut_cpu)
+    try:
+        wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+        res = paced(ctx, "paced", lambda: sink_rx(ctx), ctx.args.paced_rate, ctx.args.duration)
+        res["placement"] = placement
+        say(
+            f"paced     {placement:8} {res['delivered']:,} of {res['offered']:,} delivered at "
+            f"{res['offered_pps']:,} pps offered (loss {res['loss']:.3%})"
+        )
+        return res
+    except ProcError as exc:
+        say(f"paced: FAILED: {exc}")
+        return {"error": str(exc)}
+    finally:
+        ctx.procs.stop(proc)
+        place(ctx, "split")
+
+
+def run_agent(ctx: Ctx) -> dict[str, Any]:
+    """IP-in-IP from the LB's address to the DUT running agent.decap on d0."""
+    tb = ctx.tb
+    tb.set_dut_forwarding(False)
+    place(ctx, "split")
+    proc = ctx.procs.start("agent", tb.dut, agent_argv(ctx, "d0", tbm.GEN_IP), ctx.args.dut_cpu)
+    try:
+        wait_ready(ctx, proc, lambda: dut_udp_delivered(ctx), ctx.cfg_probe_ipip)
+        res = saturate(
+            ctx, "agent", lambda: dut_udp_delivered(ctx), ctx.cfg_ipip, ctx.args.duration
+        )
+        ctx.procs.check_alive(proc)
+        say(
+            f"agent     split    delivered {res['delivered_pps']:>9,} pps of "
+            f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%})"
+        )
+        return res
+    except ProcError as exc:
+        say(f"agent: FAILED: {exc}")
+        return {"error": str(exc)}
+    finally:
+        ctx.procs.stop(proc)
+
+
+def wait_log(ctx: Ctx, proc: subprocess.Popen[bytes], name: str, text: str) -> None:
+    deadline = time.monotonic() + ctx.args.ready_timeout
+    while text not in ctx.procs.log(name):
+        ctx.procs.check_alive(proc)
+        if time.monotonic() > deadline:
+            raise ProcError(f"{name} did not print {text!r} in time")
+        time.sleep(0.05)
+
+
+def pingpong(ctx: Ctx, count: int) -> dict[str, Any]:
+    argv = [
+        PY,
+        "-m",
+        "bench.pingpong",
+        "client",
+        "--server",
+        tbm.VIP,
+        "--port",
+        str(PING_PORT),
+        "--count",
+        str(count),
+    ]
+    out = ctx.tb.ns(ctx.tb.cli, *argv, timeout=count * 0.3 + 30)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def run_latency(ctx: Ctx) -> dict[str, Any]:
+    """The same request/reply path, routed by the kernel (the DUT as router, the VIP on the
+    sink's lo) and through LB + agent (DSR: replies go straight back through gen)."""
+    tb, count = ctx.tb, ctx.args.pings
+    tb.set_sink_drop(False)
+    place(ctx, "split")
+    server = ctx.procs.start(
+        "pingpong-server",
+        tb.sink,
+        [PY, "-m", "bench.pingpong", "serve", "--bind", tbm.VIP, "--port", str(PING_PORT)],
+    )
+    out: dict[str, Any] = {}
+    try:
+        wait_log(ctx, server, "pingpong-server", "serving")
+        # Kernel: the DUT routes, the sink owns the VIP.
+        tb.ns(tb.sink, "ip", "addr", "add", f"{tbm.VIP}/32", "dev", "lo")
+        tb.set_dut_forwarding(True)
+        try:
+            pingpong(ctx, 20)  # warm caches and neighbours
+            kernel = pingpong(ctx, count)
+        finally:
+            tb.set_dut_forwarding(False)
+            tb.ns(tb.sink, "ip", "addr", "del", f"{tbm.VIP}/32", "dev", "lo", check=False)
+        out["kernel"] = kernel
+        # LB + agent.
+        lb = ctx.procs.start(
+            "fastpath-latency", tb.dut, lb_argv(ctx, [tbm.SINK_IP]), cpu=ctx.args.dut_cpu
+        )
+        agent = ctx.procs.start("agent-latency", tb.sink, agent_argv(ctx, "s0", tbm.DUT_IP))
+        try:
+            deadline = time.monotonic() + ctx.args.ready_timeout
+            while True:
+                ctx.procs.check_alive(lb)
+                ctx.procs.check_alive(agent)
+                if pingpong(ctx, 5)["answered"] > 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise ProcError("no echo through LB + agent")
+                time.sleep(0.3)
+            pingpong(ctx, 20)
+            out["lb"] = pingpong(ctx, count)
+        finally:
+            ctx.procs.stop(lb)
+            ctx.procs.stop(agent)
+        out["kernel_rps"] = out["kernel"]["rps"]
+        out["lb_rps"] = out["lb"]["rps"]
+        say(
+            f"latency   kernel {out['kernel_rps']:,.0f} req/s (p50 {kernel['p50_us']:.0f} us), "
+            f"LB+agent {out['lb_rps']:,.0f} req/s (p50 {out['lb']['p50_us']:.0f} us)"
+        )
+    except (ProcError, subprocess.SubprocessError, tbm.TestbedError, ValueError) as exc:
+        out["error"] = str(exc)
+        say(f"latency: FAILED: {exc}")
+    finally:
+        ctx.procs.stop(server)
+        tb.set_sink_drop(True)
+    return out
+
+
+def run_memory(ctx: Ctx) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flows in ctx.args.memory_flows:
+        try:
+            text = subprocess.run(
+                [PY, "-m", "bench.conntrack_rss", "--flows", str(flows)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+                cwd=REPO,
+            ).stdout
+            res = json.loads(text.strip().splitlines()[-1])
+            res.pop("counters", None)
+            out[str(flows)] = res
+            say(f"memory    {flows:,} tracked flows: VmRSS {res['rss_mb']} MB")
+        except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+            out[str(flows)] = {"error": str(exc)}
+            say(f"memory {flows}: FAILED: {exc}")
+    return out
+
+
+# -- the run --------------------------------------------------------------------------------
+def run_round(ctx: Ctx, i: int) -> dict[str, Any]:
+    a = ctx.args
+    r: dict[str, Any] = {"round": i}
+    phases: list[tuple[str, Callable[[], Any]]] = [
+        ("kernel", lambda: run_forwarder(ctx, "kernel", None, a.duration, a.placements)),
+        (
+            "fastpath",
+            lambda: run_forwarder(ctx, "fastpath", lb_argv(ctx), a.duration, a.placements),
+        ),
+        ("paced", lambda: run_paced(ctx, a.paced_placement)),
+        (
+            "scapy",
+            lambda: run_forwarder(ctx, "scapy", scapy_argv(True), a.scapy_duration, ["split"])[
+                "split"
+            ],
+        ),
+        (
+            "scapy_sendp",
+            lambda: run_forwarder(
+                ctx, "scapy-sendp", scapy_argv(False), a.scapy_duration, ["split"]
+            )["split"],
+        ),
+        ("agent", lambda: run_agent(ctx)),
+        ("latency", lambda: run_latency(ctx)),
+    ]
+    # Rotate the order each round, so no system always runs first (or always after scapy).
+    order = [p for p in phases if p[0] in a.phases]
+    if a.interleave and order:
+        k = i % len(order)
+        order = order[k:] + order[:k]
+    for name, fn in order:
+        say(f"round {i + 1}: {name}")
+        r[name] = fn()
+    return r
+
+
+def chart(summary: dict[str, Any], rounds: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    systems = [
+        ("kernel", "kernel_pps"),
+        ("fastpath", "fastpath_pps"),
+        ("scapy (L2socket)", "scapy_pps"),
+        ("agent decap", "agent_pps"),
+    ]
+    per = summary["per_round"]
+    for x, (label, key) in enumerate(systems):
+        vals = [f[key] for f in per if f[key]]
+        med = summary.get(key) or 0
+        ax1.bar(x, med, color=["#888", "#2a7", "#c63", "#27a"][x], label=label)
+        ax1.plot([x] * len(vals), vals, "k.", ms=5)
+        ax1.annotate(f"{med:,.0f}", (x, med), ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(range(len(systems)), [s[0] for s in systems], fontsize=8)
+    ax1.set_yscale("symlog", linthresh=1000)
+    ax1.set_ylabel("delivered packets/s (median; dots: rounds)")
+    ax1.set_title("64-byte UDP, saturation")
+    for placement, style in (("split", "o-"), ("dut-core", "s--")):
+        for system, color in (("kernel", "#888"), ("fastpath", "#2a7")):
+            ys = [(r.get(system) or {}).get(placement, {}).get("delivered_pps") for r in rounds]
+            pts = [(i + 1, y) for i, y in enumerate(ys) if y]
+            if pts:
+                ax2.plot(*zip(*pts, strict=True), style, color=color, label=f"{system} {placement}")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("delivered packets/s")
+    ax2.set_title("per round and CPU placement")
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=7)
+    text = (
+        f"ratio to kernel {fmt(summary.get('ratio_to_kernel'))}, to scapy "
+        f"{fmt(summary.get('ratio_to_scapy'))}; loss at paced "
+        f"{fmt(summary.get('loss_at_paced'))}; latency ratio "
+        f"{fmt(summary.get('latency_ratio'))}"
+    )
+    fig.suptitle(text, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Forwarding benchmark: fastpath vs scapy vs kernel.")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (1)")
+    p.add_argument("--scapy-duration", type=float, default=3.0)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 s runs, the split placement only, memory at 100,000 flows only",
+    )
+    p.add_argument("--flows", type=int, default=4096, help="distinct UDP flows (4096)")
+    p.add_argument("--paced-rate", type=int, default=300_000)
+    p.add_argument("--paced-placement", choices=PLACEMENTS, default="split")
+    p.add_argument("--placements", type=lambda s: s.split(","), default=list(PLACEMENTS))
+    p.add_argument(
+        "--phases",
+        type=lambda s: s.split(","),
+        default=[
+            "kernel",
+            "fastpath",
+            "paced",
+            "scapy",
+            "scapy_sendp",
+            "agent",
+            "latency",
+            "memory",
+        ],
+    )
+    p.add_argument("--no-interleave", dest="interleave", action="store_false")
+    p.add_argument("--pings", type=int, default=2000, help="sequential requests per path")
+    p.add_argument(
+        "--memory-flows",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[100_000, 1_000_000],
+    )
+    p.add_argument("--dut-cpu", type=int, default=0, help="core of the LB / agent (0)")
+    p.add_argument("--gen-cpu", type=int, default=1, help="core of trafgen (1)")
+    p.add_argument("--ready-timeout", type=float, default=25.0)
+    p.add_argument("--lb-arg", action="append", default=[], help="extra fastpath.lb argument")
+    p.add_argument("--agent-arg", action="append", default=[], help="extra agent.decap argument")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.duration, a.warmup, a.scapy_duration = 2.0, 0.5, 2.0
+        a.pings = min(a.pings, 500)
+        a.placements = ["split"]
+        a.memory_flows = [100_000]
+    bad = [x for x in a.placements if x not in PLACEMENTS]
+    if bad:
+        p.error(f"--placements: unknown {bad}; choose from {', '.join(PLACEMENTS)}")
+    if a.rounds < 1 or a.duration <= 0 or a.flows < 1:
+        p.error("--rounds, --duration and --flows must be positive")
+    ncpu = os.cpu_count() or 1
+    if not (0 <= a.dut_cpu < ncpu and 0 <= a.gen_cpu < ncpu):
+        p.error(f"--dut-cpu/--gen-cpu must be in 0..{ncpu - 1}")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("pps: needs root (network namespaces, AF_PACKET)", file=sys.stderr)
+        return 2
+    tbm.install_signal_handlers()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    work = args.out_dir / f"pps-{stamp}.d"  # logs and trafgen configs
+    work.mkdir()
+    procs = Procs(work)
+    for name in tbm.remove_stale():
+        say(f"removed stale namespace {name}")
+    gen_frames = frames.udp_frames(args.flows, tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP, UDP_PORT)
+    ipip = frames.ipip_frames(
+        args.flows, tbm.GEN_MAC, tbm.DUT_MAC, tbm.GEN_IP, tbm.DUT_IP, tbm.VIP, UDP_PORT
+    )
+    paths = {}
+    for name, fr in (
+        ("udp", gen_frames),
+        ("ipip", ipip),
+        ("probe", gen_frames[:16]),
+        ("probe_ipip", ipip[:16]),
+    ):
+        paths[name] = work / f"{name}.cfg"
+        paths[name].write_text(frames.trafgen_config(fr))
+    rounds: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
+    started = time.monotonic()
+    meta = {
+        "started": stamp,
+        "flows": args.flows,
+        "frame_bytes": len(gen_frames[0]) + 4,
+        "duration_s": args.duration,
+        "placements": args.placements,
+        "dut_cpu": args.dut_cpu,
+        "gen_cpu": args.gen_cpu,
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "loadavg_start": os.getloadavg(),
+    }
+    say(f"{args.rounds} rounds, {args.flows} flows, {args.duration} s per run; logs in {work}")
+    interrupted = False
+    try:
+        with tbm.Testbed() as tb:
+            ctx = Ctx(
+                tb, procs, args, paths["udp"], paths["ipip"], paths["probe"], paths["probe_ipip"]
+            )
+            tb.set_sink_drop(True)
+            for i in range(args.rounds):
+                rounds.append(run_round(ctx, i))
+            if "memory" in args.phases:
+                memory = run_memory(ctx)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: cleaning up")
+    finally:
+        procs.stop_all()
+    summary = stats.summarize(rounds)
+    mem_of = {str(n): (memory.get(str(n)) or {}).get("rss_mb") for n in args.memory_flows}
+    line: dict[str, Any] = {k: summary[k] for k in stats.FIGURES}
+    line["rss_mb_100k"] = mem_of.get("100000")
+    line["rss_mb_1m"] = mem_of.get("1000000")
+    line["rounds"] = len(rounds)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["loadavg_end"] = os.getloadavg()
+    meta["interrupted"] = interrupted
+    result = {
+        "summary": line,
+        "per_round": summary["per_round"],
+        "rounds": rounds,
+        "memory": memory,
+        "meta": meta,
+    }
+    out_json = args.out_dir / f"pps-{stamp}.json"
+    out_json.write_text(json.dumps(result, indent=1, default=str))
+    try:
+        chart(summary, rounds, args.out_dir / f"pps-{stamp}.png")
+    except Exception as exc:  # the chart must never cost the figures
+        say(f"chart failed: {exc}")
+    say(f"results: {out_json}")
+    line["results"] = str(out_json)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()}))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""From raw per-round measurements to the benchmark's figures: ratios are computed within each
+round (both sides saw the same machine state), then the median over rounds is reported. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Round = Mapping[str, Any]
+
+# Figures of one round, in the order the summary line prints them.
+FIGURES = (
+    "fastpath_pps",
+    "scapy_pps",
+    "kernel_pps",
+    "ratio_to_kernel",
+    "ratio_to_scapy",
+    "loss_at_paced",
+    "agent_pps",
+    "latency_ratio",
+)
+
+
+def median(values: Sequence[float]) -> float | None:
+    """The median, or None for no values."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return None
+    mid = n // 2
+    return float(xs[mid]) if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
+
+
+def best_delivered(by_placement: Mapping[str, Mapping[str, Any]] | None) -> float | None:
+    """A system's rate in one round: the best of the CPU placements measured (None if none)."""
+    if not by_placement:
+        return None
+    rates = [m["delivered_pps"] for m in by_placement.values() if m.get("delivered_pps")]
+    return max(rates) if rates else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def round_figures(r: Round) -> dict[str, float | None]:
+    """The headline figures of one round (None where that phase did not run or failed)."""
+    fastpath = best_delivered(r.get("fastpath"))
+    kernel = best_delivered(r.get("kernel"))
+    scapy = (r.get("scapy") or {}).get("delivered_pps")
+    paced = r.get("paced") or {}
+    latency = r.get("latency") or {}
+    return {
+        "fastpath_pps": fastpath,
+        "scapy_pps": scapy,
+        "kernel_pps": kernel,
+        "ratio_to_kernel": _ratio(fastpath, kernel),
+        "ratio_to_scapy": _ratio(fastpath, scapy),
+        "loss_at_paced": paced.get("loss"),
+        "agent_pps": (r.get("agent") or {}).get("delivered_pps"),
+        "latency_ratio": _ratio(latency.get("lb_rps"), latency.get("kernel_rps")),
+    }
+
+
+def summarize(rounds: Sequence[Round]) -> dict[str, Any]:
+    """Medians over rounds of every figure, and the per-round figures they came from."""
+    per_round = [round_figures(r) for r in rounds]
+    out: dict[str, Any] = {}
+    for key in FIGURES:
+        values = [v for f in per_round if (v := f[key]) is not None]
+        out[key] = median(values)
+    out["rounds"] = len(rounds)
+    out["per_round"] = per_round
+    return out
+
+
+def loss(offered: int, delivered: int) -> float:
+    """Fraction of offered packets not delivered (0 when nothing was offered; never negative)."""
+    if offered <= 0:
+        return 0.0
+    return max(0.0, 1.0 - delivered / offered)
