@@ -291,6 +291,7 @@ class Fabric:
     """The running network: node PIDs, interface counters; brought up and down once."""
 
     up_done: bool = False
+    owner: int | None = None  # PID owning the network we brought up: down() touches only it
     _net: Any = None
 
     def up(self, wait: float = 0.0) -> None:
@@ -302,14 +303,17 @@ class Fabric:
         if rc != 0:
             raise RuntimeError(f"the fat tree did not come up (controller.network.up: exit {rc})")
         self.up_done = True
-        OWNER.write_text(str(os.getpid()))
+        st = network.running()
+        self.owner = st.owner_pid if st is not None else None
+        # Who we are and which network is ours, for `--cleanup` after a killed run.
+        OWNER.write_text(json.dumps({"driver": os.getpid(), "network_owner": self.owner}))
 
     def node_pid(self, name: str) -> int:
         return int(self._net.node_pid(name))
 
     def down(self) -> None:
         if self.up_done:
-            self._net.down()
+            self._net.down(owner=self.owner)
             self.up_done = False
         OWNER.unlink(missing_ok=True)
 
@@ -608,7 +612,8 @@ def teardown(fabric: Fabric, log: Callable[[str], None]) -> None:
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            services.stop()
+            if fabric.up_done:  # never someone else's services, on a network that is not ours
+                services.stop()
         finally:
             fabric.down()
     finally:
@@ -618,16 +623,18 @@ def teardown(fabric: Fabric, log: Callable[[str], None]) -> None:
 
 def cleanup(log: Callable[[str], None]) -> int:
     """After a killed run: stop recorded services; take the network down if that run built it."""
-    n = services.stop()
-    log(f"stopped {n} service process(es)")
     try:
-        owner = int(OWNER.read_text())
-    except (OSError, ValueError):
+        rec = json.loads(OWNER.read_text())
+        driver, owner = int(rec["driver"]), rec.get("network_owner")
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
-    if services.proc_state(owner) is None:
+    if services.proc_state(driver) in (None, "Z"):  # gone, or dead but not yet reaped
         from controller import network
 
-        network.down()
+        if owner is not None and (st := network.running()) is not None and st.owner_pid == owner:
+            log(f"stopped {services.stop()} service process(es)")
+        if owner is not None:
+            network.down(owner=int(owner))  # ours only: someone else's network is left alone
         OWNER.unlink(missing_ok=True)
         log("took down the fat tree a killed wget load had built")
     return 0
