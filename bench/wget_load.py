@@ -449,6 +449,10 @@ def counters(
             "rx_packets": d.get("rx_packets", 0),
             "tx_packets": d.get("tx_packets", 0),
             "tx_bytes": d.get("tx_bytes", 0),
+            # DSR shows here: a few dozen bytes (encapsulated requests and ACKs), not full MTU.
+            "avg_tx_packet": round(d.get("tx_bytes", 0) / d["tx_packets"], 1)
+            if d.get("tx_packets")
+            else 0,
         }
         if host in after.cpu:
             entry["cpu_s"] = round(after.cpu[host] - before.cpu.get(host, 0.0), 3)
@@ -666,6 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             log("interrupted: tearing down")
             return 130
+        except services.ServicesBusy as exc:
+            log(f"wget_load: {exc}")
+            return 2  # refused before any service started (the network goes down again)
         except services.ServiceError as exc:
             log(f"wget_load: {exc}")
             return 1

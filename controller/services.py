@@ -48,6 +48,10 @@ class ServiceError(RuntimeError):
     """A service could not start or stop; the message says which, where, and what to do."""
 
 
+class ServicesBusy(ServiceError):
+    """Refused before starting anything: services already running, or a port already taken."""
+
+
 @dataclass(frozen=True)
 class Service:
     """One long-running process in one node."""
@@ -396,7 +400,7 @@ def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: 
     live = running(state_dir)
     if live:
         names = ", ".join(f"{r['name']} (pid {r['pid']})" for r in live)
-        raise ServiceError(
+        raise ServicesBusy(
             f"services already running: {names}; stop them with `python -m controller down` "
             f"(or controller.services.stop())"
         )
@@ -406,7 +410,7 @@ def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: 
             continue
         pid = node_pid(svc.node)
         if listening(pid, *svc.listen):
-            raise ServiceError(
+            raise ServicesBusy(
                 f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {svc.node}; stop what "
                 f"listens there (`python -m controller exec {svc.node} -- ss -ltnp`) and retry"
             )
