@@ -1,16 +1,12 @@
-"""The running network: build the fat tree under mininet, route it, keep it, take it down.
-
-Hosts are mininet Hosts; switches are plain mininet nodes acting as Linux routers (no OVS, no
-OpenFlow controller); links are veth pairs (no TCLink: this kernel has no netem). Addresses,
-MACs and routes come from the Topology and the route computation (controller.routes, realised
-by controller.drivers.linux). Nothing depends on ARP: every neighbour entry is permanent.
+"""The running network: bring the fat tree up, keep it, run commands in it, take it down.
 
 `up(..., "cli")` keeps the network in this process and opens mininet's CLI; `up(..., "detach")`
 starts a small background process (`python -m controller.network serve`) that owns the
-mininet objects until SIGTERM. Either way the owner writes /run/l4lb/state.json (see
-controller.netstate) as it goes and holds /run/l4lb/fattree.lock while the network is up, so
-`down` works from that file alone, also after a crash of the owner, and `exec` finds nodes by
-PID. Mininet's own logging is kept quiet; one progress line per phase says what took how long.
+mininet objects (controller.netbuild) until SIGTERM. Either way the owner writes
+/run/l4lb/state.json (controller.netstate) as it goes and holds /run/l4lb/fattree.lock while
+the network is up, so `down` works from that file alone, also after a crash of the owner, and
+`exec` finds nodes by PID. Mininet's own logging is kept quiet; one progress line per phase
+says what took how long.
 """
 
 from __future__ import annotations
@@ -22,40 +18,40 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
-from controller import netstate, nodeconfig
+from controller import netstate
 from controller.deployment import Deployment, load_deployment
-from controller.drivers import linux
-from controller.netstate import STATE_DIR, NetState, NodeRecord
+from controller.netbuild import (
+    Network,
+    NetworkError,
+    Progress,
+    Signals,
+    Stop,
+    UnknownNode,
+    say,
+    teardown,
+)
+from controller.netstate import STATE_DIR, NetState
 from controller.routes import SwitchProgram, compute_routes
 from controller.topology import Topology, load_topology
 
-__all__ = ["STATE_DIR", "NetworkError", "down", "exec_on", "node_pid", "running", "up"]
+__all__ = [
+    "STATE_DIR",
+    "NetworkError",
+    "UnknownNode",
+    "down",
+    "exec_on",
+    "node_pid",
+    "running",
+    "up",
+]
 
 REPO = Path(__file__).resolve().parent.parent
-Progress = Callable[[str], None]
 STOP_TIMEOUT = 20.0  # seconds `down` waits for the owner to take the network down
-
-
-class NetworkError(RuntimeError):
-    """The network cannot be brought up, reached or taken down; the message says what to do."""
-
-
-class UnknownNode(LookupError):
-    """A node name the running network does not have; the message lists the valid ones."""
-
-
-class _Stop(BaseException):
-    """SIGTERM/SIGHUP/SIGINT reached the owner: stop the network."""
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
 
 
 # --- what to build ---------------------------------------------------------------------------
@@ -70,243 +66,6 @@ def _plan(topo_path: str | None) -> tuple[Topology, Deployment, dict[str, Switch
     if missing:
         raise ValueError(f"{topo.source}: the deployment's load balancers {missing} are missing")
     return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers)
-
-
-# --- building and stopping, in the owning process ----------------------------------------------
-
-
-class _Signals:
-    """Turns SIGTERM/SIGHUP/SIGINT into _Stop: a flag checked between build steps, or an
-    exception while the owner just waits (the CLI's loop, the detached idle loop)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None  # name of the first stop signal
-        self.raising = False
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = self.requested or signal.Signals(signum).name
-        if self.raising:
-            self.raising = False  # once: the teardown that follows must not be interrupted
-            raise _Stop(self.requested)
-
-    def install(self, sigint: bool = True) -> None:
-        for sig in (signal.SIGTERM, signal.SIGHUP, *([signal.SIGINT] if sigint else [])):
-            signal.signal(sig, self._handler)
-
-    def check(self) -> None:
-        if self.requested is not None:
-            raise _Stop(self.requested)
-
-
-class Network:
-    """The mininet objects of one fat tree, owned by this process."""
-
-    def __init__(
-        self,
-        topo: Topology,
-        programs: dict[str, SwitchProgram],
-        mode: str,
-        state_dir: Path = STATE_DIR,
-        signals: _Signals | None = None,
-    ) -> None:
-        self.topo = topo
-        self.programs = programs
-        self.state_dir = state_dir
-        self.signals = signals or _Signals()
-        self.net: Any = None
-        me = os.getpid()
-        self.state = NetState(
-            owner_pid=me,
-            owner_start_time=netstate.proc_start_time(me) or 0,
-            mode=mode,
-            topology=topo.source,
-            started=time.time(),
-            interfaces=[i.name for n in topo.nodes.values() for i in n.interfaces.values()],
-        )
-
-    def build(self, progress: Progress = _print) -> float:
-        """Create, link, address and route every node; returns the seconds it took."""
-        from mininet.log import setLogLevel
-        from mininet.net import Mininet
-
-        setLogLevel("output")  # mininet's "*** Adding ..." lines off, CLI output on
-        t0 = time.monotonic()
-        # Mininet.init() raises root-namespace limits and sysctls; this network needs none of
-        # that, and the machine is shared.
-        Mininet.inited = True
-        self.router_cls, self.intf_cls, self.link_cls = _mininet_classes()
-        self.net = Mininet(topo=None, controller=None, build=False, intf=self.intf_cls)
-        netstate.write_state(self.state, self.state_dir)
-        names = self.topo.hosts() + self.topo.switches()
-        for name in names:
-            self.signals.check()
-            self._add_node(name)
-        t1 = time.monotonic()
-        progress(f"up: {len(names)} nodes in {t1 - t0:.2f} s")
-
-        pids = {n: r.pid for n, r in self.state.nodes.items()}
-        sysctl = {n: nodeconfig.sysctl_argv(nodeconfig.sysctls(self.topo, n)) for n in names}
-        _run_all({n: ["mnexec", "-a", str(pids[n]), *argv] for n, argv in sysctl.items()}, "sysctl")
-        self.signals.check()
-        _run_root_batch(nodeconfig.link_commands(self.topo, pids))
-        self._record_links()
-        t2 = time.monotonic()
-        progress(f"up: {len(self.topo.links())} links in {t2 - t1:.2f} s")
-
-        self.signals.check()
-        batches: dict[str, tuple[int, list[list[str]]]] = {}
-        n_routes = 0
-        for n in names:
-            cmds = nodeconfig.node_commands(self.topo, n)
-            if n in self.programs:
-                routes = linux.program_commands(self.programs[n], self.topo)
-                n_routes += sum(1 for c in routes if c[1] == "route")
-                cmds += routes
-            batches[n] = (pids[n], cmds)
-        linux.run_batches(batches)
-        t3 = time.monotonic()
-        progress(
-            f"up: addresses, static neighbours and {n_routes} routes on "
-            f"{len(self.programs)} switches in {t3 - t2:.2f} s"
-        )
-        self.state.ready = True
-        netstate.write_state(self.state, self.state_dir)
-        return t3 - t0
-
-    def _add_node(self, name: str) -> None:
-        kind = self.topo.node(name).kind
-        if kind == "host":
-            from mininet.node import Host
-
-            node = self.net.addHost(name, cls=Host, ip=None)
-        else:
-            node = self.net.addSwitch(name, cls=self.router_cls, inNamespace=True)
-        ns = netstate.netns_of(node.pid)
-        if ns is None or ns == netstate.root_netns():
-            raise NetworkError(f"{name}: node shell {node.pid} has no namespace of its own")
-        self.state.nodes[name] = NodeRecord(
-            name, kind, node.pid, netstate.proc_start_time(node.pid) or 0, ns
-        )
-        netstate.write_state(self.state, self.state_dir)
-
-    def _record_links(self) -> None:
-        """Give mininet its Link/Intf objects for the veths already made (for the CLI)."""
-        for a, b in self.topo.links():
-            link = self.link_cls(
-                self.net[a.node],
-                self.net[b.node],
-                port1=a.port,
-                port2=b.port,
-                intfName1=a.name,
-                intfName2=b.name,
-                addr1=a.mac,
-                addr2=b.mac,
-                intf=self.intf_cls,
-                params1={"ip": a.ip},
-                params2={"ip": b.ip},
-            )
-            self.net.links.append(link)
-
-    def stop(self, progress: Progress = _print) -> list[int]:
-        """Stop services and every process in the network's namespaces (which removes the
-        namespaces and veths); returns PIDs that survived (none, normally)."""
-        t0 = time.monotonic()
-        left = teardown(self.state, self.state_dir)
-        if self.net is not None:
-            for node in self.net.hosts + self.net.switches:
-                with suppress(Exception):
-                    node.cleanup()  # reap the shell, close its pty
-        progress(f"down: {len(self.state.nodes)} nodes stopped in {time.monotonic() - t0:.2f} s")
-        return left
-
-
-def _mininet_classes() -> tuple[type, type, type]:
-    from mininet.link import Intf, Link
-    from mininet.node import Node
-
-    class Router(Node):
-        """A node in its own namespace that routes; nothing to start or stop."""
-
-        def __init__(self, name: str, **params: Any) -> None:
-            params.pop("listenPort", None)
-            super().__init__(name, **params)
-
-        def start(self, controllers: Any) -> None:
-            pass
-
-    class QuietIntf(Intf):
-        """Records its address for mininet's CLI; the ip batches configure it."""
-
-        def config(self, ip: str | None = None, **params: Any) -> dict[str, Any]:
-            if ip:
-                self.ip, prefix = ip.split("/")
-                self.prefixLen = int(prefix)
-            return {}
-
-    class PrebuiltLink(Link):
-        """A Link whose veth pair already exists (made in one batch for all links)."""
-
-        @classmethod
-        def makeIntfPair(cls, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    return Router, QuietIntf, PrebuiltLink
-
-
-def _run_all(cmds: dict[str, list[str]], what: str, timeout: float = 20.0) -> None:
-    procs = {
-        n: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for n, argv in cmds.items()
-    }
-    errors = []
-    for n, p in procs.items():
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out = p.communicate()[0] + f" (timed out after {timeout:.0f} s)"
-        if p.returncode != 0:
-            errors.append(f"{n}: {out.strip()}")
-    if errors:
-        raise NetworkError(f"{what} failed: " + "; ".join(errors))
-
-
-def _run_root_batch(commands: list[list[str]]) -> None:
-    proc = subprocess.run(
-        ["ip", "-batch", "-"],
-        input=linux.batch_text(commands),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise NetworkError(f"creating links failed: {proc.stderr.strip()}")
-
-
-def teardown(st: NetState, state_dir: Path = STATE_DIR) -> list[int]:
-    """Take down what the state file names, from the file alone; returns surviving PIDs."""
-    from controller import services
-
-    try:
-        services.stop(state_dir)  # by PID, and undoes their setup; the rest goes below
-    except Exception as e:
-        _print(f"down: stopping the services failed ({e}); ending them with the namespaces")
-    left = netstate.kill_namespaces(st)
-    _delete_root_interfaces(st.interfaces)
-    netstate.remove_state(state_dir)
-    return left
-
-
-def _delete_root_interfaces(names: Sequence[str]) -> list[str]:
-    """Delete any of the network's interface names found in the root namespace (normally none:
-    every end lives in a node and vanishes with it)."""
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    present = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line}
-    stray = [n for n in names if n in present]
-    for n in stray:
-        subprocess.run(["ip", "link", "del", n], capture_output=True, check=False)
-    return stray
 
 
 # --- up -------------------------------------------------------------------------------------
@@ -343,7 +102,7 @@ def _claim(state_dir: Path, wait: float) -> int:
         )
     stale = netstate.read_state(state_dir)
     if stale is not None:
-        _print(f"up: cleaning up a network whose owner died ({_describe(stale)})")
+        say(f"up: cleaning up a network whose owner died ({_describe(stale)})")
         teardown(stale, state_dir)
     return fd
 
@@ -386,15 +145,15 @@ def _foreground(
     services: bool,
     state_dir: Path,
 ) -> int:
-    signals = _Signals()
+    signals = Signals()
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     signals.install()
     network = Network(topo, programs, "cli", state_dir, signals)
     try:
         took = network.build()
-        _print(f"up: network routed in {took:.2f} s")
+        say(f"up: network routed in {took:.2f} s")
         if services:
-            _start_services(dep, state_dir, _print)
+            _start_services(dep, state_dir, say)
         from mininet.cli import CLI
 
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles Ctrl-C
@@ -403,11 +162,11 @@ def _foreground(
         CLI(network.net)
         signals.raising = False
         return 0
-    except (_Stop, KeyboardInterrupt) as e:
-        if isinstance(e, _Stop) and e.args and e.args[0] != "SIGINT":
-            _print(f"up: {e.args[0]}, taking the network down")  # `down`, or a hangup
+    except (Stop, KeyboardInterrupt) as e:
+        if isinstance(e, Stop) and e.args and e.args[0] != "SIGINT":
+            say(f"up: {e.args[0]}, taking the network down")  # `down`, or a hangup
             return 0
-        _print("up: interrupted, taking the network down")
+        say("up: interrupted, taking the network down")
         return 130
     finally:
         signals.raising = False
@@ -449,18 +208,18 @@ def _spawn_owner(topo_path: str | None, services: bool, lock: int, state_dir: Pa
             for line in pipe:
                 kind, _, text = line.rstrip("\n").partition(" ")
                 if kind == "progress":
-                    _print(text)
+                    say(text)
                 elif kind == "ready":
                     ready = True
                 elif kind == "error":
                     error = text
     except KeyboardInterrupt:
-        _print("up: interrupted, taking the network down")
+        say("up: interrupted, taking the network down")
         child.send_signal(signal.SIGTERM)
         _wait_child(child)
         return 130
     if ready:
-        _print(f"up: network running in the background (pid {child.pid}); `down` stops it")
+        say(f"up: network running in the background (pid {child.pid}); `down` stops it")
         return 0
     _wait_child(child)
     tail = _tail(state_dir / netstate.LOG_FILE)
@@ -500,7 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
             with suppress(OSError):
                 pipe.write(f"progress {line}\n")
 
-    signals = _Signals()
+    signals = Signals()
     signals.install()
     network: Network | None = None
     try:
@@ -519,7 +278,7 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             signals.check()  # a signal that came before `raising` was set
             signal.pause()
-    except _Stop:
+    except Stop:
         return 0
     except BaseException as e:
         traceback.print_exc()
@@ -552,7 +311,7 @@ def down(owner: int | None = None, state_dir: Path = STATE_DIR) -> int:
         raise NetworkError("taking a network down needs root")
     st = netstate.read_state(state_dir)
     if st is not None and owner is not None and st.owner_pid != owner:
-        _print(f"down: the network that is up is not pid {owner}'s ({_describe(st)}); left alone")
+        say(f"down: the network that is up is not pid {owner}'s ({_describe(st)}); left alone")
         return 0
     if st is None:
         fd = netstate.take_lock(state_dir)
@@ -562,17 +321,17 @@ def down(owner: int | None = None, state_dir: Path = STATE_DIR) -> int:
                 "network is coming up; try again in a moment"
             )
         os.close(fd)
-        _print("down: no network is up")
+        say("down: no network is up")
         return 0
     t0 = time.monotonic()
     if netstate.is_running(st.owner_pid, st.owner_start_time):
         os.kill(st.owner_pid, signal.SIGTERM)
         if not netstate.wait_gone(st.owner_pid, st.owner_start_time, STOP_TIMEOUT):
-            _print(f"down: owner {st.owner_pid} did not stop in {STOP_TIMEOUT:.0f} s; killing it")
+            say(f"down: owner {st.owner_pid} did not stop in {STOP_TIMEOUT:.0f} s; killing it")
             os.kill(st.owner_pid, signal.SIGKILL)
             netstate.wait_gone(st.owner_pid, st.owner_start_time, 5.0)
     else:
-        _print(f"down: the owner (pid {st.owner_pid}) is gone; cleaning up from the state file")
+        say(f"down: the owner (pid {st.owner_pid}) is gone; cleaning up from the state file")
     # Whatever the owner did or did not do, make sure from the record (idempotent), under the
     # lock, so a network someone brings up meanwhile is neither touched nor half-cleaned.
     fd = netstate.take_lock(state_dir, wait=STOP_TIMEOUT)
@@ -581,15 +340,15 @@ def down(owner: int | None = None, state_dir: Path = STATE_DIR) -> int:
     try:
         now = netstate.read_state(state_dir)
         if now is not None and now.owner_pid != st.owner_pid:
-            _print(f"down: a new network is up ({_describe(now)}); left alone")
+            say(f"down: a new network is up ({_describe(now)}); left alone")
             return 0
         left = teardown(st, state_dir)
     finally:
         os.close(fd)
     if left:
-        _print(f"down: processes survived in the network's namespaces: {left}")
+        say(f"down: processes survived in the network's namespaces: {left}")
         return 1
-    _print(f"down: network down in {time.monotonic() - t0:.2f} s")
+    say(f"down: network down in {time.monotonic() - t0:.2f} s")
     return 0
 
 
