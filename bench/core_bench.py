@@ -34,7 +34,7 @@ def tcp_frame(i: int, flags: int) -> bytes:
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 20, i & 0xFFFF, 0x4000, 64, 6,
                                0, src, VIP))  # fmt: skip
     ip[10:12] = checksum(ip).to_bytes(2, "big")
-    eth = bytes.fromhex("00010a010102" "00000a010102" "0800")
+    eth = bytes.fromhex("00010a01010200000a0101020800")
     return (eth + bytes(ip) + tcp).ljust(64, b"\0")
 
 
