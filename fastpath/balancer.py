@@ -124,9 +124,10 @@ class Balancer:
                 continue
             header = IPV4.pack(0x45, 0, 0, 0, 0, OUTER_TTL, IPPROTO_IPIP, 0, self._local_ip, ip)
             templates.append(ETH.pack(self._next_hop_mac, self._local_mac, ETH_P_IP) + header)
+            # + 20 - 1: see Tables.sums.
             sums.append(
                 (0x45 << 8) + ((OUTER_TTL << 8) | IPPROTO_IPIP) + _ip_words(self._local_ip)
-                + _ip_words(ip)
+                + _ip_words(ip) + 19
             )  # fmt: skip
         # Sums first: a template is only used once its sum is in place.
         self._tables.sums[:] = sums
