@@ -147,6 +147,23 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
                 ct.insert(key, bid)
         return bid
 
+    half = ct.half
+
+    def miss(key: int) -> int:
+        """Fast path, not in the young generation (or its backend left the set): promote from
+        the old generation, else the table's choice; track it. The caller ticked the clock."""
+        bid = ct.old.pop(key, None)
+        if bid is None or not templates[bid]:
+            bid = table[key % len(table)]
+            if bid == NO_BACKEND:
+                return bid
+        young = ct.young
+        if len(young) >= half:
+            ct.insert(key, bid)  # rotates the generations first
+        else:
+            young[key] = bid
+        return bid
+
     def too_big(frame: memoryview, out: memoryview, hl: int, tl: int, frag: int) -> int:
         """Inner + 20 > mtu: ICMP frag-needed from the VIP back to the sender if DF is set."""
         nonlocal ident
@@ -328,8 +345,8 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
                             bid = young_get(key)
                             # Not in the young generation, or its backend left the set.
                             if bid is None or not templates[bid]:
-                                bid = choose(key, True, now)
-                                young_get = ct.young.get  # choose() may have rotated it
+                                bid = miss(key)
+                                young_get = ct.young.get  # miss() may have rotated it
                                 if bid == NO_BACKEND:
                                     drops[_NO_BACKEND] += 1
                                     continue
@@ -377,7 +394,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
                         key = h3(frame[26:38], seeds[proto])
                         bid = ct.young.get(key)
                         if bid is None or not templates[bid]:
-                            bid = choose(key, True, now)
+                            bid = miss(key)
                             if bid == NO_BACKEND:
                                 drops[_NO_BACKEND] += 1
                                 return 0
