@@ -2,9 +2,10 @@
 
 Replays 64-byte TCP frames over 1,000 flows to a VIP through `process` and `process_batch`,
 with the lookup table and the connection table in use: first the SYNs (connection table
-misses, entries inserted), then data packets (hits). Prints CPU ns/packet per phase (thread CPU time, so load from other processes on a shared
-machine inflates it less than wall time would; cache and SMT sibling contention still do).
-Usage: .venv/bin/python bench/core_bench.py [--flows N] [--rounds R]
+misses, entries inserted), then data packets (hits). Prints CPU ns/packet per phase
+(thread CPU time, so load from other processes on a shared machine inflates it less than
+wall time would; cache and SMT sibling contention still do).
+Usage: .venv/bin/python -m bench.core_bench [--flows N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import json
 import struct
 import time
 
-# CPU time of this thread: other processes on the machine (this one is shared) do not count.
-_clock = time.thread_time_ns
-
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig
 from fastpath.packet import checksum
+
+# CPU time of this thread: other processes on the machine (this one is shared) do not count.
+_clock = time.thread_time_ns
 
 VIP = bytes([20, 0, 0, 1])
 CFG = BalancerConfig(
