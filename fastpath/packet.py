@@ -35,8 +35,13 @@ ETH_IPV4_FIELDS = Struct("!12xHBBH2xHBB2x4xI")
 IPV4 = Struct("!BBHHHBBH4s4s")
 # Ethernet + IPv4 header in one go (outer headers of the encapsulated frame).
 ETH_IPV4 = Struct("!6s6sHBBHHHBBH4s4s")
-# TCP/UDP source and destination port.
+# TCP/UDP source and destination port (the first 4 bytes of both headers).
 PORTS = Struct("!HH")
+# TCP header without options (RFC 9293): ports, sequence, acknowledgment, data offset,
+# flags, window, checksum, urgent pointer.
+TCP = Struct("!HHIIBBHHH")
+# UDP header (RFC 768): ports, length, checksum.
+UDP = Struct("!HHHH")
 # ICMP header (RFC 792): type, code, checksum, then 4 type-specific bytes (for frag-needed:
 # unused 16 bits and the next-hop MTU, RFC 1191).
 ICMP = Struct("!BBHHH")

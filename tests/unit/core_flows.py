@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import random
-import struct
 
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig
-from fastpath.packet import checksum
+from fastpath.packet import IPV4, TCP, checksum
 
 FOUR = (("10.2.3.2", 1), ("10.4.7.2", 1), ("10.6.11.2", 1), ("10.8.15.2", 1))
 FIFTH = ("10.8.16.2", 1)
@@ -27,11 +26,10 @@ def cfg(backends=FOUR, local_ip="10.1.1.2", **kw) -> BalancerConfig:
 
 def tcp_frame(src: int, sport: int, dport: int = 80) -> bytes:
     ip = bytearray(
-        struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, 6, 0,
-                    src.to_bytes(4, "big"), bytes([20, 0, 0, 1]))
-    )  # fmt: skip
+        IPV4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, 0, src.to_bytes(4, "big"), bytes([20, 0, 0, 1]))
+    )
     ip[10:12] = checksum(ip).to_bytes(2, "big")
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x02, 1000, 0, 0)
+    tcp = TCP.pack(sport, dport, 0, 0, 0x50, 0x02, 1000, 0, 0)
     return bytes.fromhex("00000a01010200010a0101020800") + bytes(ip) + tcp
 
 
