@@ -95,3 +95,28 @@ def trafgen_config(frames: Sequence[bytes]) -> str:
     for frame in frames:
         lines.append("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }")
     return "\n".join(lines) + "\n"
+
+
+LEN = struct.Struct("!H")  # frame length prefix in a packed frames file
+
+
+def pack_frames(frames: Sequence[bytes]) -> bytes:
+    """Frames as one blob for bench.blast: each preceded by its 16-bit length."""
+    return b"".join(LEN.pack(len(f)) + f for f in frames)
+
+
+def unpack_frames(blob: bytes) -> list[bytes]:
+    """The inverse of pack_frames; ValueError on a truncated or empty blob."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + LEN.size > len(blob):
+            raise ValueError(f"truncated length prefix at byte {pos}")
+        (n,) = LEN.unpack_from(blob, pos)
+        pos += LEN.size
+        if n == 0 or pos + n > len(blob):
+            raise ValueError(f"bad frame length {n} at byte {pos - LEN.size}")
+        out.append(blob[pos : pos + n])
+        pos += n
+    if not out:
+        raise ValueError("no frames")
+    return out

@@ -12,13 +12,19 @@ Per round, interleaved (every system sees the same machine state within a round)
   latency   UDP request/reply one at a time through LB + agent vs routed by the kernel
 Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
 
-Saturation: trafgen (one worker on the generator core) sends 64-byte UDP frames over many flows
+Saturation: bench/blast.py (sendmmsg on the generator core; trafgen's TX ring dies with EAGAIN
+once frames queue behind RPS, see there) sends 64-byte UDP frames over many flows
 as fast as it can; delivered = the sink's rx counter, offered = the generator's tx counter
 (sent + dropped at the DUT's backlog); the first `--warmup` seconds are not counted.
-CPU placements (the receive-livelock trap): `split` keeps the DUT's receive softirq on the
-generator's core and the DUT process alone on its core; `dut-core` steers the DUT's receive
-processing (RPS) onto the DUT core, so the kernel router gets a core of its own and the LB shares
-its core with the softirq. A system's rate in a round is its best placement; both are recorded.
+CPU placements (the receive-livelock trap). The LB or agent is pinned to the DUT core, the generator
+to the other; a veth frame is processed on the core that sent it unless RPS steers it:
+  split     no steering: the DUT's input is received on the generator's core, its
+            output is routed to the sink on the DUT's core (in the sending syscall)
+  dut-core  the DUT's input steered to the DUT core (RPS on d0): the kernel router gets a core
+            of its own; the LB shares its core with its receive softirq (the livelock case)
+  gen-core  the DUT's output steered to the generator core too (RPS on g0): the DUT core runs
+            nothing but the LB process (optional)
+A system's rate in a round is its best placement; every placement is recorded.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from bench.procs import ProcError, Procs
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-PLACEMENTS = ("split", "dut-core")
+PLACEMENTS = ("split", "dut-core", "gen-core")
 UDP_PORT = 9  # discard: nobody listens in the sink (the sink drops at its IP layer anyway)
 PING_PORT = 7777
 
@@ -54,9 +60,9 @@ class Ctx:
     tb: tbm.Testbed
     procs: Procs
     args: argparse.Namespace
-    cfg_udp: Path  # trafgen: 64-byte UDP frames to the VIP, one per flow
-    cfg_ipip: Path  # trafgen: the same flows as IP-in-IP from the LB's address, for the agent
-    cfg_probe: Path  # trafgen: a few frames, for readiness probes
+    cfg_udp: Path  # frames (bench.frames.pack_frames): 64-byte UDP to the VIP, one per flow
+    cfg_ipip: Path  # the same flows as IP-in-IP from the LB's address, for the agent
+    cfg_probe: Path  # a few frames, for readiness probes
     cfg_probe_ipip: Path
 
 
@@ -82,19 +88,22 @@ def dut_udp_delivered(ctx: Ctx) -> int:
 
 
 # -- traffic --------------------------------------------------------------------------------
-def trafgen(ctx: Ctx, name: str, cfg: Path, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    argv = ["trafgen", "-P", "1", "-C", "--no-sock-mem", "-Q", "-i", str(cfg), "-o", "g0"]
-    proc = ctx.procs.start(name, ctx.tb.gen, [*argv, *extra], cpu=ctx.args.gen_cpu)
-    ctx.procs.pin_children(proc, ctx.args.gen_cpu)
-    return proc
+def generator(
+    ctx: Ctx, name: str, cfg: Path, rate: int = 0, count: int = 0, duration: float = 0.0
+) -> subprocess.Popen[bytes]:
+    """bench.blast on g0, pinned to the generator core."""
+    argv = [PY, "-m", "bench.blast", "g0", "--frames", str(cfg), "--rate", str(rate)]
+    argv += ["--count", str(count), "--duration", str(duration)]
+    return ctx.procs.start(name, ctx.tb.gen, argv, cpu=ctx.args.gen_cpu)
 
 
 def saturate(
     ctx: Ctx, name: str, delivered: Counter, cfg: Path, seconds: float, rate: int | None = None
 ) -> dict[str, Any]:
-    """Offers traffic as fast as trafgen goes (or at `rate` packets/s) for warmup + seconds;
-    rates over the last part."""
-    tg = trafgen(ctx, f"trafgen-{name}", cfg, ["-b", f"{rate}pps"] if rate else ())
+    """Offers traffic as fast as the generator goes (or at `rate` packets/s) for warmup +
+    seconds; rates over the last part."""
+    bound = ctx.args.warmup + seconds + 5  # the generator stops by itself even if we die
+    tg = generator(ctx, f"gen-{name}", cfg, rate=rate or 0, duration=bound)
     try:
         time.sleep(ctx.args.warmup)
         ctx.procs.check_alive(tg)
@@ -113,15 +122,15 @@ def saturate(
 
 
 def paced(ctx: Ctx, name: str, delivered: Counter, rate: int, seconds: float) -> dict[str, Any]:
-    """Offers rate x seconds packets at `rate` (trafgen's paced mode), waits for the queues to
-    drain, and compares what arrived with what was offered."""
+    """Offers rate x seconds packets at `rate`, waits for the queues to drain, and compares
+    what arrived with what was offered."""
     count = int(rate * seconds)
     d0, o0, t0 = delivered(), gen_offered(ctx), time.monotonic()
-    tg = trafgen(ctx, f"trafgen-{name}", ctx.cfg_udp, ["-b", f"{rate}pps", "-n", str(count)])
+    tg = generator(ctx, f"gen-{name}", ctx.cfg_udp, rate=rate, count=count, duration=seconds * 3)
     try:
         tg.wait(timeout=seconds * 3 + 10)
     except subprocess.TimeoutExpired:
-        say(f"{name}: trafgen did not finish in time; stopping it")
+        say(f"{name}: the generator did not finish in time; stopping it")
     finally:
         ctx.procs.stop(tg)
     sent_for = time.monotonic() - t0
@@ -144,7 +153,7 @@ def wait_ready(ctx: Ctx, proc: subprocess.Popen[bytes], delivered: Counter, prob
     while time.monotonic() < deadline:
         ctx.procs.check_alive(proc)
         before = delivered()
-        tg = trafgen(ctx, "trafgen-probe", probe, ["-t", "1ms", "-n", "20"])
+        tg = generator(ctx, "gen-probe", probe, rate=1000, count=20, duration=3)
         try:
             tg.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -195,12 +204,11 @@ def agent_argv(ctx: Ctx, iface: str, allow: str) -> list[str]:
 def place(ctx: Ctx, placement: str) -> None:
     """Sets where the DUT's receive work runs (see the module docstring)."""
     tb, gen_cpu, dut_cpu = ctx.tb, ctx.args.gen_cpu, ctx.args.dut_cpu
-    if placement == "split":
-        tb.set_rps(tb.dut, "d0", [])  # runs where trafgen sends: the generator core
-        tb.set_rps(tb.gen, "g0", [gen_cpu])  # the DUT's output, routed off the DUT core
-    else:
-        tb.set_rps(tb.dut, "d0", [dut_cpu])
-        tb.set_rps(tb.gen, "g0", [])
+    d0, g0 = {"split": ([], []), "dut-core": ([dut_cpu], []), "gen-core": ([], [gen_cpu])}[
+        placement
+    ]
+    tb.set_rps(tb.dut, "d0", d0)
+    tb.set_rps(tb.gen, "g0", g0)
 
 
 def run_forwarder(
@@ -479,7 +487,7 @@ def chart(summary: dict[str, Any], rounds: list[dict[str, Any]], path: Path) -> 
     ax1.set_ylim(bottom=10)
     ax1.set_ylabel("delivered packets/s (median; dots: rounds)")
     ax1.set_title("64-byte UDP, saturation")
-    for placement, style in (("split", "o-"), ("dut-core", "s--")):
+    for placement, style in (("split", "o-"), ("dut-core", "s--"), ("gen-core", "^:")):
         for system, color in (("kernel", "#888"), ("fastpath", "#2a7")):
             ys = [(r.get(system) or {}).get(placement, {}).get("delivered_pps") for r in rounds]
             pts = [(i + 1, y) for i, y in enumerate(ys) if y]
@@ -527,7 +535,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--flows", type=int, default=4096, help="distinct UDP flows (4096)")
     p.add_argument("--paced-rate", type=int, default=300_000)
     p.add_argument("--paced-placement", choices=PLACEMENTS, default="split")
-    p.add_argument("--placements", type=lambda s: s.split(","), default=list(PLACEMENTS))
+    p.add_argument(
+        "--placements",
+        type=lambda s: s.split(","),
+        default=["split", "dut-core"],
+        help="CPU placements to measure (split,dut-core; also: gen-core)",
+    )
     p.add_argument(
         "--phases",
         type=lambda s: s.split(","),
@@ -550,7 +563,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[100_000, 1_000_000],
     )
     p.add_argument("--dut-cpu", type=int, default=0, help="core of the LB / agent (0)")
-    p.add_argument("--gen-cpu", type=int, default=1, help="core of trafgen (1)")
+    p.add_argument("--gen-cpu", type=int, default=1, help="core of the generator (1)")
     p.add_argument("--ready-timeout", type=float, default=25.0)
     p.add_argument("--lb-arg", action="append", default=[], help="extra fastpath.lb argument")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent.decap argument")
@@ -580,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tbm.install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    work = args.out_dir / f"pps-{stamp}.d"  # logs and trafgen configs
+    work = args.out_dir / f"pps-{stamp}.d"  # logs, frames, and the same frames for trafgen
     work.mkdir()
     procs = Procs(work)
     for name in tbm.remove_stale():
@@ -596,8 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("probe", gen_frames[:16]),
         ("probe_ipip", ipip[:16]),
     ):
-        paths[name] = work / f"{name}.cfg"
-        paths[name].write_text(frames.trafgen_config(fr))
+        paths[name] = work / f"{name}.frames"
+        paths[name].write_bytes(frames.pack_frames(fr))
+        # For anyone reproducing by hand: trafgen -i <name>.cfg -o g0 sends the same frames.
+        (work / f"{name}.cfg").write_text(frames.trafgen_config(fr))
     rounds: list[dict[str, Any]] = []
     memory: dict[str, Any] = {}
     started = time.monotonic()

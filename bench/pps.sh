@@ -10,6 +10,5 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench/pps.sh: run as root (namespaces, raw sockets): sudo $0 $*" >&2
   exit 1
 fi
-command -v trafgen >/dev/null || { echo "bench/pps.sh: trafgen missing (./install.sh installs netsniff-ng)" >&2; exit 1; }
 [ -x .venv/bin/python ] || ./install.sh
 exec timeout --signal=TERM --kill-after=30 "${PPS_TIMEOUT:-3600}" .venv/bin/python -m bench.pps "$@"

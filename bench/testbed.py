@@ -55,6 +55,7 @@ SINK_MAC = "02:b0:00:01:02:02"
 GEN_CLI_MAC = "02:b0:00:01:03:01"
 CLI_MAC = "02:b0:00:01:03:02"
 NOBODY_MAC = "02:b0:00:01:02:99"  # the counting sink's "other host"
+GEN_SNDBUF = 4 << 20
 ROUTED_TABLE = 100  # gen's table for packets it routes on behalf of the DUT
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)-(gen|dut|sink|cli)$")
 
@@ -149,6 +150,10 @@ class Testbed:
         # gen: its own traffic to the VIP goes to the DUT; what the DUT sends back (arriving on
         # g0) is routed to the sink, plain VIP packets (kernel mode) and IP-in-IP alike.
         self.sysctl(self.gen, "net.ipv4.ip_forward", "1")
+        # trafgen's TX ring socket gets this send buffer (per namespace on this kernel): with
+        # 212992 bytes it stalls with EAGAIN (fatal to trafgen) once frames queue behind RPS.
+        self.sysctl(self.gen, "net.core.wmem_max", str(GEN_SNDBUF))
+        self.sysctl(self.gen, "net.core.wmem_default", str(GEN_SNDBUF))
         self.ns(self.gen, "ip", "route", "add", f"{VIP}/32", "via", DUT_IP)
         self.ns(
             self.gen, "ip", "route", "add", "10.201.2.0/24", "dev", "gs", "table", str(ROUTED_TABLE)

@@ -100,3 +100,11 @@ def test_scapy_baseline_hash_is_consistent_and_spreads() -> None:
     again = [five_tuple_backend(backends, "1.1.1.1", "20.0.0.1", 6, p, 80) for p in range(4000)]
     assert picks == again
     assert all(800 < picks.count(b) < 1200 for b in backends)
+
+
+def test_packed_frames_round_trip_and_bad_blobs() -> None:
+    fr = [b"\x01" * 60, b"\x02" * 80]
+    assert frames.unpack_frames(frames.pack_frames(fr)) == fr
+    for bad in (b"", b"\x00", b"\x00\x05abc", b"\x00\x00"):
+        with pytest.raises(ValueError):
+            frames.unpack_frames(bad)
