@@ -69,7 +69,7 @@ def client(server: str, port: int, count: int, size: int, timeout: float) -> dic
             except TimeoutError:
                 lost += 1
                 break
-            except ConnectionRefusedError:  # ICMP port unreachable: no server (yet)
+            except OSError:  # an ICMP error (port/host unreachable) reached the socket
                 refused += 1
                 break
             if reply[: SEQ.size] == request[: SEQ.size]:

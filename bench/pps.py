@@ -412,6 +412,58 @@ def run_latency(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def vm_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
+    """The running fastpath.lb process's VmRSS, idle and after it has seen 100,000 and then
+    1,000,000 distinct flows (offered paced, so it sees them all)."""
+    tb = ctx.tb
+    out: dict[str, Any] = {}
+    tb.set_sink_drop(True)
+    place(ctx, "split")
+    sizes = sorted(ctx.args.memory_flows)
+    blob = ctx.procs.log_dir / "memory.frames"
+    blob.write_bytes(
+        frames.pack_frames(
+            frames.udp_frames(sizes[-1], tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP, UDP_PORT)
+        )
+    )
+    proc = ctx.procs.start("fastpath-memory", tb.dut, lb_argv(ctx), cpu=ctx.args.dut_cpu)
+    try:
+        wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+        out["idle"] = vm_rss_mb(proc.pid)
+        for n in sizes:  # the first n frames of the file are n distinct flows
+            before = sink_rx(ctx)
+            gen = generator(
+                ctx,
+                f"gen-memory-{n}",
+                blob,
+                rate=ctx.args.memory_rate,
+                count=n,
+                duration=n / ctx.args.memory_rate * 3 + 30,
+            )
+            gen.wait(timeout=n / ctx.args.memory_rate * 3 + 60)
+            time.sleep(0.5)
+            ctx.procs.check_alive(proc)
+            out[str(n)] = {"rss_mb": vm_rss_mb(proc.pid), "delivered": sink_rx(ctx) - before}
+            say(f"lb memory {n:,} flows offered: VmRSS {out[str(n)]['rss_mb']} MB")
+    except (ProcError, subprocess.TimeoutExpired) as exc:
+        out["error"] = str(exc)
+        say(f"lb memory: FAILED: {exc}")
+    finally:
+        ctx.procs.stop(proc)
+        blob.unlink(missing_ok=True)
+    return out
+
+
 def run_memory(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for flows in ctx.args.memory_flows:
@@ -553,6 +605,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "agent",
             "latency",
             "memory",
+            "lb_memory",
         ],
     )
     p.add_argument("--no-interleave", dest="interleave", action="store_false")
@@ -561,6 +614,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--memory-flows",
         type=lambda s: [int(x) for x in s.split(",")],
         default=[100_000, 1_000_000],
+    )
+    p.add_argument(
+        "--memory-rate",
+        type=int,
+        default=200_000,
+        help="paced rate for the lb_memory phase (200000)",
     )
     p.add_argument("--dut-cpu", type=int, default=0, help="core of the LB / agent (0)")
     p.add_argument("--gen-cpu", type=int, default=1, help="core of the generator (1)")
@@ -640,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds.append(run_round(ctx, i))
             if "memory" in args.phases:
                 memory = run_memory(ctx)
+            if "lb_memory" in args.phases:
+                memory["lb_process"] = run_lb_memory(ctx)
     except KeyboardInterrupt:
         interrupted = True
         say("interrupted: cleaning up")
