@@ -16,7 +16,7 @@ import struct
 import time
 
 from fastpath.balancer import Balancer
-from fastpath.config import BalancerConfig
+from fastpath.config import BalancerConfig, parse_mac
 from fastpath.packet import checksum
 
 # CPU time of this thread: other processes on the machine (this one is shared) do not count.
@@ -67,6 +67,19 @@ def run_batch(bal: Balancer, frames: list[memoryview], rounds: int, batch: int =
     return best
 
 
+def golden_mix(rounds: int) -> float:
+    """The golden fixture table's default cases (every drop reason, ICMP, fragments, MTU
+    boundary), replayed as batches: the cost of the general path mixed with the fast one."""
+    from tests.fixtures import cases
+
+    kw = dict(cases.CONFIGS["default"])
+    kw["local_mac"] = parse_mac(str(kw["local_mac"]))
+    kw["next_hop_mac"] = parse_mac(str(kw["next_hop_mac"]))
+    bal = Balancer(BalancerConfig(**kw))  # type: ignore[arg-type]
+    frames = [memoryview(c.frame) for c in cases.load("default")] * 16
+    return run_batch(bal, frames, rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, default=1000)
@@ -90,9 +103,11 @@ def main() -> None:
     assert c["forwarded"] == c["frames"], c
     results["flows"] = args.flows
     results["tracked"] = len(bal.conntrack)
+    results["golden_mix_ns"] = round(golden_mix(args.rounds), 1)
     print(f"SYN (conntrack miss+insert): {results['syn_ns']} ns/packet")
     print(f"data (conntrack hit):        {results['data_ns']} ns/packet")
     print(f"data via process_batch(64):  {results['data_batch64_ns']} ns/packet")
+    print(f"golden table (every path):   {results['golden_mix_ns']} ns/frame")
     print(json.dumps(results))
 
 
