@@ -125,7 +125,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
     ident = 0  # outer IPv4 ID counter
 
     def encap(frame: memoryview, out: memoryview, tl: int, tos: int, frag: int, bid: int) -> int:
-        # Slow-path twin of the inlined copy at the end of `process`.
+        # General-path twin of the encapsulation inlined in process and process_batch.
         nonlocal ident
         ident = (ident + 1) & 0xFFFF
         df = frag & IP_DF
@@ -233,17 +233,6 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
             drops[_NO_BACKEND] += 1
             return 0
         return encap(frame, out, tl, tos, frag, bid)
-
-    def slow_key(frame: memoryview, hl: int, tl: int, proto: int, ports: frozenset[int]) -> int:
-        """TCP/UDP with IP options: the ports are not next to the addresses. -1: dropped."""
-        l4 = ETH_HLEN + hl
-        if tl < hl + (TCP_HLEN if proto == IPPROTO_TCP else UDP_HLEN):
-            drops[_TRUNCATED] += 1
-            return -1
-        if ports and ((frame[l4 + 2] << 8) | frame[l4 + 3]) not in ports:
-            drops[_WRONG_PORT] += 1
-            return -1
-        return h3(bytes(frame[26:34]) + bytes(frame[l4 : l4 + 4]), seeds[proto])
 
     def general(frame: memoryview, out: memoryview, now: float) -> int:
         """Every frame the fast path does not take: all checks, in the documented order."""
