@@ -1,0 +1,199 @@
+"""The real `python -m fastpath.lb` on veth testbeds (root).
+
+- golden: the core's golden input pcap injected on the LB's link gives exactly the golden output
+  pcap on the wire, in order and nothing else; counters in the stats file; SIGTERM exits 0 with
+  offloads and nftables as before (the nft ingress drop was in place and counted the VIP
+  frames the LB still forwarded: AF_PACKET taps run before netdev ingress on this kernel).
+- routed: client -> router -> LB -> router -> backend with real kernel UDP; the backend receives
+  IP-in-IP whose inner packet is byte-identical to what reached the LB; the LB host sends nothing
+  but encapsulated frames; the next-hop MAC was learned from the neighbour table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import cases
+from tests.netns.lb_testbed import PY, Bed, Capture, LbProc, capture, require_root_tools, sh
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def bed() -> Iterator[Bed]:
+    require_root_tools()
+    b = Bed()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _checksum_ok(header: bytes) -> bool:
+    s = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s == 0xFFFF
+
+
+def _golden_args(ifname: str, stats: Path) -> list[str]:
+    cfg = cases.CONFIGS["default"]
+    args = [ifname, "--next-hop-mac", str(cfg["next_hop_mac"]), "--stats-file", str(stats)]
+    args += ["--stats-interval", "0.2"]
+    for ip, port in cfg["vips"]:  # type: ignore[attr-defined]
+        args += ["--vip", f"{ip}:{port}" if port else ip]
+    for ip, weight in cfg["backends"]:  # type: ignore[attr-defined]
+        args += ["--backend", f"{ip}={weight}"]
+    return args
+
+
+def test_golden_pcaps_on_the_wire_and_clean_exit(bed: Bed, tmp_path: Path) -> None:
+    peer, lbns = bed.ns("P"), bed.ns("L")
+    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
+    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+    sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
+    sh("ethtool", "-K", l_if, "gro", "on", ns=lbns)  # so the LB has an offload to restore
+    offloads_before = sh("ethtool", "-k", l_if, ns=lbns)
+    stats = tmp_path / "lb.json"
+
+    lb = LbProc(lbns, _golden_args(l_if, stats))
+    try:
+        first = lb.wait_ready()
+        assert first["final"] is False and first["iface"] == l_if
+        during = sh("ethtool", "-k", l_if, ns=lbns)
+        assert "generic-receive-offload: off" in during
+        table = sh("nft", "list", "table", "netdev", f"l4lb_{l_if}", ns=lbns)
+        assert "20.0.0.1" in table and "drop" in table
+
+        inputs = cases.read_pcap(cases.pcap_path("default", "in"))
+        expected = cases.read_pcap(cases.pcap_path("default", "out"))
+        got = capture(peer, p_if, 2.0, send=inputs)
+    finally:
+        rc = lb.stop()
+    assert rc == 0, lb.stderr
+
+    # Exactly the golden frames, in order, and nothing else from the LB host.
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g == e, f"frame {i}: got {g.hex()} expected {e.hex()}"
+
+    # Restored: offloads exactly as before, no nftables table left.
+    assert sh("ethtool", "-k", l_if, ns=lbns) == offloads_before
+    assert f"l4lb_{l_if}" not in sh("nft", "list", "tables", ns=lbns)
+
+    final = json.loads(stats.read_text())
+    assert final["final"] is True
+    assert lb.last_line() == final  # the last stdout line is the final snapshot
+    core = final["core"]
+    ipip = [f for f in expected if f[23] == 4]
+    icmp = [f for f in expected if f[23] == 1]
+    assert core["forwarded"] == len(ipip)
+    assert core["icmp_frag_needed_sent"] == len(icmp) == 1
+    assert core["drops"]["internal_error"] == 0
+    assert core["frames"] == final["io"]["rx_frames"]
+    assert final["io"]["tx_frames"] == len(expected) and final["io"]["tx_errors"] == 0
+    assert final["kernel_drops"] == 0
+    # The netdev ingress drop saw (and dropped) the VIP frames the LB forwarded.
+    assert final["nft_dropped"] >= len(ipip)
+
+
+def _ipv4(frame: bytes) -> tuple[int, int, str, str]:
+    """(protocol, TTL, source, destination) of an Ethernet/IPv4 frame."""
+    ttl, proto = frame[22], frame[23]
+    return (
+        proto,
+        ttl,
+        str(ipaddress.IPv4Address(frame[26:30])),
+        str(ipaddress.IPv4Address(frame[30:34])),
+    )
+
+
+_UDP_CLIENT = r"""
+import socket, sys
+for port in range(int(sys.argv[1]), int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    s.sendto(b"hello %d" % port, ("20.0.0.1", int(sys.argv[3])))
+    s.close()
+print("[]")
+"""
+
+
+def test_routed_udp_reaches_backend_encapsulated(bed: Bed, tmp_path: Path) -> None:
+    c, r, lbns, b = bed.ns("C"), bed.ns("R"), bed.ns("L"), bed.ns("B")
+    t = bed.tag
+    bed.link(c, f"c{t}", r, f"rc{t}")
+    bed.link(r, f"rl{t}", lbns, f"l{t}")
+    bed.link(r, f"rb{t}", b, f"b{t}")
+    sh("ip", "addr", "add", "10.100.1.2/24", "dev", f"c{t}", ns=c)
+    sh("ip", "route", "add", "default", "via", "10.100.1.1", ns=c)
+    for addr, dev in (("10.100.1.1", "rc"), ("10.100.2.1", "rl"), ("10.100.3.1", "rb")):
+        sh("ip", "addr", "add", f"{addr}/24", "dev", f"{dev}{t}", ns=r)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
+    sh("ip", "route", "add", "20.0.0.1/32", "via", "10.100.2.2", ns=r)
+    sh("ip", "addr", "add", "10.100.2.2/24", "dev", f"l{t}", ns=lbns)
+    sh("ip", "route", "add", "default", "via", "10.100.2.1", ns=lbns)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=0", ns=lbns)
+    for addr in ("10.100.3.2/24", "10.100.3.3/24"):
+        sh("ip", "addr", "add", addr, "dev", f"b{t}", ns=b)
+    sh("ip", "route", "add", "default", "via", "10.100.3.1", ns=b)
+    r_mac = json.loads(sh("ip", "-j", "link", "show", f"rl{t}", ns=r))[0]["address"]
+    b_mac = json.loads(sh("ip", "-j", "link", "show", f"b{t}", ns=b))[0]["address"]
+
+    stats = tmp_path / "lb.json"
+    args = [f"l{t}", "--vip", "20.0.0.1:80", "--backend", "10.100.3.2", "--backend"]
+    args += ["10.100.3.3", "--stats-file", str(stats), "--stats-interval", "0.2"]
+    lb = LbProc(lbns, args)
+    caps: list[Capture] = []
+    try:
+        ready = lb.wait_ready()
+        assert ready["next_hop_mac"] == r_mac  # learned from the neighbour table
+        at_backend = Capture(b, f"b{t}", 4.0)
+        from_lb = Capture(r, f"rl{t}", 4.0)  # everything the LB host sends
+        at_lb = Capture(lbns, f"l{t}", 4.0)
+        caps = [at_backend, from_lb, at_lb]
+        flows = 40
+        sh(PY, "-c", _UDP_CLIENT, "40000", str(40000 + flows), "80", ns=c)
+        sh(PY, "-c", _UDP_CLIENT, "41000", "41001", "81", ns=c)  # not a VIP port: filtered
+        backend_frames, lb_sent, lb_got = (cap.result() for cap in caps)
+    finally:
+        for cap in caps:
+            cap.kill()
+        rc = lb.stop()
+    assert rc == 0, lb.stderr
+
+    to_vip = [f for f in lb_got if f[12:14] == b"\x08\x00" and _ipv4(f)[3] == "20.0.0.1"]
+    to_vip_80 = [f for f in to_vip if f[36:38] == (80).to_bytes(2, "big")]
+    assert len(to_vip_80) == flows
+    ipip = [f for f in backend_frames if f[12:14] == b"\x08\x00" and f[23] == 4]
+    assert len(ipip) == flows
+    inner_sent = sorted(f[14 : 14 + int.from_bytes(f[16:18], "big")] for f in to_vip_80)
+    inner_got = sorted(f[34:] for f in ipip)
+    assert inner_got == inner_sent  # inner packets byte-identical
+    backends_used = set()
+    for f in ipip:
+        _, ttl, src, dst = _ipv4(f)
+        assert f[0:6] == bytes.fromhex(b_mac.replace(":", ""))
+        assert f[14] == 0x45 and ttl == 63  # TTL 64 set by the LB, minus the router's hop
+        assert src == "10.100.2.2" and dst in ("10.100.3.2", "10.100.3.3")
+        assert _checksum_ok(f[14:34])
+        assert int.from_bytes(f[16:18], "big") == len(f) - 14
+        backends_used.add(dst)
+    assert backends_used == {"10.100.3.2", "10.100.3.3"}
+
+    # The LB host sent nothing but IP-in-IP (ARP for its own address aside).
+    for f in lb_sent:
+        if f[12:14] == b"\x08\x06":
+            continue
+        assert f[12:14] == b"\x08\x00" and f[23] == 4, f"LB host sent {f[:40].hex()}"
+
+    final = json.loads(stats.read_text())
+    assert final["core"]["forwarded"] == flows
+    assert sum(final["core"]["backends"].values()) == flows
+    assert final["core"]["drops"]["wrong_port"] == 0  # port 81 never reached Python
