@@ -87,8 +87,8 @@ class NetnsBed:
 
 
 class AgentProc:
-    """`python -m agent.decap` (or another command) in a namespace, stdout lines parsed as
-    JSON events in the background."""
+    """`python -m agent.decap` (or another command, e.g. fastpath.lb) in a namespace, stdout
+    lines parsed as JSON events in the background."""
 
     def __init__(self, ns: str, argv: list[str], cwd: Path = REPO) -> None:
         self.argv = argv
@@ -113,6 +113,7 @@ class AgentProc:
                 self.events.put(json.loads(line))
 
     def wait_event(self, kind: str, timeout: float = 15) -> dict[str, Any]:
+        """The next JSON line whose "event" is `kind` ("" for any JSON line)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
@@ -123,7 +124,7 @@ class AgentProc:
                     if self.events.empty():
                         break
                 continue
-            if ev.get("event") == kind:
+            if not kind or ev.get("event") == kind:
                 return ev
         err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
         raise AssertionError(f"no {kind!r} event from {self.argv}; stdout {self.lines} {err}")
