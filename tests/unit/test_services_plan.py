@@ -34,7 +34,9 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     for h, _ in dep.backends:
         assert nodes[h] == ["agent", "www"]
     lb = next(s for s in p.services if s.name == "lb-h1")
-    assert lb.argv == ("/py", "-m", "fastpath.lb", "h1-eth0")
+    assert lb.argv == (
+        "/py", "-m", "fastpath.lb", "h1-eth0", "--stats-file", str(STATE / "lb-h1.json")
+    )  # fmt: skip
     assert lb.ready_file == str(services.lb_stats_path(STATE, "h1"))
     www = next(s for s in p.services if s.name == "www-h3")
     assert www.argv[:3] == ("php", "-S", "20.0.0.1:80")
