@@ -51,6 +51,9 @@ ENV = {  # option -> environment variable giving its default
     "timeout": "WGET_TIMEOUT",
     "wait_network": "WGET_WAIT_NETWORK",
 }
+# LBs and agents rewrite their stats files every services.STATS_INTERVAL s: wait this long
+# after the load before reading them.
+STATS_SETTLE = services.STATS_INTERVAL + 0.2
 TOOLS = {"wget", "php", "nsenter", "mnexec", "ip"}
 
 
@@ -416,6 +419,24 @@ def _delta(after: Any, before: Any) -> Any:
     return after
 
 
+def _lb_stats(d: Any) -> Any:
+    """The LB's own counters that tell the story: frames, forwarded, per backend, drops > 0."""
+    if not isinstance(d, dict) or not isinstance(d.get("core"), dict):
+        return d  # haproxy's per-server table, or a format we do not know: as it is
+    core = d["core"]
+    out = {k: core[k] for k in ("frames", "forwarded", "backends") if k in core}
+    drops = {k: v for k, v in (core.get("drops") or {}).items() if v}
+    if drops:
+        out["drops"] = drops
+    io = d.get("io") or {}
+    for k in ("tx_errors", "rx_truncated"):
+        if io.get(k):
+            out[k] = io[k]
+    if d.get("kernel_drops"):
+        out["kernel_drops"] = d["kernel_drops"]
+    return out
+
+
 def counters(
     dep: Deployment, mode: str, before: Snapshot, after: Snapshot
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
@@ -458,7 +479,7 @@ def counters(
             entry["cpu_s"] = round(after.cpu[host] - before.cpu.get(host, 0.0), 3)
         for key in (f"lb-{host}", f"haproxy-{host}"):
             if after.stats.get(key) is not None:
-                entry["stats"] = _delta(after.stats[key], before.stats.get(key))
+                entry["stats"] = _lb_stats(_delta(after.stats[key], before.stats.get(key)))
         per_lb[host] = entry
     return per_backend, per_lb, lb_bytes
 
@@ -560,6 +581,7 @@ def run_load(
         fetches += run_round(opts, fabric.node_pid, rnd, log)
         failed = sum(1 for f in fetches if verdict(f, opts.expected))
         log(progress_line(rnd, opts.rounds, fetches, failed))
+    time.sleep(STATS_SETTLE)  # let the LBs and agents write their last counters
     after = snapshot(fabric, opts.deployment, recs)
     per_backend, per_lb, lb_bytes = counters(opts.deployment, opts.lb, before, after)
     return summarize(

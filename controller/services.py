@@ -40,6 +40,7 @@ STATE_DIR = Path("/run/l4lb")  # the network helper's state directory (controlle
 STATE_FILE = "services.json"
 REPO = Path(__file__).resolve().parent.parent
 HTTP_PORT = 80
+STATS_INTERVAL = 0.5  # seconds between the LBs' and agents' stats-file rewrites
 
 NodePid = Callable[[str], int]
 
@@ -169,7 +170,7 @@ def plan(
                         "--stats-file",
                         str(agent_stats_path(state_dir, host)),
                         "--stats-interval",
-                        "1",
+                        str(STATS_INTERVAL),
                     ),
                     log=str(logs / f"agent-{host}.log"),
                     # Ready once it writes its counters: by then the VIP is on the host, so
@@ -226,6 +227,8 @@ def plan(
                         iface,
                         "--stats-file",
                         str(lb_stats_path(state_dir, host)),
+                        "--stats-interval",
+                        str(STATS_INTERVAL),
                     ),
                     log=str(logs / f"lb-{host}.log"),
                     ready_file=str(lb_stats_path(state_dir, host)),

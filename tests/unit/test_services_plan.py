@@ -35,7 +35,8 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
         assert nodes[h] == ["agent", "www"]
     lb = next(s for s in p.services if s.name == "lb-h1")
     assert lb.argv == (
-        "/py", "-m", "fastpath.lb", "h1-eth0", "--stats-file", str(STATE / "lb-h1.json")
+        "/py", "-m", "fastpath.lb", "h1-eth0", "--stats-file", str(STATE / "lb-h1.json"),
+        "--stats-interval", "0.5",
     )  # fmt: skip
     assert lb.ready_file == str(services.lb_stats_path(STATE, "h1"))
     www = next(s for s in p.services if s.name == "www-h3")
