@@ -1,7 +1,7 @@
 """fastpath, scapy, haproxy and none under the same wget load, interleaved, on one fat tree.
 
     python -m bench.compare [--modes fastpath,scapy,haproxy,none] [--rounds 3]
-                            [--small-repeat 20] [--scapy-repeat 2] [--concurrency 2] [--no-large]
+                            [--small-repeat 20] [--scapy-repeat 2] [--concurrency 1] [--no-large]
 
 The network comes up once; each round starts one mode's services, runs the small workload
 (1 KB files: requests/s and latency) and the large one (10 MB: throughput), reads the counters,
@@ -37,7 +37,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, wl.Options]:
                     help="1 KB downloads per client per round (default 20)")  # fmt: skip
     ap.add_argument("--scapy-repeat", default=os.environ.get("COMPARE_SCAPY_REPEAT", "2"),
                     help="the same for the scapy LB (default 2: it is slow)")  # fmt: skip
-    ap.add_argument("--concurrency", default=os.environ.get("COMPARE_CONCURRENCY", "2"))
+    ap.add_argument("--concurrency", default=os.environ.get("COMPARE_CONCURRENCY", "1"))
     ap.add_argument("--clients", default=os.environ.get("COMPARE_CLIENTS", "all"))
     ap.add_argument("--no-large", action="store_true", help="skip the 10 MB workload")
     ap.add_argument("--wait-network", default=os.environ.get("COMPARE_WAIT_NETWORK", "0"))
