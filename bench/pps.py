@@ -174,6 +174,7 @@ def backend_args(backends: Sequence[str]) -> list[str]:
 
 def lb_argv(ctx: Ctx, backends: Sequence[str] = tbm.BACKEND_IPS) -> list[str]:
     argv = [PY, "-m", "fastpath.lb", "d0", "--vip", tbm.VIP, *backend_args(backends)]
+    argv += ["--stats-file", str(ctx.procs.log_dir / "lb-d0.json")]
     return [*argv, *ctx.args.lb_arg]
 
 
@@ -353,61 +354,66 @@ def pingpong(ctx: Ctx, count: int) -> dict[str, Any]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+def start_server(ctx: Ctx, name: str) -> subprocess.Popen[bytes]:
+    argv = [PY, "-m", "bench.pingpong", "serve", "--bind", tbm.VIP, "--port", str(PING_PORT)]
+    server = ctx.procs.start(name, ctx.tb.sink, argv)
+    wait_log(ctx, server, name, "serving")
+    return server
+
+
 def run_latency(ctx: Ctx) -> dict[str, Any]:
     """The same request/reply path, routed by the kernel (the DUT as router, the VIP on the
-    sink's lo) and through LB + agent (DSR: replies go straight back through gen)."""
+    sink's lo) and through LB + agent (DSR: replies go straight back through gen). Each path
+    gets its own server process, started once the VIP is in place."""
     tb, count = ctx.tb, ctx.args.pings
     tb.set_sink_drop(False)
     place(ctx, "split")
-    server = ctx.procs.start(
-        "pingpong-server",
-        tb.sink,
-        [PY, "-m", "bench.pingpong", "serve", "--bind", tbm.VIP, "--port", str(PING_PORT)],
-    )
     out: dict[str, Any] = {}
     try:
-        wait_log(ctx, server, "pingpong-server", "serving")
         # Kernel: the DUT routes, the sink owns the VIP.
         tb.ns(tb.sink, "ip", "addr", "add", f"{tbm.VIP}/32", "dev", "lo")
         tb.set_dut_forwarding(True)
+        kernel_server = start_server(ctx, "pingpong-kernel")
         try:
             pingpong(ctx, 20)  # warm caches and neighbours
-            kernel = pingpong(ctx, count)
+            out["kernel"] = pingpong(ctx, count)
         finally:
+            ctx.procs.stop(kernel_server)
             tb.set_dut_forwarding(False)
             tb.ns(tb.sink, "ip", "addr", "del", f"{tbm.VIP}/32", "dev", "lo", check=False)
-        out["kernel"] = kernel
         # LB + agent.
-        lb = ctx.procs.start(
-            "fastpath-latency", tb.dut, lb_argv(ctx, [tbm.SINK_IP]), cpu=ctx.args.dut_cpu
-        )
         agent = ctx.procs.start("agent-latency", tb.sink, agent_argv(ctx, "s0", tbm.DUT_IP))
+        lb_args = lb_argv(ctx, [tbm.SINK_IP])
+        lb = ctx.procs.start("fastpath-latency", tb.dut, lb_args, cpu=ctx.args.dut_cpu)
+        server: subprocess.Popen[bytes] | None = None
         try:
+            wait_log(ctx, agent, "agent-latency", '"ready"')
+            server = start_server(ctx, "pingpong-lb")
             deadline = time.monotonic() + ctx.args.ready_timeout
-            while True:
+            while pingpong(ctx, 5)["answered"] == 0:
                 ctx.procs.check_alive(lb)
                 ctx.procs.check_alive(agent)
-                if pingpong(ctx, 5)["answered"] > 0:
-                    break
                 if time.monotonic() > deadline:
-                    raise ProcError("no echo through LB + agent")
+                    udp = tb.snmp(tb.sink, "Udp")
+                    raise ProcError(f"no echo through LB + agent (sink Udp counters {udp})")
                 time.sleep(0.3)
             pingpong(ctx, 20)
             out["lb"] = pingpong(ctx, count)
         finally:
-            ctx.procs.stop(lb)
-            ctx.procs.stop(agent)
+            for proc in (server, lb, agent):
+                if proc is not None:
+                    ctx.procs.stop(proc)
         out["kernel_rps"] = out["kernel"]["rps"]
         out["lb_rps"] = out["lb"]["rps"]
         say(
-            f"latency   kernel {out['kernel_rps']:,.0f} req/s (p50 {kernel['p50_us']:.0f} us), "
-            f"LB+agent {out['lb_rps']:,.0f} req/s (p50 {out['lb']['p50_us']:.0f} us)"
+            f"latency   kernel {out['kernel_rps']:,.0f} req/s "
+            f"(p50 {out['kernel']['p50_us']:.0f} us), LB+agent {out['lb_rps']:,.0f} req/s "
+            f"(p50 {out['lb']['p50_us']:.0f} us)"
         )
     except (ProcError, subprocess.SubprocessError, tbm.TestbedError, ValueError) as exc:
         out["error"] = str(exc)
         say(f"latency: FAILED: {exc}")
     finally:
-        ctx.procs.stop(server)
         tb.set_sink_drop(True)
     return out
 
@@ -609,7 +615,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ],
     )
     p.add_argument("--no-interleave", dest="interleave", action="store_false")
-    p.add_argument("--pings", type=int, default=2000, help="sequential requests per path")
+    p.add_argument("--pings", type=int, default=20000, help="sequential requests per path")
     p.add_argument(
         "--memory-flows",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -630,7 +636,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.scapy_duration = 2.0, 0.5, 2.0
-        a.pings = min(a.pings, 500)
+        a.pings = min(a.pings, 5000)
         a.placements = ["split"]
         a.memory_flows = [100_000]
     bad = [x for x in a.placements if x not in PLACEMENTS]
