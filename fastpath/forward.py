@@ -14,9 +14,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from fastpath.balancer import Balancer
-from fastpath.ring import LEN_WORD, MAC_HALF, SNAPLEN_WORD, TP_STATUS_USER, RxRing
+from fastpath.ring import (
+    SNAPLEN_WORD,
+    TP_STATUS_COPY,
+    TP_STATUS_KERNEL,
+    TP_STATUS_USER,
+    RxRing,
+)
 from fastpath.tx import MmsgSender
 
 
@@ -75,15 +82,17 @@ class Forwarder:
     ) -> None:
         """Forward until stop(); call `tick(now)` about every `tick_every` seconds."""
         ring, sender, io = self.ring, self.sender, self.io
-        status, half, view = ring.status, ring.half, ring.view
-        words, halves, fsz, nr = ring.words, ring.halves, ring.frame_size, ring.frame_nr
+        status, slots, nr = ring.status, ring.slots, ring.frame_nr
+        # Per slot: the index of its status word, and the next slot (saves arithmetic per frame).
+        sw = [i * ring.words for i in range(nr)]
+        nxt = [*range(1, nr), 0]
         process_batch = self.balancer.process_batch
         batch = self.batch
-        frames: list[memoryview] = [view[0:0]] * batch
+        frames: list[memoryview] = [slots[0][0:0]] * batch
         outs = sender.slots
-        lens = [0] * sender.batch
-        iov_words = sender.iov_words
-        flush = sender.flush
+        # The core writes each length straight into iov_len of the sender's iovec array.
+        lens = cast(list[int], sender.iov_lens)
+        send = sender.send
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
         poll = poller.poll
@@ -92,53 +101,45 @@ class Forwarder:
         rx = truncated = 0
         try:
             while self.running:
-                if not status[i * words] & TP_STATUS_USER:
+                if not status[sw[i]] & TP_STATUS_USER:
                     io.wakeups += 1
                     poll(idle_ms)
                     now = clock()
-                    if now >= next_tick:
-                        io.rx_frames += rx
-                        io.rx_truncated += truncated
-                        rx = truncated = 0
-                        if tick is not None:
-                            tick(now)
-                        next_tick = now + tick_every
-                    continue
-                # Collect the ready frames (at most `batch`).
-                start = i
-                n = 0
-                while n < batch:
-                    w = i * words
-                    if not status[w] & TP_STATUS_USER:
-                        break
-                    base = i * fsz + half[i * halves + MAC_HALF]
-                    snap = status[w + SNAPLEN_WORD]
-                    if snap != status[w + LEN_WORD]:
-                        truncated += 1
-                    frames[n] = view[base : base + snap]
-                    n += 1
-                    i = i + 1 if i + 1 < nr else 0
-                now = clock()
-                k = process_batch(frames, outs, lens, n, now)
-                # The core copied what it sends: give the slots back to the kernel.
-                j = start
-                for _ in range(n):
-                    status[j * words] = 0
-                    j = j + 1 if j + 1 < nr else 0
-                rx += n
-                if k:
-                    for m in range(k):
-                        iov_words[2 * m + 1] = lens[m]
-                    sender.pending = k
-                    flush()
-                io.batches += 1
-                if now >= next_tick:
-                    io.rx_frames += rx
-                    io.rx_truncated += truncated
-                    rx = truncated = 0
-                    if tick is not None:
-                        tick(now)
-                    next_tick = now + tick_every
+                    if now < next_tick:
+                        continue
+                else:
+                    # Collect the ready frames (at most `batch`) as views into the ring.
+                    start = i
+                    n = 0
+                    while n < batch:
+                        w = sw[i]
+                        st = status[w]
+                        if not st & TP_STATUS_USER:
+                            break
+                        if st & TP_STATUS_COPY:
+                            truncated += 1
+                        frames[n] = slots[i][: status[w + SNAPLEN_WORD]]
+                        n += 1
+                        i = nxt[i]
+                    now = clock()
+                    k = process_batch(frames, outs, lens, n, now)
+                    # The core copied what it sends: give the slots back to the kernel.
+                    j = start
+                    for _ in range(n):
+                        status[sw[j]] = TP_STATUS_KERNEL
+                        j = nxt[j]
+                    rx += n
+                    io.batches += 1
+                    if k:
+                        send(k)
+                    if now < next_tick:
+                        continue
+                io.rx_frames += rx
+                io.rx_truncated += truncated
+                rx = truncated = 0
+                if tick is not None:
+                    tick(now)
+                next_tick = now + tick_every
         finally:
             frames.clear()  # drop views into the ring so it can be unmapped
             ring.index = i

@@ -46,6 +46,13 @@ TPACKET2_HDRLEN = -(-TPACKET2_HDR.size // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT
 TPACKET_REQ = struct.Struct("=IIII")  # block_size, block_nr, frame_size, frame_nr
 TPACKET_STATS = struct.Struct("=II")  # tp_packets, tp_drops (reading resets them)
 
+# Where the Ethernet header of a received frame starts in its slot (tp_mac): the kernel puts
+# it at TPACKET_ALIGN(TPACKET2_HDRLEN) + 16 - (link header length), so that the network header
+# lands 16-byte aligned. For untagged Ethernet (14 bytes) that is 66 for every frame; the
+# filters pass only frames with EtherType IPv4 at offset 12, so all frames the loop sees have
+# it (VLAN tags on veth/NICs are taken out of the frame by the driver, not left in it).
+ETH_MAC_OFFSET = -(-TPACKET2_HDRLEN // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT + 16 - 14
+
 # Word indexes into a frame header seen as u32 (status, len, snaplen) and u16 (mac offset).
 ST_WORD = 0
 LEN_WORD = 1
@@ -91,6 +98,7 @@ class RxRing:
         self.view = memoryview(b"")
         self.status = memoryview(b"").cast("I")
         self.half = memoryview(b"").cast("H")
+        self.slots: list[memoryview] = []
 
     def setup(self, sock: socket.socket) -> None:
         """Ask the kernel for the ring (call before bind, as open_filtered's `setup`)."""
@@ -109,6 +117,11 @@ class RxRing:
         self.view = memoryview(self.mm)
         self.status = self.view.cast("I")
         self.half = self.view.cast("H")
+        # Per slot: the bytes from the Ethernet header on (sliced to tp_snaplen per frame).
+        fsz = self.frame_size
+        self.slots = [
+            self.view[i * fsz + ETH_MAC_OFFSET : (i + 1) * fsz] for i in range(self.frame_nr)
+        ]
 
     def frame(self, i: int) -> memoryview:
         """Frame i as received (from its Ethernet header, snap length bytes)."""
@@ -143,6 +156,9 @@ class RxRing:
 
     def close(self) -> None:
         """Unmap the ring (the socket is the caller's)."""
+        for v in self.slots:
+            v.release()
+        self.slots = []
         self.status.release()
         self.half.release()
         self.view.release()

@@ -32,6 +32,8 @@ TP_STATUS_AVAILABLE = 0
 TP_STATUS_SEND_REQUEST = 1
 TP_STATUS_SENDING = 2
 TP_STATUS_WRONG_FORMAT = 4
+SO_SNDBUFFORCE = 32
+SNDBUF = 4 << 20  # room for thousands of frames queued behind RPS before sends block
 TX_DATA_OFFSET = TPACKET2_HDRLEN - SOCKADDR_LL_SIZE  # where V2 TX frames start (no TX_HAS_OFF)
 
 
@@ -45,6 +47,10 @@ def open_tx_socket(ifname: str, bypass: bool = True) -> socket.socket:
     try:
         if bypass:
             sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        try:  # beyond net.core.wmem_max: needs CAP_NET_ADMIN, which the LB has as root
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         sock.bind((ifname, 0))
     except BaseException:
         sock.close()
@@ -144,6 +150,7 @@ class _Mmsghdr(ctypes.Structure):
     _fields_ = (("hdr", _Msghdr), ("len", ctypes.c_uint))
 
 
+_MMSG_SIZE = ctypes.sizeof(_Mmsghdr)
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _sendmmsg = _libc.sendmmsg
 _sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
@@ -168,6 +175,7 @@ class MmsgSender:
         whole = memoryview(self.store).cast("B")
         self.slots = [whole[i * buf_size : (i + 1) * buf_size] for i in range(batch)]
         self.iov_words = memoryview(self.iov).cast("B").cast("Q")  # [2*i + 1] is iov[i].len
+        self.iov_lens = self.iov_words[1::2]  # iov[i].len, writable in place
         self.msgs_addr = ctypes.addressof(self.msgs)
         self.capacity = buf_size
         self.pending = 0
@@ -182,14 +190,18 @@ class MmsgSender:
         return self.slots[self.pending]
 
     def commit(self, length: int) -> None:
-        self.iov_words[2 * self.pending + 1] = length
+        self.iov_lens[self.pending] = length
         self.pending += 1
 
     def flush(self) -> int:
-        n = self.pending
+        """Send the committed buffers; returns how many the kernel took."""
+        return self.send(self.pending)
+
+    def send(self, n: int) -> int:
+        """Send buffers 0..n-1 whose lengths are already in `iov_lens`."""
         done = 0
         while done < n:
-            r = _sendmmsg(self.fd, self.msgs_addr + done * ctypes.sizeof(_Mmsghdr), n - done, 0)
+            r = _sendmmsg(self.fd, self.msgs_addr + done * _MMSG_SIZE, n - done, 0)
             if r <= 0:
                 err = ctypes.get_errno()
                 if r < 0 and err == errno.EINTR:
@@ -202,6 +214,7 @@ class MmsgSender:
         return done
 
     def close(self) -> None:
+        self.iov_lens.release()
         self.iov_words.release()
         for s in self.slots:
             s.release()
