@@ -428,6 +428,14 @@ def vm_rss_mb(pid: int) -> float | None:
     return None
 
 
+def lb_stat(ctx: Ctx, key: str) -> Any:
+    """One value from the running LB's stats file (None if it cannot be read)."""
+    try:
+        return json.loads((ctx.procs.log_dir / "lb-d0.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
     """The running fastpath.lb process's VmRSS, idle and after it has seen 100,000 and then
     1,000,000 distinct flows (offered paced, so it sees them all)."""
@@ -459,8 +467,14 @@ def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
             gen.wait(timeout=n / ctx.args.memory_rate * 3 + 60)
             time.sleep(0.5)
             ctx.procs.check_alive(proc)
-            out[str(n)] = {"rss_mb": vm_rss_mb(proc.pid), "delivered": sink_rx(ctx) - before}
-            say(f"lb memory {n:,} flows offered: VmRSS {out[str(n)]['rss_mb']} MB")
+            time.sleep(ctx.args.memory_settle)  # the next stats-file snapshot
+            res = {"rss_mb": vm_rss_mb(proc.pid), "delivered": sink_rx(ctx) - before}
+            res["tracked_flows"] = lb_stat(ctx, "tracked_flows")
+            out[str(n)] = res
+            say(
+                f"lb memory {n:,} flows offered, {res['tracked_flows']} tracked: "
+                f"VmRSS {res['rss_mb']} MB"
+            )
     except (ProcError, subprocess.TimeoutExpired) as exc:
         out["error"] = str(exc)
         say(f"lb memory: FAILED: {exc}")
@@ -541,8 +555,9 @@ def chart(summary: dict[str, Any], rounds: list[dict[str, Any]], path: Path) -> 
         if med:
             ax1.annotate(f"{med:,.0f}", (x, med), ha="center", va="bottom", fontsize=8)
     ax1.set_xticks(range(len(systems)), [s[0] for s in systems], fontsize=8)
-    ax1.set_yscale("log")
-    ax1.set_ylim(bottom=10)
+    if any(summary.get(key) for _label, key in systems):
+        ax1.set_yscale("log")
+        ax1.set_ylim(bottom=10)
     ax1.set_ylabel("delivered packets/s (median; dots: rounds)")
     ax1.set_title("64-byte UDP, saturation")
     for placement, style in (("split", "o-"), ("dut-core", "s--"), ("gen-core", "^:")):
