@@ -40,6 +40,8 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, wl.Options]:
     ap.add_argument("--concurrency", default=os.environ.get("COMPARE_CONCURRENCY", "1"))
     ap.add_argument("--clients", default=os.environ.get("COMPARE_CLIENTS", "all"))
     ap.add_argument("--no-large", action="store_true", help="skip the 10 MB workload")
+    ap.add_argument("--no-python", action="store_true",
+                    help="skip the 1 KB workload with the resident python client")  # fmt: skip
     ap.add_argument("--wait-network", default=os.environ.get("COMPARE_WAIT_NETWORK", "0"))
     ap.add_argument("--results", default=str(wl.RESULTS))
     args = ap.parse_args(argv)
@@ -63,7 +65,11 @@ def workloads(
     args: argparse.Namespace, base: wl.Options, mode: services.Mode
 ) -> dict[str, wl.Options]:
     rep = args.scapy_repeat if mode == "scapy" else args.small_repeat
-    out = {"small": dataclasses.replace(base, lb=mode, files=["1k.bin"], repeat=rep, rounds=1)}
+    small = dataclasses.replace(base, lb=mode, files=["1k.bin"], repeat=rep, rounds=1)
+    out = {"small": small}
+    if not args.no_python:
+        # The same 1 KB downloads from a resident client: the rate once wget's start is gone.
+        out["small_py"] = dataclasses.replace(small, tool="python", repeat=rep * 5)
     if not args.no_large and mode != "scapy":
         out["large"] = dataclasses.replace(
             base, lb=mode, files=["10m.bin"], repeat=1, rounds=1, concurrency=1

@@ -50,6 +50,7 @@ ENV = {  # option -> environment variable giving its default
     "repeat": "WGET_REPEAT",
     "timeout": "WGET_TIMEOUT",
     "wait_network": "WGET_WAIT_NETWORK",
+    "tool": "WGET_TOOL",
 }
 # LBs and agents rewrite their stats files every services.STATS_INTERVAL s: wait this long
 # after the load before reading them.
@@ -75,6 +76,7 @@ class Options:
     expected: dict[str, str]  # file name -> sha256, from the wwwroot's SHA256SUMS
     results: Path = RESULTS
     quiet: bool = False
+    tool: str = "wget"  # or "python": the same downloads without a process per request
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for another fat tree on this machine to go down (default 0: "
         "refuse at once) [WGET_WAIT_NETWORK]",
     )
+    ap.add_argument(
+        "--tool",
+        default=env("WGET_TOOL", "wget"),
+        help="wget (default; one process per download, as the course does) or python (one TCP "
+        "connection per download from a resident worker: shows the path's rate without "
+        "wget's process start) [WGET_TOOL]",
+    )
     ap.add_argument("--deployment", default=None, help="deployment file (default the project's)")
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON result goes")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -190,6 +199,8 @@ def read_sums(www: Path) -> dict[str, str]:
 
 def parse_options(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]:
     args = build_parser().parse_args(argv)
+    if args.tool not in ("wget", "python"):
+        raise UsageError(f"--tool {args.tool!r}: choose wget or python")
     if args.lb not in services.MODES:
         raise UsageError(f"--lb {args.lb!r}: choose one of {', '.join(services.MODES)}")
     try:
@@ -231,6 +242,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespa
         expected=expected,
         results=Path(args.results),
         quiet=args.quiet,
+        tool=args.tool,
     )
     return opts, args
 
@@ -514,7 +526,7 @@ def run_round(
     try:
         for i, client in enumerate(opts.clients):
             argv = ["nsenter", "-t", str(node_pid(client)), "-n", "--", py, str(WORKER),
-                    "--client", client, "--round", str(rnd), "--concurrency",
+                    "--client", client, "--round", str(rnd), "--tool", opts.tool, "--concurrency",
                     str(opts.concurrency), "--timeout", str(opts.timeout),
                     *client_urls(opts, i)]  # fmt: skip
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -597,6 +609,7 @@ def run_load(
             "files": opts.files,
             "concurrency": opts.concurrency,
             "repeat": opts.repeat,
+            "tool": opts.tool,
             "lb_cpu_s": round(sum(v.get("cpu_s", 0.0) for v in per_lb.values()), 3),
         },
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -51,18 +52,50 @@ def fetch(url: str, timeout: float) -> dict:
             "error": err}  # fmt: skip
 
 
+def fetch_python(url: str, timeout: float) -> dict:
+    """The same download without a process per request: one TCP connection, HTTP/1.0 GET, read
+    to EOF. Shows what the path and the LB can do once wget's process start is out of the way."""
+    t0 = time.time()
+    h = hashlib.sha256()
+    n, rc, err = 0, 0, ""
+    hostport, _, path = url.removeprefix("http://").partition("/")
+    host, _, port = hostport.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 80)), timeout=timeout) as s:
+            s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(CHUNK)
+                if not chunk:
+                    break
+                head += chunk
+            status, _, body = head.partition(b"\r\n\r\n")
+            if not status.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+                rc = 8  # wget's "server issued an error response"
+            h.update(body)
+            n = len(body)
+            while chunk := s.recv(CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+    except OSError as exc:
+        rc, err = 4, f"network failure: {exc}"  # 4: wget's network failure
+    return {"url": url, "t0": t0, "t1": time.time(), "bytes": n, "sha256": h.hexdigest(),
+            "rc": rc, "error": err}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="one client's share of a wget round")
     ap.add_argument("--client", required=True)
     ap.add_argument("--round", type=int, required=True)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--tool", choices=("wget", "python"), default="wget")
     ap.add_argument("urls", nargs="+")
     args = ap.parse_args(argv)
     lock = threading.Lock()
 
     def one(url: str) -> None:
-        rec = fetch(url, args.timeout)
+        rec = (fetch if args.tool == "wget" else fetch_python)(url, args.timeout)
         rec.update(client=args.client, round=args.round)
         with lock:
             sys.stdout.write(json.dumps(rec) + "\n")

@@ -10,7 +10,7 @@ from bench.compare_report import add, chart, check_targets, markdown_table, targ
 def result(rps: float, mbit: float, lb_bytes: int, cpu: float = 1.0) -> dict:
     return {
         "small": {"rps": rps, "p50_ms": 10.0, "p99_ms": 30.0, "lb_host_bytes": lb_bytes,
-                  "client_bytes": 10_000, "lb_cpu_s": cpu, "failed": 0},
+                  "client_bytes": 10_000, "lb_cpu_s": cpu, "failed": 0, "ok": 100},
         "large": {"mbit_s": mbit, "lb_host_bytes": lb_bytes * 10, "client_bytes": 10**7,
                   "lb_cpu_s": cpu, "failed": 0},
     }  # fmt: skip
@@ -43,9 +43,9 @@ def test_add_sums_nested_counters() -> None:
 
 def test_targets_compare_fastpath_with_each_alternative() -> None:
     rows = {r["target"]: r for r in check_targets(RES)}
-    none_rps = rows["requests/s (1 KB) >= 70% of none"]
+    none_rps = rows["requests/s (1 KB, wget) >= 70% of none"]
     assert none_rps["ratio"] == 0.8 and none_rps["met"] is True
-    scapy = rows["requests/s (1 KB) >= 100 x scapy"]
+    scapy = rows["requests/s (1 KB, wget) >= 100 x scapy"]
     assert scapy["ratio"] == 200 and scapy["met"] is True
     assert rows["10 MB throughput >= 90% of none"]["met"] is True
     lb = rows["LB-host bytes >= 20 x fewer than haproxy"]
@@ -55,8 +55,8 @@ def test_targets_compare_fastpath_with_each_alternative() -> None:
 def test_targets_not_met_or_not_measured_are_said_so() -> None:
     res = {"fastpath": result(100, 500, 1_000), "none": result(1000, 1000, 0)}
     rows = {r["target"]: r for r in check_targets(res)}
-    assert rows["requests/s (1 KB) >= 70% of none"]["met"] is False
-    assert rows["requests/s (1 KB) >= 100 x scapy"]["met"] is None
+    assert rows["requests/s (1 KB, wget) >= 70% of none"]["met"] is False
+    assert rows["requests/s (1 KB, wget) >= 100 x scapy"]["met"] is None
     md = targets_markdown(list(rows.values()))
     assert "**no**" in md and "not measured" in md
 
@@ -66,6 +66,8 @@ def test_table_has_a_row_per_mode_in_order() -> None:
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["fastpath", "scapy", "haproxy", "none"]
     assert "| 800.0 |" in rows[0] and "| - |" in rows[1]  # scapy has no 10 MB figure
+    assert "| 10.000 |" in rows[0]  # 1 CPU s over 100 downloads: 10 ms each
+    assert rows[3].split("|")[-3].strip() == "-"  # no LB, no LB CPU
 
 
 def test_chart_writes_a_png(tmp_path: Path) -> None:
