@@ -58,6 +58,7 @@ class Forwarder:
         sender: MmsgSender,
         balancer: Balancer,
         batch: int = 64,
+        busy_poll_us: int = 0,
     ) -> None:
         if not 1 <= batch <= sender.batch:
             raise ValueError(f"batch {batch} must be 1..{sender.batch} (the sender's buffers)")
@@ -66,6 +67,8 @@ class Forwarder:
         self.sender = sender
         self.balancer = balancer
         self.batch = batch
+        self.busy_poll_us = busy_poll_us
+        """After a batch, spin this long for the next frame before sleeping in poll()."""
         self.io = IoCounters()
         self.running = True
 
@@ -99,9 +102,19 @@ class Forwarder:
         i = ring.index
         next_tick = clock() + tick_every
         rx = truncated = 0
+        busy_poll = self.busy_poll_us / 1e6
+        spin_until = 0.0
         try:
             while self.running:
                 if not status[sw[i]] & TP_STATUS_USER:
+                    if spin_until:
+                        # Busy-poll briefly after traffic: a request that follows within
+                        # busy_poll_us skips the sleep/wake-up (about 10 us on this VM).
+                        w = sw[i]
+                        while not status[w] & TP_STATUS_USER and clock() < spin_until:
+                            pass
+                        spin_until = 0.0
+                        continue
                     io.wakeups += 1
                     poll(idle_ms)
                     now = clock()
@@ -132,6 +145,8 @@ class Forwarder:
                     io.batches += 1
                     if k:
                         send(k)
+                    if busy_poll:
+                        spin_until = clock() + busy_poll
                     if now < next_tick:
                         continue
                 io.rx_frames += rx
