@@ -29,6 +29,16 @@ ETHERTYPE = struct.Struct("!12xH")
 # source, destination.
 IPV4 = struct.Struct("!BxHxxHxBxxII")
 
+# Inner L4 checksum check: flags + fragment offset, protocol, source, destination.
+INNER_L4 = struct.Struct("!6xH xB2x II")
+CSUM = struct.Struct("!H")
+# struct virtio_net_hdr (little-endian): flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset. Written in front of each packet for a TUN opened with IFF_VNET_HDR.
+VNET_HDR = struct.Struct("<BBHHHH")
+VNET_HDR_LEN = VNET_HDR.size  # 10
+VNET_F_NEEDS_CSUM = 1
+CSUM_FIELD = {6: 16, 17: 6}  # TCP, UDP: offset of the checksum in the L4 header
+
 DROPPED = (0, 0)
 SPOOF_CACHE_MAX = 4096  # addresses remembered from allowed CIDRs (bounded memory)
 
@@ -119,6 +129,33 @@ class Decapsulator:
             return drop(DecapDrop.INNER_NOT_VIP)
         self.counters.delivered += 1
         return (inner, itot)
+
+    def vnet_header_into(self, buf: memoryview, off: int, length: int) -> None:
+        """Write the virtio-net header for the inner packet at buf[off:off + length] into the
+        VNET_HDR_LEN bytes before it (the end of the outer header, no longer needed).
+
+        Why: a client whose kernel left its TCP/UDP checksum to offload (every veth does)
+        sends a *partial* checksum; the load balancer's AF_PACKET tap copies it as is. Such a
+        field holds exactly the folded pseudo-header sum. When it does, the header says
+        NEEDS_CSUM, so the stack gets the packet in the state the client's kernel made it
+        (CHECKSUM_PARTIAL, which local delivery accepts); any other checksum is left for the
+        stack to verify as usual. A complete checksum equal to that sum by chance would only
+        skip verification for that packet.
+        """
+        flags = start = field = 0
+        ihl = (buf[off] & 15) * 4  # process_at checked version and IHL
+        frag, proto, src, dst = INNER_L4.unpack_from(buf, off)
+        field_off = CSUM_FIELD.get(proto)
+        if field_off is not None and not frag & FRAG_MASK and length >= ihl + field_off + 2:
+            wire = CSUM.unpack_from(buf, off + ihl + field_off)[0]
+            total = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
+            total += proto + length - ihl
+            total = (total & 0xFFFF) + (total >> 16)
+            total = (total & 0xFFFF) + (total >> 16)
+            if wire == total:
+                flags, start, field = VNET_F_NEEDS_CSUM, ihl, field_off
+                self.counters.partial_checksums += 1
+        VNET_HDR.pack_into(buf, off - VNET_HDR_LEN, flags, 0, 0, 0, start, field)
 
     def last_spoofed_source(self) -> str | None:
         """The latest spoofed outer source as dotted text, for the stats line."""

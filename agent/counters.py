@@ -45,12 +45,15 @@ _REASONS = tuple(DecapDrop)
 class DecapCounters:
     """Frames delivered and dropped by reason; `as_dict()` gives the JSON view."""
 
-    __slots__ = ("delivered", "drops")
+    __slots__ = ("delivered", "drops", "partial_checksums")
 
     def __init__(self) -> None:
         self.drops: list[int] = [0] * len(_REASONS)
         self.delivered = 0
         """Inner packets handed to the local stack."""
+        self.partial_checksums = 0
+        """Delivered packets whose TCP/UDP checksum was left partial by the client's kernel
+        (offload): handed over as CHECKSUM_PARTIAL (see Decapsulator.vnet_header_into)."""
 
     def delivery_failed(self) -> None:
         """The I/O edge could not hand over a packet the core had passed: recount it."""
@@ -67,5 +70,6 @@ class DecapCounters:
             "frames": self.total,
             "delivered": self.delivered,
             "dropped": sum(self.drops),
+            "partial_checksums": self.partial_checksums,
             "drops": {r.name.lower(): self.drops[r] for r in _REASONS},
         }

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from agent.config import ConfigError, DecapConfig, parse_network
-from agent.core import Decapsulator
+from agent.core import VNET_HDR_LEN, Decapsulator
 from agent.counters import DecapCounters
 from agent.deliver import Delivery, RawDelivery, TunDelivery
 from agent.host import HostError, HostPlan, HostSetup, table_name, tun_name
@@ -208,11 +208,14 @@ def serve(
     send: Callable[[memoryview], int],
     stop: StopFlag,
     tick: Callable[[float], None],
+    vnet_hdr: bool,
 ) -> None:
     """The hot loop: up to BATCH ready frames per round, each decapsulated and delivered."""
     status, half, view = ring.status, ring.half, ring.view
     words, halves, fsize, nr = ring.words, ring.halves, ring.frame_size, ring.frame_nr
     process_at = core.process_at
+    mark = core.vnet_header_into
+    hdr = VNET_HDR_LEN if vnet_hdr else 0
     failed = core.counters.delivery_failed
     clock = time.monotonic
     i = ring.index
@@ -230,8 +233,10 @@ def serve(
             start = i * fsize + half[i * halves + 6]  # + tp_mac: the Ethernet header
             off, length = process_at(view, start, start + status[w + 2], now)  # + tp_snaplen
             if length:
+                if hdr:
+                    mark(view, off, length)
                 try:
-                    send(view[off : off + length])
+                    send(view[off - hdr : off + length])
                 except OSError:
                     failed()
             status[w] = TP_STATUS_KERNEL
@@ -320,7 +325,7 @@ def run(s: Settings, stop: StopFlag) -> int:
         }
         print(json.dumps(ready), flush=True)
         stats.emit("stats")
-        serve(ring, core, delivery.send, stop, stats.tick)
+        serve(ring, core, delivery.send, stop, stats.tick, delivery.vnet_hdr)
     finally:
         if host is not None:
             host.undo()

@@ -32,6 +32,7 @@ import struct
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000  # no 4-byte packet-information prefix: a write is one bare IP packet
+IFF_VNET_HDR = 0x4000  # each write starts with a struct virtio_net_hdr (checksum state)
 IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags (the rest of the union unused)
 IFNAMSIZ = 16
 
@@ -39,18 +40,24 @@ IFNAMSIZ = 16
 class TunDelivery:
     """A non-persistent TUN device: `send(packet)` hands one IPv4 packet to the local stack.
 
+    Opened with IFF_VNET_HDR: every packet is preceded by a virtio-net header
+    (agent.core.Decapsulator.vnet_header_into) that can mark a partial TCP/UDP checksum left by
+    the client's offload, which the kernel would otherwise reject as wrong.
+
     The device exists while this object's file descriptor is open; `close` (or the process
     ending) removes it and every address on it.
     """
 
     kind = "tun"
+    vnet_hdr = True
 
     def __init__(self, name: str) -> None:
         if not name or len(name) >= IFNAMSIZ:
             raise ValueError(f"TUN device name {name!r}: 1..15 characters")
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
-            ifr = fcntl.ioctl(self.fd, TUNSETIFF, IFREQ.pack(name.encode(), IFF_TUN | IFF_NO_PI))
+            flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
+            ifr = fcntl.ioctl(self.fd, TUNSETIFF, IFREQ.pack(name.encode(), flags))
         except BaseException:
             os.close(self.fd)
             raise
@@ -73,6 +80,7 @@ class RawDelivery:
     """A raw IPv4 socket (header included): the kernel routes each packet to the local VIP."""
 
     kind = "raw"
+    vnet_hdr = False  # partial checksums (client offload) are not repaired on this path
 
     def __init__(self, vip: str) -> None:
         self.name = ""

@@ -129,6 +129,17 @@ class AgentProc:
         err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
         raise AssertionError(f"no {kind!r} event from {self.argv}; stdout {self.lines} {err}")
 
+    def latest_event(self, kind: str, timeout: float = 15) -> dict[str, Any]:
+        """The newest `kind` event: waits for one, then drains whatever is already queued."""
+        ev = self.wait_event(kind, timeout)
+        while True:
+            try:
+                nxt = self.events.get_nowait()
+            except queue.Empty:
+                return ev
+            if not kind or nxt.get("event") == kind:
+                ev = nxt
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         """Signal the process by PID and wait; SIGKILL if it does not end in time."""
         if self.proc.poll() is None:

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
-from scapy.packet import Packet
+from scapy.packet import Packet, Raw
 
 from agent.config import ConfigError, DecapConfig
-from agent.core import Decapsulator
+from agent.core import VNET_HDR, VNET_HDR_LEN, Decapsulator
 from agent.counters import DecapDrop
 
 LOCAL = "10.2.3.2"
@@ -253,3 +253,44 @@ def test_mutated_tunnels_never_raise_and_count_once(pos: int, value: int, cut: i
     if length:
         assert off + length <= cut
         assert frame[off] >> 4 == 4
+
+
+def partial(pkt: Packet) -> bytes:
+    """`pkt` with its L4 checksum as an offloading kernel leaves it: the folded pseudo-header
+    sum, not the checksum."""
+    raw = bytearray(bytes(pkt))
+    ihl = (raw[0] & 15) * 4
+    src, dst = int.from_bytes(raw[12:16], "big"), int.from_bytes(raw[16:20], "big")
+    total = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + raw[9] + len(raw) - ihl
+    total = (total & 0xFFFF) + (total >> 16)
+    field = ihl + (16 if raw[9] == 6 else 6)
+    raw[field : field + 2] = total.to_bytes(2, "big")
+    return bytes(raw)
+
+
+def with_mf(raw: bytes) -> bytes:
+    return raw[:6] + bytes([raw[6] | 0x20]) + raw[7:]
+
+
+VNET_CASES = [
+    ("TCP, partial checksum", lambda: partial(SYN_IN), (1, 0, 0, 0, 20, 16)),
+    ("UDP, partial checksum", lambda: partial(UDP_IN), (1, 0, 0, 0, 20, 6)),
+    ("TCP, complete checksum: the stack verifies", lambda: bytes(SYN_IN), (0,) * 6),
+    ("UDP without checksum", lambda: bytes(UDP_IN)[:26] + b"\0\0" + bytes(UDP_IN)[28:], (0,) * 6),
+    ("first fragment: the stack reassembles first", lambda: with_mf(partial(UDP_IN)), (0,) * 6),
+    ("ICMP: nothing to mark", lambda: bytes(IP(src=CLIENT, dst=VIP) / ICMP()), (0,) * 6),
+]
+
+
+@pytest.mark.parametrize(("desc", "inner", "header"), VNET_CASES, ids=[c[0] for c in VNET_CASES])
+def test_vnet_header_marks_partial_checksums_only(
+    desc: str, inner: Callable[[], bytes], header: tuple[int, ...]
+) -> None:
+    core = Decapsulator(CFG)
+    frame = bytearray(bytes(Ether(**MACS) / IP(src=LB1, dst=LOCAL, proto=4) / Raw(inner())))
+    off, length = core.process(memoryview(frame), 0.0)
+    assert length, core.counters.as_dict()
+    core.vnet_header_into(memoryview(frame), off, length)
+    assert VNET_HDR.unpack_from(frame, off - VNET_HDR_LEN) == header
+    assert core.counters.partial_checksums == (1 if header[0] else 0)
+    assert bytes(frame[off : off + length]) == inner()  # the packet itself is untouched
