@@ -1,11 +1,13 @@
-"""Batched transmit on an AF_PACKET socket: a PACKET_TX_RING, or sendmmsg over fixed buffers.
+"""Batched transmit on an AF_PACKET socket: sendmmsg over fixed, preallocated buffers.
 
-Both give the caller a writable memoryview to build the next frame in (no allocation per
-packet), take its length with `commit`, and send everything committed with one system call in
-`flush`. `TxRing` is the default (measured faster here, see README): the balancer writes the
-frame straight into the ring shared with the kernel and one `send` hands over the whole batch;
-`MmsgSender` copies from user buffers through sendmmsg and serves as the fallback where a TX
-ring cannot be made.
+The core writes each frame into one of `batch` buffers and its length into the matching iovec
+(`iov_lens`); one sendmmsg hands them all to the kernel. No allocation per packet.
+
+Why sendmmsg and not a PACKET_TX_RING (TPACKET_V2), measured on this VM by draining a
+prefilled receive ring through a copy-only core: sendmmsg ~480,000 frames/s against ~355,000
+for the TX ring (best of 4 alternating runs each). The ring saves the user-to-kernel copy of
+64-byte frames, which is cheap, but the kernel's tpacket_snd does more per frame (status
+handling, page-fragment skbs, a destructor per frame to hand the slot back).
 """
 
 from __future__ import annotations
@@ -13,28 +15,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import socket
 
-from fastpath.ring import (
-    PACKET_QDISC_BYPASS,
-    PACKET_TX_RING,
-    PACKET_VERSION,
-    SOCKADDR_LL_SIZE,
-    SOL_PACKET,
-    TPACKET2_HDRLEN,
-    TPACKET_REQ,
-    TPACKET_V2,
-    ring_geometry,
-)
+from fastpath.ring import PACKET_QDISC_BYPASS, SOL_PACKET
 
-TP_STATUS_AVAILABLE = 0
-TP_STATUS_SEND_REQUEST = 1
-TP_STATUS_SENDING = 2
-TP_STATUS_WRONG_FORMAT = 4
 SO_SNDBUFFORCE = 32
 SNDBUF = 4 << 20  # room for thousands of frames queued behind RPS before sends block
-TX_DATA_OFFSET = TPACKET2_HDRLEN - SOCKADDR_LL_SIZE  # where V2 TX frames start (no TX_HAS_OFF)
 
 
 def open_tx_socket(ifname: str, bypass: bool = True) -> socket.socket:
@@ -56,78 +42,6 @@ def open_tx_socket(ifname: str, bypass: bool = True) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-class TxRing:
-    """A TPACKET_V2 transmit ring: frames are written in place, `flush` sends them all."""
-
-    def __init__(self, sock: socket.socket, frames: int = 1024, frame_size: int = 2048) -> None:
-        self.block_size, self.block_nr, self.frame_size, self.frame_nr = ring_geometry(
-            frames, frame_size
-        )
-        self.sock = sock
-        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-        req = TPACKET_REQ.pack(self.block_size, self.block_nr, self.frame_size, self.frame_nr)
-        sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
-        size = self.block_size * self.block_nr
-        self.mm = mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view = memoryview(self.mm)
-        self.status = self.view.cast("I")
-        self.words = self.frame_size // 4
-        self.capacity = self.frame_size - TX_DATA_OFFSET
-        # One writable view per slot, made once.
-        self.slots = [
-            self.view[i * self.frame_size + TX_DATA_OFFSET : (i + 1) * self.frame_size]
-            for i in range(self.frame_nr)
-        ]
-        self.index = 0
-        self.pending = 0
-        self.sent = 0
-        self.errors = 0  # frames the kernel refused (wrong format) or a failed send
-        self.full = 0  # times no slot was free (the kernel had not sent the older frames)
-
-    def buffer(self) -> memoryview | None:
-        """The next free slot to build a frame in, or None if the ring is full (flush first)."""
-        st = self.status[self.index * self.words]
-        if st != TP_STATUS_AVAILABLE:
-            if st == TP_STATUS_WRONG_FORMAT:
-                self.errors += 1
-                self.status[self.index * self.words] = TP_STATUS_AVAILABLE
-            else:
-                self.full += 1
-                return None
-        return self.slots[self.index]
-
-    def commit(self, length: int) -> None:
-        """Queue the frame of `length` bytes built in the slot `buffer` returned."""
-        w = self.index * self.words
-        self.status[w + 1] = length  # tp_len
-        self.status[w] = TP_STATUS_SEND_REQUEST
-        self.index = self.index + 1 if self.index + 1 < self.frame_nr else 0
-        self.pending += 1
-
-    def flush(self) -> int:
-        """Send every committed frame; returns how many were handed to the kernel."""
-        n = self.pending
-        if not n:
-            return 0
-        self.pending = 0
-        try:
-            self.sock.send(b"", socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            pass  # frames stay queued; the next flush sends them
-        except OSError:
-            self.errors += n
-            return 0
-        self.sent += n
-        return n
-
-    def close(self) -> None:
-        self.status.release()
-        for s in self.slots:
-            s.release()
-        self.view.release()
-        self.mm.close()
 
 
 class _Iovec(ctypes.Structure):
@@ -181,13 +95,7 @@ class MmsgSender:
         self.pending = 0
         self.sent = 0
         self.errors = 0
-        self.full = 0
-
-    def buffer(self) -> memoryview | None:
-        if self.pending >= self.batch:
-            self.full += 1
-            return None
-        return self.slots[self.pending]
+        self.last_errno = 0
 
     def commit(self, length: int) -> None:
         self.iov_lens[self.pending] = length
@@ -198,20 +106,27 @@ class MmsgSender:
         return self.send(self.pending)
 
     def send(self, n: int) -> int:
-        """Send buffers 0..n-1 whose lengths are already in `iov_lens`."""
+        """Send buffers 0..n-1 whose lengths are already in `iov_lens`; returns how many the
+        kernel took (the others are counted in `errors`)."""
         done = 0
+        errors_before = self.errors
         while done < n:
             r = _sendmmsg(self.fd, self.msgs_addr + done * _MMSG_SIZE, n - done, 0)
             if r <= 0:
                 err = ctypes.get_errno()
                 if r < 0 and err == errno.EINTR:
                     continue
-                self.errors += n - done  # e.g. ENOBUFS: dropped, counted
-                break
+                # The frame at `done` was refused (ENOBUFS: the peer's backlog was full):
+                # count it as lost and go on with the rest of the batch.
+                self.errors += 1
+                self.last_errno = err
+                done += 1
+                continue
             done += r
         self.pending = 0
-        self.sent += done
-        return done
+        taken = done - (self.errors - errors_before)
+        self.sent += taken
+        return taken
 
     def close(self) -> None:
         self.iov_lens.release()
