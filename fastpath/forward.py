@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import cast
 
 from fastpath.balancer import Balancer
+from fastpath.csum_fixup import complete_l4_checksum
 from fastpath.ring import (
     SNAPLEN_WORD,
     TP_STATUS_COPY,
+    TP_STATUS_CSUMNOTREADY,
     TP_STATUS_KERNEL,
     TP_STATUS_USER,
     RxRing,
@@ -35,6 +37,9 @@ class IoCounters:
     """Frames taken from the ring."""
     rx_truncated: int = 0
     """Frames longer than a ring slot (cut by the kernel; the core then drops them)."""
+    rx_csum_completed: int = 0
+    """Frames whose TCP/UDP checksum was left partial by a local sender (checksum offload on
+    a veth): completed before forwarding, see fastpath.csum_fixup."""
     tx_frames: int = 0
     """Frames handed to the kernel by sendmmsg."""
     tx_errors: int = 0
@@ -92,6 +97,7 @@ class Forwarder:
         process_batch = self.balancer.process_batch
         batch = self.batch
         frames: list[memoryview] = [slots[0][0:0]] * batch
+        frame = frames[0]
         outs = sender.slots
         # The core writes each length straight into iov_len of the sender's iovec array.
         lens = cast(list[int], sender.iov_lens)
@@ -129,9 +135,13 @@ class Forwarder:
                         st = status[w]
                         if not st & TP_STATUS_USER:
                             break
-                        if st & TP_STATUS_COPY:
-                            truncated += 1
-                        frames[n] = slots[i][: status[w + SNAPLEN_WORD]]
+                        frame = slots[i][: status[w + SNAPLEN_WORD]]
+                        if st & (TP_STATUS_COPY | TP_STATUS_CSUMNOTREADY):
+                            if st & TP_STATUS_COPY:
+                                truncated += 1
+                            elif complete_l4_checksum(frame):
+                                io.rx_csum_completed += 1
+                        frames[n] = frame
                         n += 1
                         i = nxt[i]
                     now = clock()
@@ -157,6 +167,7 @@ class Forwarder:
                 next_tick = now + tick_every
         finally:
             frames.clear()  # drop views into the ring so it can be unmapped
+            del frame
             ring.index = i
             io.rx_frames += rx
             io.rx_truncated += truncated

@@ -38,6 +38,7 @@ TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1  # the frame belongs to user space
 TP_STATUS_COPY = 2  # the frame was truncated to the ring's frame (tp_snaplen < tp_len)
 TP_STATUS_LOSING = 4  # the kernel dropped frames since the last statistics read
+TP_STATUS_CSUMNOTREADY = 8  # the TCP/UDP checksum is partial (a local sender's offload)
 
 TPACKET_ALIGNMENT = 16
 # struct tpacket2_hdr: status, len, snaplen (u32), mac, net (u16), sec, nsec (u32), vlan tci,
