@@ -60,6 +60,6 @@ class StatsWriter:
 
     def emit(self, snapshot: dict[str, Any]) -> None:
         line = json.dumps(snapshot, sort_keys=True)
-        print(line, file=self.stream, flush=True)
-        if self.path is not None:
+        if self.path is not None:  # the file first: whoever saw the line can read the file
             write_atomic(self.path, line + "\n")
+        print(line, file=self.stream, flush=True)

@@ -79,6 +79,7 @@ def test_golden_pcaps_on_the_wire_and_clean_exit(bed: Bed, tmp_path: Path) -> No
     try:
         first = lb.wait_ready()
         assert first["final"] is False and first["iface"] == l_if
+        assert json.loads(stats.read_text())["final"] is False  # readable while running
         during = sh("ethtool", "-k", l_if, ns=lbns)
         assert "generic-receive-offload: off" in during
         table = sh("nft", "list", "table", "netdev", f"l4lb_{l_if}", ns=lbns)
@@ -218,3 +219,16 @@ def test_routed_udp_reaches_backend_encapsulated(bed: Bed, tmp_path: Path) -> No
     assert final["io"]["rx_csum_completed"] == flows
     assert sum(final["core"]["backends"].values()) == flows
     assert final["core"]["drops"]["wrong_port"] == 0  # port 81 never reached Python
+
+
+def test_refuses_to_start_when_the_host_forwards(bed: Bed, tmp_path: Path) -> None:
+    lbns = bed.ns("L")
+    other = bed.ns("P")
+    bed.link(lbns, f"l{bed.tag}", other, f"p{bed.tag}")
+    sh("ip", "addr", "add", "10.1.1.2/24", "dev", f"l{bed.tag}", ns=lbns)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lbns)
+    lb = LbProc(lbns, [f"l{bed.tag}", "--next-hop-mac", "02:00:00:00:00:01"])
+    rc = lb.stop(timeout=20) if lb.proc.wait(20) is not None else -1
+    assert rc == 2
+    assert "net.ipv4.ip_forward is 1" in lb.stderr
+    assert "l4lb_" not in sh("nft", "list", "tables", ns=lbns)  # nothing was installed
