@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -529,8 +530,19 @@ def run_round(ctx: Ctx, i: int) -> dict[str, Any]:
         order = order[k:] + order[:k]
     for name, fn in order:
         say(f"round {i + 1}: {name}")
-        r[name] = fn()
+        r[name] = guarded(name, fn)
     return r
+
+
+def guarded(name: str, fn: Callable[[], Any]) -> Any:
+    """Runs one phase; a bug in it costs that phase's figures, never the whole run's."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        say(f"{name}: FAILED with {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
 def chart(summary: dict[str, Any], rounds: list[dict[str, Any]], path: Path) -> None:
@@ -639,8 +651,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--memory-rate",
         type=int,
-        default=200_000,
-        help="paced rate for the lb_memory phase (200000)",
+        default=100_000,
+        help="paced rate for the lb_memory phase (100000)",
+    )
+    p.add_argument(
+        "--memory-settle",
+        type=float,
+        default=1.5,
+        help="seconds for the LB's stats file to catch up in lb_memory (1.5)",
     )
     p.add_argument("--dut-cpu", type=int, default=0, help="core of the LB / agent (0)")
     p.add_argument("--gen-cpu", type=int, default=1, help="core of the generator (1)")
@@ -719,9 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i in range(args.rounds):
                 rounds.append(run_round(ctx, i))
             if "memory" in args.phases:
-                memory = run_memory(ctx)
+                memory = guarded("memory", lambda: run_memory(ctx))
             if "lb_memory" in args.phases:
-                memory["lb_process"] = run_lb_memory(ctx)
+                memory["lb_process"] = guarded("lb_memory", lambda: run_lb_memory(ctx))
     except KeyboardInterrupt:
         interrupted = True
         say("interrupted: cleaning up")

@@ -35,7 +35,11 @@ def best_delivered(by_placement: Mapping[str, Mapping[str, Any]] | None) -> floa
     """A system's rate in one round: the best of the CPU placements measured (None if none)."""
     if not by_placement:
         return None
-    rates = [m["delivered_pps"] for m in by_placement.values() if m.get("delivered_pps")]
+    rates = [
+        m["delivered_pps"]
+        for m in by_placement.values()
+        if isinstance(m, Mapping) and m.get("delivered_pps")
+    ]
     return max(rates) if rates else None
 
 

@@ -39,7 +39,10 @@ def test_ratios_are_per_round_then_median() -> None:
 
 
 def test_missing_phases_give_none_not_zero() -> None:
-    rounds = [{"kernel": {"split": {"delivered_pps": 10}}, "fastpath": {"split": {"error": "x"}}}]
+    rounds = [
+        {"kernel": {"split": {"delivered_pps": 10}}, "fastpath": {"split": {"error": "x"}}},
+        {"kernel": {"error": "crashed", "traceback": "..."}, "scapy": {"error": "x"}},
+    ]
     s = stats.summarize(rounds)
     assert s["kernel_pps"] == 10
     assert s["fastpath_pps"] is None
