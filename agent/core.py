@@ -29,15 +29,13 @@ ETHERTYPE = struct.Struct("!12xH")
 # source, destination.
 IPV4 = struct.Struct("!BxHxxHxBxxII")
 
-# Inner L4 checksum check: flags + fragment offset, protocol, source, destination.
-INNER_L4 = struct.Struct("!6xH xB2x II")
-CSUM = struct.Struct("!H")
+ADDRS = struct.Struct("!II")  # IPv4 source, destination (at offset 12)
 # struct virtio_net_hdr (little-endian): flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset. Written in front of each packet for a TUN opened with IFF_VNET_HDR.
 VNET_HDR = struct.Struct("<BBHHHH")
 VNET_HDR_LEN = VNET_HDR.size  # 10
 VNET_F_NEEDS_CSUM = 1
-CSUM_FIELD = {6: 16, 17: 6}  # TCP, UDP: offset of the checksum in the L4 header
+NO_VNET_FLAGS = bytes(VNET_HDR_LEN)  # nothing to say: the stack checks as usual
 
 DROPPED = (0, 0)
 SPOOF_CACHE_MAX = 4096  # addresses remembered from allowed CIDRs (bounded memory)
@@ -142,20 +140,25 @@ class Decapsulator:
         stack to verify as usual. A complete checksum equal to that sum by chance would only
         skip verification for that packet.
         """
-        flags = start = field = 0
         ihl = (buf[off] & 15) * 4  # process_at checked version and IHL
-        frag, proto, src, dst = INNER_L4.unpack_from(buf, off)
-        field_off = CSUM_FIELD.get(proto)
-        if field_off is not None and not frag & FRAG_MASK and length >= ihl + field_off + 2:
-            wire = CSUM.unpack_from(buf, off + ihl + field_off)[0]
-            total = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
-            total += proto + length - ihl
-            total = (total & 0xFFFF) + (total >> 16)
-            total = (total & 0xFFFF) + (total >> 16)
-            if wire == total:
-                flags, start, field = VNET_F_NEEDS_CSUM, ihl, field_off
-                self.counters.partial_checksums += 1
-        VNET_HDR.pack_into(buf, off - VNET_HDR_LEN, flags, 0, 0, 0, start, field)
+        proto = buf[off + 9]
+        field = 16 if proto == 6 else 6 if proto == 17 else 0  # checksum offset: TCP, UDP
+        # A fragment (MF or an offset) carries no checksum the stack checks before reassembly.
+        if field and length >= ihl + field + 2 and not (buf[off + 6] & 0x3F or buf[off + 7]):
+            at = off + ihl + field
+            wire = buf[at] << 8 | buf[at + 1]
+            if wire:  # 0: UDP without checksum (an offloaded sum is never 0)
+                src, dst = ADDRS.unpack_from(buf, off + 12)
+                total = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
+                total += proto + length - ihl
+                total = (total & 0xFFFF) + (total >> 16)
+                if total + (total >> 16) & 0xFFFF == wire:
+                    self.counters.partial_checksums += 1
+                    VNET_HDR.pack_into(
+                        buf, off - VNET_HDR_LEN, VNET_F_NEEDS_CSUM, 0, 0, 0, ihl, field
+                    )
+                    return
+        buf[off - VNET_HDR_LEN : off] = NO_VNET_FLAGS
 
     def last_spoofed_source(self) -> str | None:
         """The latest spoofed outer source as dotted text, for the stats line."""

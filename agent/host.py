@@ -25,10 +25,11 @@ One nftables table, `inet l4lb_agent_<iface>`, holds the rest, so removal is one
 The ruleset starts by creating and deleting the table, so a table left by a killed agent is
 replaced atomically.
 
-RPS on the TUN (`rps_cpus`): a write to a TUN runs the whole IP/TCP receive path in the writer's
-system call. With RPS the writer only queues the packet for another CPU; measured here with the
-agent pinned to one core, decapsulation + delivery went from about 330,000 to 450,000-500,000
-packets/s of the agent core's time (busy machine, figures noisy).
+RPS on the TUN (`rps_cpus`): a write to a TUN runs the whole IP/UDP/TCP receive path in the
+writer's system call. With RPS the writer only queues the packet for another CPU. Measured on a
+busy machine (other benchmarks running), so only roughly: 330,000 -> 450,000-500,000 packets/s
+per second of process CPU time in one run, no clear difference in another; `--rps off` turns it
+off, and bench/pps.sh is the judge.
 
 GRO off on the fabric interface while the agent runs (restored at exit): with GRO the receive
 ring could get merged frames larger than its slots.
