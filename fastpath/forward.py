@@ -9,6 +9,7 @@ kernel publishes (V2 has no block timeout), so a lone request is forwarded at on
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -110,6 +111,7 @@ class Forwarder:
         rx = truncated = 0
         busy_poll = self.busy_poll_us / 1e6
         spin_until = 0.0
+        sched_yield = os.sched_yield
         try:
             while self.running:
                 if not status[sw[i]] & TP_STATUS_USER:
@@ -118,7 +120,7 @@ class Forwarder:
                         # busy_poll_us skips the sleep/wake-up (about 10 us on this VM).
                         w = sw[i]
                         while not status[w] & TP_STATUS_USER and clock() < spin_until:
-                            pass
+                            sched_yield()  # others runnable on this core go first
                         spin_until = 0.0
                         continue
                     io.wakeups += 1
