@@ -55,6 +55,7 @@ ENV = {  # option -> environment variable giving its default
 # LBs and agents rewrite their stats files every services.STATS_INTERVAL s: wait this long
 # after the load before reading them.
 STATS_SETTLE = services.STATS_INTERVAL + 0.2
+WORKER_START_S = 0.3  # head start for the workers of a round (plus 50 ms per client)
 TOOLS = {"wget", "php", "nsenter", "mnexec", "ip"}
 
 
@@ -523,10 +524,14 @@ def run_round(
     procs: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
     sel = selectors.DefaultSelector()
     fetches: list[Fetch] = []
+    # Workers start one after another (an interpreter each, ~50-100 ms on a busy machine):
+    # they all begin downloading at the same instant, this far ahead.
+    start_at = time.time() + WORKER_START_S + 0.05 * len(opts.clients)
     try:
         for i, client in enumerate(opts.clients):
             argv = ["nsenter", "-t", str(node_pid(client)), "-n", "--", py, str(WORKER),
-                    "--client", client, "--round", str(rnd), "--tool", opts.tool, "--concurrency",
+                    "--client", client, "--round", str(rnd), "--tool", opts.tool,
+                    "--start-at", f"{start_at:.3f}", "--concurrency",
                     str(opts.concurrency), "--timeout", str(opts.timeout),
                     *client_urls(opts, i)]  # fmt: skip
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--tool", choices=("wget", "python"), default="wget")
+    ap.add_argument("--start-at", type=float, default=0.0,
+                    help="wall-clock time to begin at, so all clients start together")  # fmt: skip
     ap.add_argument("urls", nargs="+")
     args = ap.parse_args(argv)
     lock = threading.Lock()
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(json.dumps(rec) + "\n")
             sys.stdout.flush()
 
+    # A barrier without talking: every worker waits for the same instant, so the round's span
+    # is load, not the time it took to start ten interpreters one after another.
+    time.sleep(max(0.0, args.start_at - time.time()))
     with ThreadPoolExecutor(max_workers=max(1, args.concurrency)) as pool:
         list(pool.map(one, args.urls))
     return 0
