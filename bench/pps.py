@@ -67,6 +67,12 @@ class Ctx:
     cfg_probe_ipip: Path
 
 
+def cpu_note(res: dict[str, Any]) -> str:
+    """' [cpu0 100% si 35%, cpu1 ...]': how busy each core was, softirq share included."""
+    parts = [f"{c} {v['busy']:.0%} si {v['softirq']:.0%}" for c, v in res.get("cpu", {}).items()]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def say(text: str) -> None:
     print(f"[pps {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -109,7 +115,9 @@ def saturate(
         time.sleep(ctx.args.warmup)
         ctx.procs.check_alive(tg)
         d0, o0, t0 = delivered(), gen_offered(ctx), time.monotonic()
+        c0 = stats.parse_proc_stat(Path("/proc/stat").read_text())
         time.sleep(seconds)
+        c1 = stats.parse_proc_stat(Path("/proc/stat").read_text())
         d1, o1, t1 = delivered(), gen_offered(ctx), time.monotonic()
     finally:
         ctx.procs.stop(tg)
@@ -119,6 +127,8 @@ def saturate(
         "delivered_pps": round((d1 - d0) / dt),
         "loss": round(stats.loss(o1 - o0, d1 - d0), 5),
         "seconds": round(dt, 3),
+        # Whole-machine view per core (other tenants included): is the generator core full?
+        "cpu": stats.cpu_shares(c0, c1),
     }
 
 
@@ -237,7 +247,7 @@ def run_forwarder(
             out[placement] = res
             say(
                 f"{name:9} {placement:8} delivered {res['delivered_pps']:>9,} pps of "
-                f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%})"
+                f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%}){cpu_note(res)}"
             )
         except ProcError as exc:
             out[placement] = {"error": str(exc)}
@@ -319,7 +329,7 @@ def run_agent(ctx: Ctx) -> dict[str, Any]:
         ctx.procs.check_alive(proc)
         say(
             f"agent     split    delivered {res['delivered_pps']:>9,} pps of "
-            f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%})"
+            f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%}){cpu_note(res)}"
         )
         return res
     except ProcError as exc:

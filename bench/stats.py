@@ -83,3 +83,31 @@ def loss(offered: int, delivered: int) -> float:
     if offered <= 0:
         return 0.0
     return max(0.0, 1.0 - delivered / offered)
+
+
+def parse_proc_stat(text: str) -> dict[str, list[int]]:
+    """Per-core jiffies from /proc/stat: {"cpu0": [user, nice, system, idle, iowait, irq,
+    softirq, steal], ...} (the all-cores line is left out)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("cpu") and parts[0] != "cpu":
+            out[parts[0]] = [int(x) for x in parts[1:9]]
+    return out
+
+
+def cpu_shares(before: Mapping[str, list[int]], after: Mapping[str, list[int]]) -> dict[str, Any]:
+    """Per core over an interval: busy and softirq shares of its time (0..1), from two
+    parse_proc_stat snapshots."""
+    out: dict[str, Any] = {}
+    for cpu, b in before.items():
+        a = after.get(cpu)
+        if a is None:
+            continue
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        total = sum(d)
+        if total <= 0:
+            continue
+        idle = d[3] + d[4]
+        out[cpu] = {"busy": round(1 - idle / total, 3), "softirq": round(d[6] / total, 3)}
+    return out

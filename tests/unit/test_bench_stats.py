@@ -111,3 +111,16 @@ def test_packed_frames_round_trip_and_bad_blobs() -> None:
     for bad in (b"", b"\x00", b"\x00\x05abc", b"\x00\x00"):
         with pytest.raises(ValueError):
             frames.unpack_frames(bad)
+
+
+def test_cpu_shares_from_proc_stat() -> None:
+    before = stats.parse_proc_stat(
+        "cpu  1 2 3 4 5 6 7 8 0 0\ncpu0 100 0 100 700 0 0 100 0 0 0\ncpu1 0 0 0 1000 0 0 0 0 0 0\n"
+    )
+    after = stats.parse_proc_stat(
+        "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 150 0 150 700 0 0 200 0 0 0\ncpu1 0 0 0 1200 0 0 0 0 0 0\n"
+    )
+    shares = stats.cpu_shares(before, after)
+    assert shares["cpu0"] == {"busy": 1.0, "softirq": 0.5}
+    assert shares["cpu1"] == {"busy": 0.0, "softirq": 0.0}
+    assert "cpu" not in shares
