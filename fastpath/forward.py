@@ -20,8 +20,8 @@ from typing import cast
 from fastpath.balancer import Balancer
 from fastpath.csum_fixup import complete_l4_checksum
 from fastpath.ring import (
+    LEN_WORD,
     SNAPLEN_WORD,
-    TP_STATUS_COPY,
     TP_STATUS_CSUMNOTREADY,
     TP_STATUS_KERNEL,
     TP_STATUS_USER,
@@ -137,12 +137,14 @@ class Forwarder:
                         st = status[w]
                         if not st & TP_STATUS_USER:
                             break
-                        frame = slots[i][: status[w + SNAPLEN_WORD]]
-                        if st & (TP_STATUS_COPY | TP_STATUS_CSUMNOTREADY):
-                            if st & TP_STATUS_COPY:
-                                truncated += 1
-                            elif complete_l4_checksum(frame):
-                                io.rx_csum_completed += 1
+                        snap = status[w + SNAPLEN_WORD]
+                        frame = slots[i][:snap]
+                        # Cut to the slot (the kernel flags that only with PACKET_COPY_THRESH):
+                        # the core drops it by its IP total length; counted here too.
+                        if snap != status[w + LEN_WORD]:
+                            truncated += 1
+                        elif st & TP_STATUS_CSUMNOTREADY and complete_l4_checksum(frame):
+                            io.rx_csum_completed += 1
                         frames[n] = frame
                         n += 1
                         i = nxt[i]

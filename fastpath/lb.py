@@ -392,12 +392,25 @@ def run(args: argparse.Namespace) -> int:
             last[:] = [now, io.rx_frames, io.tx_frames]
             return snap
 
+        warned = False
+
         def tick(now: float) -> None:
+            nonlocal warned
             if next_hop is not None:
                 mac = next_hop.refresh(now)
                 if mac is not None:
                     balancer.set_next_hop_mac(mac)
             writer.emit(snapshot(now))
+            if forwarder is not None and forwarder.io.rx_truncated and not warned:
+                warned = True  # once: the counter keeps the count
+                print(
+                    f"fastpath.lb: warning: {forwarder.io.rx_truncated} frames larger than a "
+                    f"ring slot arrived on {ifname} (dropped, counted as io.rx_truncated). "
+                    "Segmentation offload upstream hands the tap unsegmented TCP super-frames: "
+                    f"turn off tso and gso on the interface at the other end of {ifname}.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         vip_text = ", ".join(f"{ip}:{p or '*'}" for ip, p in cfg.vips)
         backend_text = ", ".join(f"{ip}={w}" for ip, w in cfg.backends)

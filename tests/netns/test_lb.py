@@ -232,3 +232,32 @@ def test_refuses_to_start_when_the_host_forwards(bed: Bed, tmp_path: Path) -> No
     assert rc == 2
     assert "net.ipv4.ip_forward is 1" in lb.stderr
     assert "l4lb_" not in sh("nft", "list", "tables", ns=lbns)  # nothing was installed
+
+
+def test_frame_larger_than_a_ring_slot_is_counted_and_warned(bed: Bed, tmp_path: Path) -> None:
+    # What an unsegmented TCP super-frame (TSO upstream) looks like to the LB: more bytes than
+    # a ring slot holds. Jumbo MTUs let one through the veth.
+    peer, lbns = bed.ns("P"), bed.ns("L")
+    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
+    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+    for ns, dev in ((peer, p_if), (lbns, l_if)):
+        sh("ip", "link", "set", dev, "mtu", "9000", ns=ns)
+    sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
+    stats = tmp_path / "lb.json"
+    lb = LbProc(lbns, _golden_args(l_if, stats))
+    try:
+        lb.wait_ready()
+        big = bytes.fromhex(cases.GW_MAC.replace(":", "") + cases.LB_MAC.replace(":", ""))
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 4000, 1, 0x4000, 64, 17, 0,
+                         bytes([10, 8, 16, 2]), bytes([20, 0, 0, 1]))  # fmt: skip
+        udp = struct.pack("!HHHH", 40000, 53, 3980, 0)
+        frame = big + b"\x08\x00" + ip + udp + bytes(3972)
+        got = capture(peer, p_if, 1.0, send=[frame])
+    finally:
+        rc = lb.stop()
+    assert rc == 0, lb.stderr
+    assert got == []  # nothing forwarded
+    final = json.loads(stats.read_text())
+    assert final["io"]["rx_truncated"] == 1
+    assert final["core"]["frames"] == 1 and final["core"]["forwarded"] == 0
+    assert "turn off tso and gso" in lb.stderr
