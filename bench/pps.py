@@ -67,6 +67,19 @@ class Ctx:
     cfg_probe_ipip: Path
 
 
+def last_json(text: str) -> dict[str, Any]:
+    """The last line of a log that parses as a JSON object ({} if none does)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return {}
+
+
 def cpu_note(res: dict[str, Any]) -> str:
     """' [cpu0 100% si 35%, cpu1 ...]': how busy each core was, softirq share included."""
     parts = [f"{c} {v['busy']:.0%} si {v['softirq']:.0%}" for c, v in res.get("cpu", {}).items()]
@@ -136,7 +149,7 @@ def paced(ctx: Ctx, name: str, delivered: Counter, rate: int, seconds: float) ->
     """Offers rate x seconds packets at `rate`, waits for the queues to drain, and compares
     what arrived with what was offered."""
     count = int(rate * seconds)
-    d0, o0, t0 = delivered(), gen_offered(ctx), time.monotonic()
+    d0, o0 = delivered(), gen_offered(ctx)
     tg = generator(ctx, f"gen-{name}", ctx.cfg_udp, rate=rate, count=count, duration=seconds * 3)
     try:
         tg.wait(timeout=seconds * 3 + 10)
@@ -144,13 +157,13 @@ def paced(ctx: Ctx, name: str, delivered: Counter, rate: int, seconds: float) ->
         say(f"{name}: the generator did not finish in time; stopping it")
     finally:
         ctx.procs.stop(tg)
-    sent_for = time.monotonic() - t0
     time.sleep(0.5)  # drain
     d1, o1 = delivered(), gen_offered(ctx)
+    gen = last_json(ctx.procs.log(f"gen-{name}"))
     return {
         "target_pps": rate,
         "offered": o1 - o0,
-        "offered_pps": round((o1 - o0) / sent_for),
+        "offered_pps": gen.get("pps", 0),  # the generator's own clock: sent / its seconds
         "delivered": d1 - d0,
         "loss": round(stats.loss(o1 - o0, d1 - d0), 6),
     }
@@ -518,9 +531,10 @@ def run_memory(ctx: Ctx) -> dict[str, Any]:
 
 
 # -- the run --------------------------------------------------------------------------------
-def run_round(ctx: Ctx, i: int) -> dict[str, Any]:
+def run_round(ctx: Ctx, i: int, r: dict[str, Any]) -> None:
+    """Runs round i's phases into r (filled as they finish, so Ctrl-C keeps what was done)."""
     a = ctx.args
-    r: dict[str, Any] = {"round": i}
+    r["round"] = i
     phases: list[tuple[str, Callable[[], Any]]] = [
         ("kernel", lambda: run_forwarder(ctx, "kernel", None, a.duration, a.placements)),
         (
@@ -541,7 +555,6 @@ def run_round(ctx: Ctx, i: int) -> dict[str, Any]:
     for name, fn in order:
         say(f"round {i + 1}: {name}")
         r[name] = guarded(name, fn)
-    return r
 
 
 def guarded(name: str, fn: Callable[[], Any]) -> Any:
@@ -745,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             tb.set_sink_drop(True)
             for i in range(args.rounds):
-                rounds.append(run_round(ctx, i))
+                rounds.append({})
+                run_round(ctx, i, rounds[-1])
             if "memory" in args.phases:
                 memory = guarded("memory", lambda: run_memory(ctx))
             if "lb_memory" in args.phases:
