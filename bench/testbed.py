@@ -57,7 +57,7 @@ CLI_MAC = "02:b0:00:01:03:02"
 NOBODY_MAC = "02:b0:00:01:02:99"  # the counting sink's "other host"
 GEN_SNDBUF = 4 << 20
 ROUTED_TABLE = 100  # gen's table for packets it routes on behalf of the DUT
-_NS_RE = re.compile(rf"^{PREFIX}(\d+)-(gen|dut|sink|cli)$")
+_NS_RE = re.compile(rf"^{PREFIX}(\d+)(?:t[0-9a-f]+)?-(gen|dut|sink|cli)$")
 
 
 class TestbedError(RuntimeError):
@@ -103,8 +103,11 @@ class Testbed:
     """The three namespaces; `up()` builds them, `down()` removes them (idempotent)."""
 
     tag: str = ""
+    """Empty, or "t" + hex digits: tells several testbeds of one process apart."""
 
     def __post_init__(self) -> None:
+        if self.tag and not re.fullmatch(r"t[0-9a-f]+", self.tag):
+            raise ValueError(f"tag must be 't' + hex digits, not {self.tag!r}")
         base = f"{PREFIX}{os.getpid()}{self.tag}"
         self.gen = f"{base}-gen"
         self.dut = f"{base}-dut"
@@ -126,6 +129,9 @@ class Testbed:
             run(["ip", "netns", "add", ns])
             self._made.append(ns)
             self.ns(ns, "ip", "link", "set", "lo", "up")
+            # IPv4 only: no IPv6 neighbour discovery chatter in the counters.
+            for key in ("all", "default"):
+                self.sysctl(ns, f"net.ipv6.conf.{key}.disable_ipv6", "1")
             # A packet forwarded out of the interface it came in on is the design here.
             for key in ("all", "default"):
                 self.sysctl(ns, f"net.ipv4.conf.{key}.rp_filter", "0")

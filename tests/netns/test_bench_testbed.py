@@ -1,0 +1,143 @@
+"""The benchmark's testbed and tools on real namespaces: the kernel-router path delivers every
+frame the generator sends to the counting sink, the course-style scapy LB encapsulates to a
+backend with the inner packet unchanged, and nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import frames
+from bench import testbed as tbm
+
+pytestmark = pytest.mark.netns
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+@pytest.fixture
+def bed() -> Iterator[tbm.Testbed]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and AF_PACKET")
+    for tool in ("ip", "tcpdump"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (./install.sh installs it)")
+    tb = tbm.Testbed(tag="t" + secrets.token_hex(2)).up()
+    try:
+        yield tb
+    finally:
+        tb.down()
+    assert not {tb.gen, tb.dut, tb.sink, tb.cli} & set(tbm.list_netns())
+
+
+def blast(tb: tbm.Testbed, blob: Path, count: int) -> None:
+    argv = [PY, "-m", "bench.blast", "g0", "--frames", str(blob), "--rate", "2000"]
+    tb.ns(tb.gen, *argv, "--count", str(count), "--duration", "10", timeout=30)
+
+
+def test_kernel_router_path_delivers_every_frame(bed: tbm.Testbed, tmp_path: Path) -> None:
+    blob = tmp_path / "udp.frames"
+    sent = frames.udp_frames(200, tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP)
+    blob.write_bytes(frames.pack_frames(sent))
+    bed.set_sink_drop(True)
+    bed.set_dut_forwarding(True)
+    before = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    blast(bed, blob, 200)
+    deadline = time.monotonic() + 5
+    while bed.link_stats(bed.sink, "s0")["rx_packets"] - before < 200:
+        assert time.monotonic() < deadline, "the sink did not receive all 200 frames"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert bed.link_stats(bed.sink, "s0")["rx_packets"] - before == 200  # and nothing else
+    # With forwarding off (LB-host mode) the DUT's kernel forwards nothing.
+    bed.set_dut_forwarding(False)
+    before = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    blast(bed, blob, 50)
+    time.sleep(0.3)
+    assert bed.link_stats(bed.sink, "s0")["rx_packets"] == before
+
+
+def test_scapy_lb_encapsulates_to_a_backend(bed: tbm.Testbed, tmp_path: Path) -> None:
+    from scapy.layers.inet import IP
+    from scapy.utils import rdpcap
+
+    blob = tmp_path / "udp.frames"
+    sent = frames.udp_frames(5, tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP)
+    blob.write_bytes(frames.pack_frames(sent))
+    pcap = tmp_path / "sink.pcap"
+    bed.set_sink_drop(False)
+    log = (tmp_path / "scapy_lb.log").open("w")
+    lb = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            bed.dut,
+            PY,
+            "-m",
+            "bench.scapy_lb",
+            "d0",
+            "--vip",
+            tbm.VIP,
+            "--backend",
+            tbm.SINK_IP,
+            "--next-hop-mac",
+            tbm.GEN_MAC,
+            "--persistent-socket",
+            "--duration",
+            "40",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    dump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            bed.sink,
+            "tcpdump",
+            "-i",
+            "s0",
+            "-c",
+            "5",
+            "-w",
+            str(pcap),
+            "ip proto 4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in (tmp_path / "scapy_lb.log").read_text():
+            assert lb.poll() is None, (tmp_path / "scapy_lb.log").read_text()
+            assert time.monotonic() < deadline, "scapy_lb never became ready"
+            time.sleep(0.1)
+        time.sleep(0.5)  # tcpdump attached
+        blast(bed, blob, 5)
+        dump.wait(timeout=20)
+    finally:
+        for proc in (dump, lb):
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=10)
+        log.close()
+    got = rdpcap(str(pcap))
+    assert len(got) == 5
+    inner_sent = sorted(f[14:] for f in sent)
+    inner_got = sorted(bytes(p[IP].payload) for p in got)
+    assert inner_got == inner_sent  # the inner packet travels byte for byte
+    for p in got:
+        assert p[IP].src == tbm.DUT_IP and p[IP].dst == tbm.SINK_IP and p[IP].proto == 4
