@@ -4,6 +4,9 @@ markdown table and the PNG chart. Pure except `chart`, which writes the PNG (mat
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,10 +162,29 @@ def chart(
     cpu = [cpu_ms_per_request(res.get(m, {}).get("small", {})) or 0 for m in modes]
     ax.bar(modes, cpu, color=cs)
     ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_title("LB processes' CPU ms per 1 KB download (h1+h2, /proc/PID/stat)")
+    ax.set_title("LB CPU ms per 1 KB download (h1+h2 LB processes)")
     for i, v in enumerate(cpu):
         ax.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom", fontsize=8)
     fig.suptitle("wget load over the k=4 fat tree, same machine, interleaved rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Redraw the chart and table from a compare-<time>.json (no network, no root)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.compare_report", description=main.__doc__)
+    ap.add_argument("json", type=Path, help="a bench/results/compare-<time>.json")
+    ap.add_argument("--png", type=Path, required=True, help="chart to write")
+    ap.add_argument("--modes", default="fastpath,scapy,haproxy,none")
+    args = ap.parse_args(argv)
+    res = json.loads(args.json.read_text())["results"]
+    modes = [m for m in args.modes.split(",") if m in res]
+    chart(res, modes, args.png)
+    print(markdown_table(res, modes))
+    print(targets_markdown(check_targets(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

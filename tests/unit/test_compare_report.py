@@ -74,3 +74,16 @@ def test_chart_writes_a_png(tmp_path: Path) -> None:
     out = tmp_path / "c.png"
     chart(RES, ["fastpath", "scapy", "haproxy", "none"], out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_main_redraws_chart_and_table_from_json(tmp_path: Path, capsys) -> None:
+    import json
+
+    from bench.compare_report import main
+
+    src = tmp_path / "c.json"
+    src.write_text(json.dumps({"results": RES, "targets": []}))
+    assert main([str(src), "--png", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| fastpath | 800.0 |" in out and "LB-host bytes" in out
+    assert (tmp_path / "c.png").stat().st_size > 10_000
