@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     fabric = wl.Fabric()
+    wl.safe_streams()
     fetches: dict[tuple[str, str], list[Fetch]] = {}
     extra: dict[tuple[str, str], dict[str, Any]] = {}
     with wl.interrupts_as_exceptions():

@@ -328,10 +328,12 @@ class Fabric:
         return int(self._net.node_pid(name))
 
     def down(self) -> None:
-        if self.up_done:
-            self._net.down(owner=self.owner)
-            self.up_done = False
-        OWNER.unlink(missing_ok=True)
+        try:
+            if self.up_done:
+                self._net.down(owner=self.owner)
+                self.up_done = False
+        finally:
+            OWNER.unlink(missing_ok=True)
 
 
 def iface_counters(pid: int) -> dict[str, dict[str, int]]:
@@ -684,6 +686,34 @@ def cleanup(log: Callable[[str], None]) -> int:
     return 0
 
 
+class _SafeStream:
+    """A stream whose writes never raise: when Ctrl-C also kills a `| tee` reading our output,
+    the teardown must still run to the end (it prints as it goes)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._inner.write(text))
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._inner.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def safe_streams() -> None:
+    if not isinstance(sys.stdout, _SafeStream):
+        sys.stdout = _SafeStream(sys.stdout)
+    if not isinstance(sys.stderr, _SafeStream):
+        sys.stderr = _SafeStream(sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -699,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     fabric = Fabric()
     res: dict[str, Any] | None = None
+    safe_streams()
     with interrupts_as_exceptions():
         try:
             log(f"bringing up the fat tree (lb={opts.lb}, {len(opts.clients)} clients, "
