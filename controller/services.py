@@ -75,10 +75,6 @@ class Command:
     node: str
     argv: tuple[str, ...]
     undo: tuple[str, ...] | None = None
-    # Run (and undo later) only if this probe's output contains `probe_match`: a setting that is
-    # already as wanted is left alone, and not "restored" to something it never was.
-    probe: tuple[str, ...] | None = None
-    probe_match: str = ""
 
 
 @dataclass(frozen=True)
@@ -190,25 +186,6 @@ def plan(
                 argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
                 log=str(logs / f"www-{host}.log"),
                 listen=(addr, HTTP_PORT),
-            )
-        )
-
-    # Hosts send TCP with the checksum left to the NIC (veth "offload"), which within one kernel
-    # is never filled in: a load balancer that copies such a segment into a tunnel hands the
-    # backend a bad checksum (seen as TcpInCsumErrors). p4-utils' P4Host turns host offloads off
-    # for this reason; here tx checksumming, on every host that is not a load balancer, in every
-    # mode, so all modes' clients send alike.
-    for host in topo.hosts():
-        if host in deployment.load_balancers:
-            continue
-        ifn = topo.host_interface(host).name
-        setup.append(
-            Command(
-                node=host,
-                argv=("ethtool", "-K", ifn, "tx", "off"),
-                undo=("ethtool", "-K", ifn, "tx", "on"),
-                probe=("ethtool", "-k", ifn),
-                probe_match="tx-checksumming: on",
             )
         )
 
@@ -454,12 +431,6 @@ def start(
             Path(f).unlink(missing_ok=True)  # a stale stats file must not pass for readiness
         for cmd in p.setup:
             pid = node_pid(cmd.node)
-            if cmd.probe is not None:
-                out = subprocess.run(
-                    _in_node(pid, cmd.probe), capture_output=True, text=True, timeout=10
-                ).stdout
-                if cmd.probe_match not in out:
-                    continue
             res = subprocess.run(
                 _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=10, check=False
             )
