@@ -774,6 +774,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     line: dict[str, Any] = {k: summary[k] for k in stats.FIGURES}
     line["rss_mb_100k"] = mem_of.get("100000")
     line["rss_mb_1m"] = mem_of.get("1000000")
+    lb_mem = memory.get("lb_process") or {}
+    # The running LB's own VmRSS: idle, and after N distinct flows were offered to it.
+    line["lb_process_rss_mb"] = {
+        k: v.get("rss_mb") if isinstance(v, dict) else v
+        for k, v in lb_mem.items()
+        if isinstance(v, dict | float | int)
+    }
+    line["pps_by_placement"] = summary["by_placement"]
     line["rounds"] = len(rounds)
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = os.getloadavg()

@@ -18,6 +18,7 @@ FIGURES = (
     "loss_at_paced",
     "agent_pps",
     "latency_ratio",
+    "scapy_sendp_pps",
 )
 
 
@@ -63,7 +64,18 @@ def round_figures(r: Round) -> dict[str, float | None]:
         "loss_at_paced": paced.get("loss"),
         "agent_pps": (r.get("agent") or {}).get("delivered_pps"),
         "latency_ratio": _ratio(latency.get("lb_rps"), latency.get("kernel_rps")),
+        "scapy_sendp_pps": (r.get("scapy_sendp") or {}).get("delivered_pps"),
     }
+
+
+def placement_medians(rounds: Sequence[Round], system: str) -> dict[str, float | None]:
+    """A system's median delivered rate per CPU placement, over the rounds."""
+    by: dict[str, list[float]] = {}
+    for r in rounds:
+        for placement, m in (r.get(system) or {}).items():
+            if isinstance(m, Mapping) and m.get("delivered_pps"):
+                by.setdefault(placement, []).append(m["delivered_pps"])
+    return {p: median(v) for p, v in by.items()}
 
 
 def summarize(rounds: Sequence[Round]) -> dict[str, Any]:
@@ -74,6 +86,7 @@ def summarize(rounds: Sequence[Round]) -> dict[str, Any]:
         values = [v for f in per_round if (v := f[key]) is not None]
         out[key] = median(values)
     out["rounds"] = len(rounds)
+    out["by_placement"] = {s: placement_medians(rounds, s) for s in ("fastpath", "kernel")}
     out["per_round"] = per_round
     return out
 

@@ -36,6 +36,8 @@ def test_ratios_are_per_round_then_median() -> None:
     assert s["kernel_pps"] == 900
     assert [f["ratio_to_scapy"] for f in s["per_round"]] == pytest.approx([250, 300, 100])
     assert s["ratio_to_scapy"] == pytest.approx(250.0)
+    assert s["by_placement"]["fastpath"] == {"split": 400, "dut-core": 200}
+    assert s["by_placement"]["kernel"] == {"split": 300, "dut-core": 900}
 
 
 def test_missing_phases_give_none_not_zero() -> None:
