@@ -13,17 +13,21 @@ Per round, interleaved (every system sees the same machine state within a round)
 Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
 
 Saturation: bench/blast.py (sendmmsg on the generator core; trafgen's TX ring dies with EAGAIN
-once frames queue behind RPS, see there) sends 64-byte UDP frames over many flows
-as fast as it can; delivered = the sink's rx counter, offered = the generator's tx counter
-(sent + dropped at the DUT's backlog); the first `--warmup` seconds are not counted.
-CPU placements (the receive-livelock trap). The LB or agent is pinned to the DUT core, the generator
-to the other; a veth frame is processed on the core that sent it unless RPS steers it:
-  split     no steering: the DUT's input is received on the generator's core, its
-            output is routed to the sink on the DUT's core (in the sending syscall)
+once frames queue behind RPS, see there) sends 64-byte UDP frames over --flows flows as fast as
+it can; delivered = the sink's rx counter (the sink discards at once: frames addressed to a MAC
+it does not own), offered = the generator's tx counter (sent + dropped at the DUT's backlog);
+the first --warmup seconds are not counted. Each window also records per-core busy/softirq
+shares from /proc/stat (whole machine: shows when the generator core is the limit).
+
+CPU placements (the receive-livelock trap). The LB or agent is pinned to the DUT core (0), the
+generator to the other (1); a veth frame is processed on the core that sent it unless RPS
+steers it:
+  split     no steering: the DUT's input is received on the generator's core, its output is
+            routed to the sink on the DUT's core (in the sending syscall, as on the fat tree)
   dut-core  the DUT's input steered to the DUT core (RPS on d0): the kernel router gets a core
             of its own; the LB shares its core with its receive softirq (the livelock case)
   gen-core  the DUT's output steered to the generator core too (RPS on g0): the DUT core runs
-            nothing but the LB process (optional)
+            nothing but the LB process (optional: the generator core then limits)
 A system's rate in a round is its best placement; every placement is recorded.
 """
 

@@ -1,11 +1,12 @@
-"""A veth testbed in three network namespaces for the forwarding benchmark.
+"""A veth testbed in four network namespaces for the forwarding benchmark.
 
     gen  (traffic generator, and the router in front of the backends; plays t1)
      | g0 10.201.1.2  <->  d0 10.201.1.1
     dut  (the device under test: the LB host, or a plain kernel router)
     gen
      | gs 10.201.2.1  <->  s0 10.201.2.2
-    sink (the backend: counts, drops or serves what reaches it)
+    sink (the backend: counts, drops or serves what reaches it; 10.201.2.3-5 are extra
+          backend addresses on its link, so the LB spreads over four)
     gen
      | gc 10.201.3.1  <->  c0 10.201.3.2
     cli  (the latency client: its packets must not carry an address of gen, which would drop
