@@ -52,6 +52,17 @@ from bench.procs import ProcError, Procs
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 PLACEMENTS = ("split", "dut-core", "gen-core")
+PHASES = (
+    "kernel",
+    "fastpath",
+    "paced",
+    "scapy",
+    "scapy_sendp",
+    "agent",
+    "latency",
+    "memory",
+    "lb_memory",
+)
 UDP_PORT = 9  # discard: nobody listens in the sink (the sink drops at its IP layer anyway)
 PING_PORT = 7777
 
@@ -656,17 +667,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--phases",
         type=lambda s: s.split(","),
-        default=[
-            "kernel",
-            "fastpath",
-            "paced",
-            "scapy",
-            "scapy_sendp",
-            "agent",
-            "latency",
-            "memory",
-            "lb_memory",
-        ],
+        default=list(PHASES),
+        help=f"comma-separated phases to run (default: all: {','.join(PHASES)})",
     )
     p.add_argument("--no-interleave", dest="interleave", action="store_false")
     p.add_argument("--pings", type=int, default=20000, help="sequential requests per path")
@@ -699,6 +701,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         a.pings = min(a.pings, 5000)
         a.placements = ["split"]
         a.memory_flows = [100_000]
+    unknown = [x for x in a.phases if x not in PHASES]
+    if unknown:
+        p.error(f"--phases: unknown {unknown}; choose from {', '.join(PHASES)}")
     bad = [x for x in a.placements if x not in PLACEMENTS]
     if bad:
         p.error(f"--placements: unknown {bad}; choose from {', '.join(PLACEMENTS)}")
