@@ -617,6 +617,7 @@ def run_load(
             "concurrency": opts.concurrency,
             "repeat": opts.repeat,
             "tool": opts.tool,
+            "network_owner": fabric.owner,  # the PID that owned the fat tree of this run
             "lb_cpu_s": round(sum(v.get("cpu_s", 0.0) for v in per_lb.values()), 3),
         },
     )
