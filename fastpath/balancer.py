@@ -37,7 +37,7 @@ import ipaddress
 from fastpath.config import BalancerConfig, check_backends
 from fastpath.conntrack import ConnTable
 from fastpath.counters import Counters
-from fastpath.kernel import NO_BACKEND, BatchFn, ProcessFn, Tables, make_kernel
+from fastpath.kernel import NO_BACKEND, BatchFn, BindRingFn, ProcessFn, Tables, make_kernel
 from fastpath.maglev import build_table
 from fastpath.packet import ETH, ETH_P_IP, IPPROTO_IPIP, IPV4, OUTER_TTL
 
@@ -65,6 +65,8 @@ class Balancer:
 
     process: ProcessFn
     process_batch: BatchFn
+    bind_ring: BindRingFn
+    """The zero-copy entry over a receive ring (fastpath.kernel, used by fastpath.forward)."""
 
     def __init__(self, cfg: BalancerConfig) -> None:
         self.cfg = cfg
@@ -91,7 +93,9 @@ class Balancer:
         self._backend_ips: list[bytes | None] = []  # per backend id; None once removed
         self.set_next_hop_mac(self._next_hop_mac)
         self.set_backends(cfg.backends)
-        self.process, self.process_batch = make_kernel(self._tables, self.counters, self.conntrack)
+        self.process, self.process_batch, self.bind_ring = make_kernel(
+            self._tables, self.counters, self.conntrack
+        )
 
     def set_next_hop_mac(self, mac: bytes) -> None:
         """Ethernet destination of frames sent from now on."""

@@ -1,8 +1,9 @@
 """The forwarding loop: receive ring -> Balancer.process_batch -> sendmmsg, in batches.
 
-Per batch: collect up to `batch` ready frames from the TPACKET_V2 ring as memoryviews (no
-copy), let the core write the frames to send into the sender's fixed buffers, hand the ring
-slots back to the kernel, set the iovec lengths and send them with one sendmmsg. When the ring
+Per batch: the core (Balancer.bind_ring) takes up to `batch` ready frames in place in the
+TPACKET_V2 ring and writes for each one to send only its outer header and inner length; one
+sendmmsg sends header + inner packet straight from the ring slots (two iovecs per slot, no
+copy in user space), then the slots go back to the kernel in one strided store. When the ring
 is empty the loop sleeps in poll() on the ring socket, which wakes for the first frame the
 kernel publishes (V2 has no block timeout), so a lone request is forwarded at once.
 """
@@ -15,19 +16,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from fastpath.balancer import Balancer
 from fastpath.csum_fixup import complete_l4_checksum
-from fastpath.ring import (
-    LEN_WORD,
-    SNAPLEN_WORD,
-    TP_STATUS_CSUMNOTREADY,
-    TP_STATUS_KERNEL,
-    TP_STATUS_USER,
-    RxRing,
-)
-from fastpath.tx import MmsgSender
+from fastpath.ring import TP_STATUS_USER, RxRing
+from fastpath.tx import MmsgSender, ZeroCopySender
 
 
 @dataclass
@@ -37,7 +30,7 @@ class IoCounters:
     rx_frames: int = 0
     """Frames taken from the ring."""
     rx_truncated: int = 0
-    """Frames longer than a ring slot (cut by the kernel; the core then drops them)."""
+    """Frames longer than a ring slot (cut by the kernel) that the core dropped for it."""
     rx_csum_completed: int = 0
     """Frames whose TCP/UDP checksum was left partial by a local sender (checksum offload on
     a veth): completed before forwarding, see fastpath.csum_fixup."""
@@ -91,35 +84,33 @@ class Forwarder:
     ) -> None:
         """Forward until stop(); call `tick(now)` about every `tick_every` seconds."""
         ring, sender, io = self.ring, self.sender, self.io
-        status, slots, nr = ring.status, ring.slots, ring.frame_nr
-        # Per slot: the index of its status word, and the next slot (saves arithmetic per frame).
-        sw = [i * ring.words for i in range(nr)]
-        nxt = [*range(1, nr), 0]
-        process_batch = self.balancer.process_batch
+        status, snaps, nr = ring.slot_status, ring.slot_snap, ring.frame_nr
+        zc = ZeroCopySender(sender, [ring.slot_addr(j) for j in range(nr)])
+        fixed = [0]
+        marks: list[tuple[int, int]] = []
+        ring_batch = self.balancer.bind_ring(
+            ring.slots, status, snaps, zc.hdrs, zc.HDR_STRIDE, zc.plens, sender.slots,
+            complete_l4_checksum, fixed,
+        )  # fmt: skip
+        zsend = zc.send
         batch = self.batch
-        frames: list[memoryview] = [slots[0][0:0]] * batch
-        frame = frames[0]
-        outs = sender.slots
-        # The core writes each length straight into iov_len of the sender's iovec array.
-        lens = cast(list[int], sender.iov_lens)
-        send = sender.send
+        zeros = memoryview(bytearray(4 * batch)).cast("I")
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
         poll = poller.poll
         i = ring.index
         next_tick = clock() + tick_every
-        rx = truncated = 0
+        rx = 0
         busy_poll = self.busy_poll_us / 1e6
         spin_until = 0.0
         sched_yield = os.sched_yield
         try:
             while self.running:
-                if not status[sw[i]] & TP_STATUS_USER:
+                if not status[i] & TP_STATUS_USER:
                     if spin_until:
                         # Busy-poll briefly after traffic: a request that follows within
                         # busy_poll_us skips the sleep/wake-up (about 10 us on this VM).
-                        w = sw[i]
-                        while not status[w] & TP_STATUS_USER and clock() < spin_until:
+                        while not status[i] & TP_STATUS_USER and clock() < spin_until:
                             sched_yield()  # others runnable on this core go first
                         spin_until = 0.0
                         continue
@@ -129,51 +120,61 @@ class Forwarder:
                     if now < next_tick:
                         continue
                 else:
-                    # Collect the ready frames (at most `batch`) as views into the ring.
-                    start = i
-                    n = 0
-                    while n < batch:
-                        w = sw[i]
-                        st = status[w]
-                        if not st & TP_STATUS_USER:
-                            break
-                        snap = status[w + SNAPLEN_WORD]
-                        frame = slots[i][:snap]
-                        # Cut to the slot (the kernel flags that only with PACKET_COPY_THRESH):
-                        # the core drops it by its IP total length; counted here too.
-                        if snap != status[w + LEN_WORD]:
-                            truncated += 1
-                        elif st & TP_STATUS_CSUMNOTREADY and complete_l4_checksum(frame):
-                            io.rx_csum_completed += 1
-                        frames[n] = frame
-                        n += 1
-                        i = nxt[i]
+                    # The ready frames from slot i on (at most `batch`, not past the ring's
+                    # end so that slots first..first+n-1 are consecutive messages).
+                    end = i + batch
+                    if end > nr:
+                        end = nr
                     now = clock()
-                    k = process_batch(frames, outs, lens, n, now)
-                    # The core copied what it sends: give the slots back to the kernel.
-                    j = start
-                    for _ in range(n):
-                        status[sw[j]] = TP_STATUS_KERNEL
-                        j = nxt[j]
+                    n = ring_batch(i, end, now, marks)
+                    if marks:
+                        self._send_marked(zc, i, n, marks)
+                        marks.clear()
+                    else:
+                        zsend(i, n)
+                    # Sent (the kernel copied the frames): give the slots back.
+                    status[i : i + n] = zeros if n == batch else zeros[:n]
                     rx += n
                     io.batches += 1
-                    if k:
-                        send(k)
+                    i += n
+                    if i == nr:
+                        i = 0
                     if busy_poll:
                         spin_until = clock() + busy_poll
                     if now < next_tick:
                         continue
                 io.rx_frames += rx
-                io.rx_truncated += truncated
-                rx = truncated = 0
+                io.rx_csum_completed += fixed[0]
+                rx = fixed[0] = 0
                 if tick is not None:
                     tick(now)
                 next_tick = now + tick_every
         finally:
-            frames.clear()  # drop views into the ring so it can be unmapped
-            del frame
             ring.index = i
             io.rx_frames += rx
-            io.rx_truncated += truncated
+            io.rx_csum_completed += fixed[0]
             io.tx_frames = sender.sent
             io.tx_errors = sender.errors
+            zc.close()
+
+    def _send_marked(
+        self, zc: ZeroCopySender, first: int, n: int, marks: list[tuple[int, int]]
+    ) -> None:
+        """Send slots first..first+n-1 in order, except the marked ones: a drop (length 0) is
+        skipped, a frame the general path wrote into the sender's buffer j (the j-th mark) is
+        sent from there."""
+        sender, ring = self.sender, self.ring
+        run = first
+        for j, (slot, m) in enumerate(marks):
+            if slot > run:
+                zc.send(run, slot - run)
+            if m:
+                sender.iov_lens[j] = m
+                sender.send(1, j)
+            elif ring.slot_len[slot] != ring.slot_snap[slot]:
+                # Cut to the slot (the kernel flags that only with PACKET_COPY_THRESH): the
+                # core dropped it by its IP total length; counted here too.
+                self.io.rx_truncated += 1
+            run = slot + 1
+        if first + n > run:
+            zc.send(run, first + n - run)

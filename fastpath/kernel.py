@@ -46,6 +46,8 @@ from fastpath.packet import (
 
 ProcessFn = Callable[[memoryview, memoryview, float], int]
 BatchFn = Callable[[Sequence[memoryview], Sequence[memoryview], list[int], int, float], int]
+RingBatchFn = Callable[[int, int, float, list[tuple[int, int]]], int]
+BindRingFn = Callable[..., RingBatchFn]
 
 NO_BACKEND = -1
 
@@ -75,6 +77,11 @@ _SUPPORTED = frozenset((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP))
 _IPV4_VAR = Struct("!BHHHBBH")
 # ETH_IPV4_FIELDS plus the destination port where it is when IHL is 5 (frames >= 38 bytes).
 _FAST_FIELDS = Struct("!12xHBBH2xHBB2x4xI2xH")
+# The whole outer header in one go: Ethernet + version/IHL (template bytes 0..14), TOS, total
+# length, ID, flags, TTL and protocol (one word), checksum, source + destination (template
+# bytes 26..33).
+_OUTER = Struct("!15sBHHHHH8s")
+_TTL_PROTO = (OUTER_TTL << 8) | IPPROTO_IPIP
 
 
 @dataclass
@@ -100,8 +107,11 @@ class Tables:
     """Ethernet header of ICMP replies (next hop, local MAC, IPv4)."""
 
 
-def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn, BatchFn]:
-    """Build `process(frame, out, now) -> int` and `process_batch(...)` over `t`."""
+def make_kernel(
+    t: Tables, counters: Counters, ct: ConnTable
+) -> tuple[ProcessFn, BatchFn, BindRingFn]:
+    """Build `process(frame, out, now) -> int`, `process_batch(...)` and `bind_ring(...)`
+    over `t`."""
     drops = counters.drops
     forwarded = counters.forwarded
     vips_get = t.vips.get
@@ -400,4 +410,101 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> tuple[ProcessFn
             drops[_INTERNAL_ERROR] += 1
             return 0
 
-    return process, process_batch
+    def bind_ring(
+        slots: Sequence[memoryview],
+        status: memoryview,
+        snaps: memoryview,
+        hdrs: memoryview,
+        hdr_stride: int,
+        plens: memoryview,
+        spare: Sequence[memoryview],
+        fixup: Callable[[memoryview], bool],
+        fixed: list[int],
+    ) -> RingBatchFn:
+        """The zero-copy batch entry over a receive ring (see fastpath.forward): frames are
+        read in place and never copied; for each frame sent from slot i the core writes only
+        the 34-byte outer header at hdrs[i * hdr_stride] and the inner length in plens[i] (the
+        sender's iovecs point at that header and at the inner packet in the ring slot).
+
+        slots[i]: slot i's bytes from its Ethernet header; status[i] / snaps[i]: its status
+        word (bit 0: ready for user space, bit 3: TCP/UDP checksum left partial) and snap
+        length. Frames the fast path does not take go through general(), which writes into
+        spare[j] (j = the number of marks so far); each is recorded in `marks` as (i, length
+        written to spare[j], 0 for a drop). `fixup(frame)` completes partial checksums
+        (counted in fixed[0]).
+
+        Returns `ring_batch(first, end, now, marks) -> n`: slots first..n-1 were ready and
+        handled (it stops at the first slot not ready, or at `end`).
+        """
+        # The fast path needs 38 bytes (through the destination port); with checksum
+        # verification on, every frame takes the general path.
+        min_fast = 1 << 30 if verify else 38
+        pack_outer = _OUTER.pack_into
+        seen: list[bytes] = []
+        head = b""
+        tails: list[bytes] = []
+
+        def ring_batch(first: int, end: int, now: float, marks: list[tuple[int, int]]) -> int:
+            nonlocal ident, head, seen
+            if seen != templates:  # the control plane changed them: rederive head and tails
+                seen = list(templates)
+                head = next((tp[:15] for tp in seen if tp), b"")
+                tails[:] = [tp[26:34] for tp in seen]
+            if now >= ct.rotate_at:
+                ct.tick(now)
+            young_get = ct.young.get
+            n = end - first
+            for i in range(first, end):
+                try:
+                    st = status[i]
+                    if st & 9 != 1:
+                        if not st & 1:
+                            n = i - first
+                            break
+                        if fixup(slots[i][: snaps[i]]):
+                            fixed[0] += 1
+                    frame = slots[i]
+                    snap = snaps[i]
+                    if snap >= min_fast:
+                        et, vihl, tos, tl, frag, ttl, proto, dst, dport = unpack_fast(frame, 0)
+                        if (
+                            vihl == 0x45
+                            and et == 0x0800
+                            and ttl > 1
+                            and not frag & 0x3FFF
+                            and (tl >= 40 if proto == 6 else proto == 17 and tl >= 28)
+                            and tl + 14 <= snap
+                            and tl <= max_inner
+                        ):
+                            ports = vips_get(dst)
+                            if ports is not None and (not ports or dport in ports):
+                                key = h3(frame[26:38], seeds[proto])
+                                bid = young_get(key)
+                                if bid is None or not templates[bid]:
+                                    bid = miss(key)
+                                    young_get = ct.young.get  # miss() may have rotated it
+                                    if bid == NO_BACKEND:
+                                        drops[_NO_BACKEND] += 1
+                                        marks.append((i, 0))
+                                        continue
+                                ident = (ident + 1) & 0xFFFF
+                                df = frag & 0x4000
+                                csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
+                                pack_outer(
+                                    hdrs, i * hdr_stride, head, tos, tl + 20, ident, df,
+                                    _TTL_PROTO, csum, tails[bid],
+                                )  # fmt: skip
+                                plens[i] = tl
+                                forwarded[bid] += 1
+                                continue
+                    marks.append((i, general(frame[:snap], spare[len(marks)], now)))
+                    young_get = ct.young.get  # general() may have rotated the generations
+                except Exception:  # a bug, not an input: count it and keep forwarding
+                    drops[_INTERNAL_ERROR] += 1
+                    if not marks or marks[-1][0] != i:
+                        marks.append((i, 0))
+            return n
+
+        return ring_batch
+
+    return process, process_batch, bind_ring

@@ -20,6 +20,7 @@ Usage (the hot loop reads the ring's arrays directly; see fastpath.forward):
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import select
 import socket
@@ -102,6 +103,12 @@ class RxRing:
         self.status = memoryview(b"").cast("I")
         self.half = memoryview(b"").cast("H")
         self.slots: list[memoryview] = []
+        self.addr = 0
+        """Address of the mapping (for iovecs pointing into the slots)."""
+        self.slot_status = self.status
+        """Per slot (index = slot number, a strided view): status word, tp_len, tp_snaplen."""
+        self.slot_len = self.status
+        self.slot_snap = self.status
 
     def setup(self, sock: socket.socket) -> None:
         """Ask the kernel for the ring (call before bind, as open_filtered's `setup`)."""
@@ -120,11 +127,22 @@ class RxRing:
         self.view = memoryview(self.mm)
         self.status = self.view.cast("I")
         self.half = self.view.cast("H")
+        words = self.words
+        self.slot_status = self.status[ST_WORD::words]
+        self.slot_len = self.status[LEN_WORD::words]
+        self.slot_snap = self.status[SNAPLEN_WORD::words]
+        anchor = ctypes.c_char.from_buffer(self.mm)
+        self.addr = ctypes.addressof(anchor)
+        del anchor  # an export would keep the mmap from closing; the address stays valid
         # Per slot: the bytes from the Ethernet header on (sliced to tp_snaplen per frame).
         fsz = self.frame_size
         self.slots = [
             self.view[i * fsz + ETH_MAC_OFFSET : (i + 1) * fsz] for i in range(self.frame_nr)
         ]
+
+    def slot_addr(self, i: int) -> int:
+        """Address of slot i's Ethernet header."""
+        return self.addr + i * self.frame_size + ETH_MAC_OFFSET
 
     def frame(self, i: int) -> memoryview:
         """Frame i as received (from its Ethernet header, snap length bytes)."""
@@ -162,6 +180,8 @@ class RxRing:
         for v in self.slots:
             v.release()
         self.slots = []
+        for v in (self.slot_status, self.slot_len, self.slot_snap):
+            v.release()
         self.status.release()
         self.half.release()
         self.view.release()

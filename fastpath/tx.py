@@ -105,31 +105,82 @@ class MmsgSender:
         """Send the committed buffers; returns how many the kernel took."""
         return self.send(self.pending)
 
-    def send(self, n: int) -> int:
-        """Send buffers 0..n-1 whose lengths are already in `iov_lens`; returns how many the
-        kernel took (the others are counted in `errors`)."""
-        done = 0
-        errors_before = self.errors
-        while done < n:
-            r = _sendmmsg(self.fd, self.msgs_addr + done * _MMSG_SIZE, n - done, 0)
-            if r <= 0:
-                err = ctypes.get_errno()
-                if r < 0 and err == errno.EINTR:
-                    continue
-                # The frame at `done` was refused (ENOBUFS: the peer's backlog was full):
-                # count it as lost and go on with the rest of the batch.
-                self.errors += 1
-                self.last_errno = err
-                done += 1
-                continue
-            done += r
+    def send(self, n: int, first: int = 0) -> int:
+        """Send buffers first..first+n-1 whose lengths are already in `iov_lens`; returns how
+        many the kernel took (the others are counted in `errors`)."""
         self.pending = 0
-        taken = done - (self.errors - errors_before)
-        self.sent += taken
-        return taken
+        return _send(self, self.msgs_addr + first * _MMSG_SIZE, n)
 
     def close(self) -> None:
         self.iov_lens.release()
         self.iov_words.release()
         for s in self.slots:
             s.release()
+
+
+class ZeroCopySender:
+    """sendmmsg straight from a receive ring: one message per ring slot, two iovecs each, a
+    34-byte outer header (in `hdrs`, at slot * HDR_STRIDE) and the inner packet in the slot
+    itself (from its byte 14, `plens[slot]` bytes). The core writes both, so nothing is copied
+    in user space; the caller hands the slots back to the kernel after the send.
+
+    Measured against copying into MmsgSender buffers (bench/fwd_drain.py, median of 3
+    interleaved rounds, CPU per frame of the whole loop): 2.83 us -> 2.29 us. The inner
+    packet copy, the template copy, the per-frame slicing and the per-slot release loop go.
+    """
+
+    HDR_STRIDE = 64
+
+    def __init__(self, sender: MmsgSender, slot_addrs: list[int]) -> None:
+        nr = len(slot_addrs)
+        self.counts = sender  # frames sent and refused are counted in the sender's counters
+        self.fd = sender.fd
+        self.store = ctypes.create_string_buffer(nr * self.HDR_STRIDE)
+        self.iov = (_Iovec * (2 * nr))()
+        self.msgs = (_Mmsghdr * nr)()
+        base = ctypes.addressof(self.store)
+        iov_addr = ctypes.addressof(self.iov)
+        for i, addr in enumerate(slot_addrs):
+            self.iov[2 * i].base = base + i * self.HDR_STRIDE
+            self.iov[2 * i].len = 34
+            self.iov[2 * i + 1].base = addr + 14
+            self.msgs[i].hdr.iov = ctypes.cast(
+                iov_addr + 2 * i * ctypes.sizeof(_Iovec), ctypes.POINTER(_Iovec)
+            )
+            self.msgs[i].hdr.iovlen = 2
+        self.hdrs = memoryview(self.store).cast("B")
+        self._words = memoryview(self.iov).cast("B").cast("Q")
+        self.plens = self._words[3::4]  # iov[2 * i + 1].len
+        self.msgs_addr = ctypes.addressof(self.msgs)
+
+    def send(self, first: int, n: int) -> int:
+        """Send the messages of slots first..first+n-1; returns how many the kernel took."""
+        return _send(self.counts, self.msgs_addr + first * _MMSG_SIZE, n)
+
+    def close(self) -> None:
+        self.plens.release()
+        self._words.release()
+        self.hdrs.release()
+
+
+def _send(s: MmsgSender, addr: int, n: int) -> int:
+    """sendmmsg of the n messages at `addr`; a refused frame is counted in s.errors and the
+    rest still sent. Returns how many the kernel took (added to s.sent)."""
+    done = errors = 0
+    fd = s.fd
+    while done < n:
+        r = _sendmmsg(fd, addr + done * _MMSG_SIZE, n - done, 0)
+        if r <= 0:
+            err = ctypes.get_errno()
+            if r < 0 and err == errno.EINTR:
+                continue
+            # The frame at `done` was refused (ENOBUFS: the peer's backlog was full): count it
+            # as lost and go on with the rest of the batch.
+            errors += 1
+            s.last_errno = err
+            done += 1
+            continue
+        done += r
+    s.errors += errors
+    s.sent += done - errors
+    return done - errors
