@@ -6,8 +6,9 @@ AF_PACKET socket, as fast as the kernel takes them or paced at a given rate.
 Why not trafgen: it pins its worker to CPU 0 whatever taskset says, and its TX ring socket gets
 the namespace's default send buffer (212,992 bytes; a child namespace cannot raise it), so once
 frames queue behind RPS on another core the ring flush fails with EAGAIN, which trafgen treats
-as fatal. Here the socket's buffer is forced (SO_SNDBUFFORCE) and sends block instead of failing. FILE holds the frames as written by
-`bench.frames.pack_frames`. One JSON line at exit: frames handed to the kernel, seconds, errors.
+as fatal. Here the socket's buffer is forced (SO_SNDBUFFORCE) and sends block instead of failing.
+FILE holds the frames as written by `bench.frames.pack_frames`. One JSON line at exit: frames
+handed to the kernel, seconds, errors.
 """
 
 from __future__ import annotations
