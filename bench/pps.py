@@ -671,6 +671,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated phases to run (default: all: {','.join(PHASES)})",
     )
     p.add_argument("--no-interleave", dest="interleave", action="store_false")
+    p.add_argument(
+        "--trafgen-configs",
+        action="store_true",
+        help="also write the frames as trafgen configurations into the log dir",
+    )
     p.add_argument("--pings", type=int, default=20000, help="sequential requests per path")
     p.add_argument(
         "--memory-flows",
@@ -741,8 +746,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         paths[name] = work / f"{name}.frames"
         paths[name].write_bytes(frames.pack_frames(fr))
-        # For anyone reproducing by hand: trafgen -i <name>.cfg -o g0 sends the same frames.
-        (work / f"{name}.cfg").write_text(frames.trafgen_config(fr))
+        if args.trafgen_configs:  # for runs by hand: trafgen -i <name>.cfg -o g0
+            (work / f"{name}.cfg").write_text(frames.trafgen_config(fr))
     rounds: list[dict[str, Any]] = []
     memory: dict[str, Any] = {}
     started = time.monotonic()
@@ -778,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted: cleaning up")
     finally:
         procs.stop_all()
+        for path in work.glob("*.frames"):  # megabytes each, rebuilt by every run
+            path.unlink()
     summary = stats.summarize(rounds)
     mem_of = {str(n): (memory.get(str(n)) or {}).get("rss_mb") for n in args.memory_flows}
     line: dict[str, Any] = {k: summary[k] for k in stats.FIGURES}
