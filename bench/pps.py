@@ -283,6 +283,9 @@ def run_forwarder(
         finally:
             if proc is not None:
                 ctx.procs.stop(proc)
+                final = last_json(ctx.procs.log(f"{name}-{placement}"))
+                if isinstance(out.get(placement), dict) and final:
+                    out[placement]["program_stats"] = final  # its own counters at exit
     tb.set_dut_forwarding(False)
     place(ctx, "split")
     return out
@@ -315,7 +318,8 @@ def run_scapy(ctx: Ctx, name: str, persistent: bool) -> dict[str, Any]:
         say(f"{name}: FAILED: {exc}")
     finally:
         ctx.procs.stop(proc)
-    rates = [m["delivered_pps"] for m in out.values() if isinstance(m, dict)]
+        out["program_stats"] = last_json(ctx.procs.log(name))
+    rates = [m["delivered_pps"] for m in out.values() if isinstance(m, dict) and "offered_pps" in m]
     if rates:
         out["delivered_pps"] = max(rates)
     return out
@@ -349,6 +353,7 @@ def run_agent(ctx: Ctx) -> dict[str, Any]:
     tb.set_dut_forwarding(False)
     place(ctx, "split")
     proc = ctx.procs.start("agent", tb.dut, agent_argv(ctx, "d0", tbm.GEN_IP), ctx.args.dut_cpu)
+    res: dict[str, Any] = {}
     try:
         wait_ready(ctx, proc, lambda: dut_udp_delivered(ctx), ctx.cfg_probe_ipip)
         res = saturate(
@@ -359,12 +364,13 @@ def run_agent(ctx: Ctx) -> dict[str, Any]:
             f"agent     split    delivered {res['delivered_pps']:>9,} pps of "
             f"{res['offered_pps']:>9,} offered (loss {res['loss']:.1%}){cpu_note(res)}"
         )
-        return res
     except ProcError as exc:
         say(f"agent: FAILED: {exc}")
-        return {"error": str(exc)}
+        res = {"error": str(exc)}
     finally:
         ctx.procs.stop(proc)
+    res["program_stats"] = last_json(ctx.procs.log("agent"))
+    return res
 
 
 def wait_log(ctx: Ctx, proc: subprocess.Popen[bytes], name: str, text: str) -> None:
