@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for name, opts in workloads(args, base, mode).items():
                             before = wl.snapshot(fabric, base.deployment, recs)
                             got = wl.run_round(opts, fabric.node_pid, rnd, log)
-                            time.sleep(wl.STATS_SETTLE)
+                            wl.wait_fresh_stats(recs, time.time() + wl.STATS_SETTLE)
                             after = wl.snapshot(fabric, base.deployment, recs)
                             fetches.setdefault((mode, name), []).extend(got)
                             per_backend, per_lb, lb_bytes = wl.counters(

@@ -586,6 +586,31 @@ def run_round(
     return fetches
 
 
+def wait_fresh_stats(
+    recs: Sequence[Mapping[str, Any]], since: float, timeout: float = 10.0
+) -> list[str]:
+    """Wait until every LB's and agent's stats file was rewritten at or after `since`, so the
+    counters include the load's last packets (on a busy machine a starved process writes late).
+    Returns the files still stale at the timeout (their figures may then be short)."""
+    files = [
+        r["stats"]
+        for r in recs
+        if r["role"] in ("lb", "agent") and str(r.get("stats", "")).endswith(".json")
+    ]
+    deadline = since + timeout
+    while True:
+        stale = []
+        for f in files:
+            try:
+                if os.stat(f).st_mtime < since:
+                    stale.append(f)
+            except OSError:
+                stale.append(f)
+        if not stale or time.time() >= deadline:
+            return stale
+        time.sleep(0.05)
+
+
 def run_load(
     opts: Options,
     fabric: Fabric,
@@ -600,7 +625,7 @@ def run_load(
         fetches += run_round(opts, fabric.node_pid, rnd, log)
         failed = sum(1 for f in fetches if verdict(f, opts.expected))
         log(progress_line(rnd, opts.rounds, fetches, failed))
-    time.sleep(STATS_SETTLE)  # let the LBs and agents write their last counters
+    wait_fresh_stats(recs, time.time() + STATS_SETTLE)
     after = snapshot(fabric, opts.deployment, recs)
     per_backend, per_lb, lb_bytes = counters(opts.deployment, opts.lb, before, after)
     return summarize(

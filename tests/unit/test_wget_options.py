@@ -69,3 +69,25 @@ def test_counters_are_deltas_and_lb_bytes_sum_lb_interfaces() -> None:
     assert per_backend["h3"]["requests"] == 100 and per_backend["h7"]["requests"] == 0
     assert per_backend["h11"]["agent"] == {"delivered": 20, "drops": {"x": 20}}
     assert per_lb["h1"]["cpu_s"] == 1.0 and per_lb["h2"]["tx_packets"] == 100
+
+
+def test_wait_fresh_stats_waits_for_a_rewrite_and_reports_stale(tmp_path) -> None:
+    import os
+    import threading
+    import time
+
+    fresh, stale = tmp_path / "lb-h1.json", tmp_path / "agent-h3.json"
+    fresh.write_text("{}")
+    stale.write_text("{}")
+    os.utime(stale, (1, 1))
+    recs = [
+        {"role": "lb", "stats": str(fresh)},
+        {"role": "agent", "stats": str(stale)},
+        {"role": "haproxy", "stats": str(tmp_path / "x.sock")},  # not a file it rewrites
+    ]
+    since = time.time() + 0.2
+    threading.Timer(0.3, lambda: fresh.write_text("{}")).start()
+    t0 = time.monotonic()
+    left = wl.wait_fresh_stats(recs, since, timeout=0.5)
+    assert left == [str(stale)]  # the rewritten one counts as fresh, the other is reported
+    assert time.monotonic() - t0 < 2
