@@ -28,12 +28,12 @@ from pathlib import Path
 from types import FrameType
 
 from agent.config import ConfigError, DecapConfig, parse_network
-from agent.core import VNET_HDR_LEN, Decapsulator
+from agent.core import Decapsulator
 from agent.counters import DecapCounters
 from agent.deliver import Delivery, RawDelivery, TunDelivery
 from agent.host import HostError, HostPlan, HostSetup, table_name, tun_name
 from fastpath import bpf
-from fastpath.ring import TP_STATUS_KERNEL, TP_STATUS_USER, RxRing, kernel_drops
+from fastpath.ring import ETH_MAC_OFFSET, TP_STATUS_USER, RxRing, kernel_drops
 
 STATS_DIR = Path("/run/l4lb")
 BATCH = 256  # frames handled between two clock reads / stop checks
@@ -210,37 +210,28 @@ def serve(
     tick: Callable[[float], None],
     vnet_hdr: bool,
 ) -> None:
-    """The hot loop: up to BATCH ready frames per round, each decapsulated and delivered."""
-    status, half, view = ring.status, ring.half, ring.view
-    words, halves, fsize, nr = ring.words, ring.halves, ring.frame_size, ring.frame_nr
-    process_at = core.process_at
-    mark = core.vnet_header_into
-    hdr = VNET_HDR_LEN if vnet_hdr else 0
-    failed = core.counters.delivery_failed
+    """The hot loop: up to BATCH ready frames per round (Decapsulator.bind_ring decapsulates
+    and delivers them), then their slots go back to the kernel in one strided store."""
+    status, nr, fsize = ring.slot_status, ring.frame_nr, ring.frame_size
+    starts = [j * fsize + ETH_MAC_OFFSET for j in range(nr)]
+    ring_batch = core.bind_ring(ring.view, status, ring.slot_snap, starts, send, vnet_hdr)
+    zeros = memoryview(bytearray(4 * BATCH)).cast("I")  # TP_STATUS_KERNEL
     clock = time.monotonic
     i = ring.index
     while not stop.set:
         now = clock()
         tick(now)
-        if not status[i * words] & TP_STATUS_USER:
+        if not status[i] & TP_STATUS_USER:
             ring.index = i
             ring.wait(IDLE_POLL_MS)
             continue
-        for _ in range(BATCH):
-            w = i * words
-            if not status[w] & TP_STATUS_USER:
-                break
-            start = i * fsize + half[i * halves + 6]  # + tp_mac: the Ethernet header
-            off, length = process_at(view, start, start + status[w + 2], now)  # + tp_snaplen
-            if length:
-                if hdr:
-                    mark(view, off, length)
-                try:
-                    send(view[off - hdr : off + length])
-                except OSError:
-                    failed()
-            status[w] = TP_STATUS_KERNEL
-            i = i + 1 if i + 1 < nr else 0
+        # Not past the ring's end, so that the slots handled are consecutive.
+        end = i + BATCH if i + BATCH <= nr else nr
+        n = ring_batch(i, end, now)
+        status[i : i + n] = zeros if n == BATCH else zeros[:n]
+        i += n
+        if i == nr:
+            i = 0
     ring.index = i
 
 

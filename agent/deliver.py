@@ -25,9 +25,11 @@ device, so it stays as the fallback (`--deliver raw`).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -62,13 +64,8 @@ class TunDelivery:
             os.close(self.fd)
             raise
         self.name = IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
-        fd = self.fd
-        write = os.write
-
-        def send(packet: memoryview) -> int:
-            return write(fd, packet)
-
-        self.send = send
+        # os.write bound in C (a partial): no Python frame per packet.
+        self.send: Callable[[memoryview], int] = functools.partial(os.write, self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
