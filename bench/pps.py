@@ -27,7 +27,9 @@ steers it:
   dut-core  the DUT's input steered to the DUT core (RPS on d0): the kernel router gets a core
             of its own; the LB shares its core with its receive softirq (the livelock case)
   gen-core  the DUT's output steered to the generator core too (RPS on g0): the DUT core runs
-            nothing but the LB process (optional: the generator core then limits)
+            nothing but the LB process, as an operator deploys it (the LB on a core of its own,
+            the next hop's receive work elsewhere); the generator core then does all the
+            kernel's work besides generating, so it may limit what is offered
 A system's rate in a round is its best placement; every placement is recorded.
 """
 
@@ -663,12 +665,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--flows", type=int, default=4096, help="distinct UDP flows (4096)")
     p.add_argument("--paced-rate", type=int, default=300_000)
-    p.add_argument("--paced-placement", choices=PLACEMENTS, default="split")
+    p.add_argument(
+        "--paced-placement",
+        choices=PLACEMENTS,
+        default="gen-core",
+        help="placement of the paced phase (gen-core: the LB's core runs the LB alone)",
+    )
     p.add_argument(
         "--placements",
         type=lambda s: s.split(","),
-        default=["split", "dut-core"],
-        help="CPU placements to measure (split,dut-core; also: gen-core)",
+        default=list(PLACEMENTS),
+        help="CPU placements to measure (default: all: split,dut-core,gen-core)",
     )
     p.add_argument(
         "--phases",
