@@ -48,7 +48,18 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     roles = [s.role for s in p.services]
     assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
     assert p.files == {}
-    assert p.setup == ()  # hosts are left as the network made them
+    # Hosts are left as the network made them; the switch port facing each LB segments, so
+    # the LB's tap never gets a client's GSO frame (t1-eth1 faces h1, t1-eth2 h2).
+    assert [(c.node, c.argv, c.undo) for c in p.setup] == [
+        ("t1", ("ethtool", "-K", f"t1-eth{n}", "tso", "off", "gso", "off"),
+         ("ethtool", "-K", f"t1-eth{n}", "tso", "on", "gso", "on"))
+        for n in (1, 2)
+    ]  # fmt: skip
+
+
+def test_non_dsr_plans_leave_switch_offloads_alone(dep) -> None:
+    for mode in ("haproxy", "none"):
+        assert not [c for c in services.plan(dep, mode, STATE).setup if c.argv[0] == "ethtool"]
 
 
 def test_none_plan_serves_on_backend_addresses_without_lb(dep) -> None:
