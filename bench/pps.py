@@ -216,6 +216,8 @@ def backend_args(backends: Sequence[str]) -> list[str]:
 def lb_argv(ctx: Ctx, backends: Sequence[str] = tbm.BACKEND_IPS) -> list[str]:
     argv = [PY, "-m", "fastpath.lb", "d0", "--vip", tbm.VIP, *backend_args(backends)]
     argv += ["--stats-file", str(ctx.procs.log_dir / "lb-d0.json")]
+    # The placement (place()) sets RPS; the LB's own --rps-cpus auto would undo dut-core.
+    argv += ["--rps-cpus", "off"]
     return [*argv, *ctx.args.lb_arg]
 
 

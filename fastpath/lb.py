@@ -9,7 +9,8 @@ While it runs it owns, and at exit (also on SIGINT/SIGTERM) restores:
 - IFACE's offloads (GRO/LRO/TSO/GSO off: fastpath.offload);
 - an nftables netdev ingress table dropping VIP traffic on IFACE, so the LB host's own stack
   never answers it (fastpath.nft; the tap still sees the frames);
-- RPS of IFACE's receive queue, if --rps-cpus is given.
+- RPS of IFACE's receive queue (--rps-cpus; by default, when the process is pinned, the CPUs
+  it may not run on, so the receive softirq never shares the LB's core: receive livelock).
 Refuses to start (exit 2) when IPv4 forwarding is on in its namespace: the host would route
 the VIP packets back into the fabric as well.
 
@@ -145,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", type=int, metavar="N", help="pin the forwarding loop to CPU N")
     p.add_argument(
         "--rps-cpus",
-        metavar="HEXMASK",
-        help="steer IFACE's receive softirq to these CPUs (RPS), e.g. 1 for CPU 0; "
-        "restored at exit",
+        metavar="auto|off|HEXMASK",
+        default="auto",
+        help="steer IFACE's receive softirq to these CPUs (RPS), restored at exit; auto "
+        "(default): the CPUs this process may not run on, when it is pinned (--cpu or "
+        "taskset), else left alone; off: left alone; e.g. 2 for CPU 1",
     )
     p.add_argument("--local-ip", metavar="IP", help="outer source address (default: IFACE's)")
     p.add_argument(
@@ -240,14 +243,30 @@ def check_forwarding_off() -> None:
         )
 
 
+def auto_rps_mask() -> int:
+    """The online CPUs outside this process's affinity, or 0 when it may run on all of them
+    (then there is no core to spare)."""
+    mine = os.sched_getaffinity(0)
+    online = set(range(os.cpu_count() or 1))
+    return sum(1 << c for c in online - mine) if mine < online else 0
+
+
+def sys_matches(ifname: str, ifindex: int) -> bool:
+    """Whether /sys/class/net/IFNAME is this namespace's interface (mininet hosts share the
+    root mount namespace, so /sys may show another namespace's devices)."""
+    idx = Path(f"/sys/class/net/{ifname}/ifindex")
+    try:
+        return int(idx.read_text()) == ifindex
+    except (OSError, ValueError):
+        return False
+
+
 class Rps:
     """Set rx-0's rps_cpus of an interface of this namespace; restore the old mask."""
 
     def __init__(self, ifname: str, mask: str, ifindex: int) -> None:
         self.path = Path(f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus")
-        idx = Path(f"/sys/class/net/{ifname}/ifindex")
-        # /sys may belong to another namespace (mininet hosts share the root mount namespace).
-        if not idx.exists() or int(idx.read_text()) != ifindex:
+        if not sys_matches(ifname, ifindex):
             raise UsageError(
                 f"--rps-cpus: /sys/class/net/{ifname} is not this namespace's {ifname} "
                 "(run under `ip netns exec`, which mounts a matching /sys)"
@@ -258,6 +277,7 @@ class Rps:
             raise UsageError(f"--rps-cpus: {mask!r} is not a hex CPU mask") from None
         self.old = self.path.read_text().strip()
         self.path.write_text(mask)
+        self.mask = mask
 
     def restore(self) -> None:
         self.path.write_text(self.old)
@@ -356,7 +376,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     kdrops = 0
     try:
-        if args.rps_cpus:
+        if args.rps_cpus == "auto":
+            # Only where it can be done: pinned, and /sys showing this namespace.
+            auto = auto_rps_mask()
+            if auto and sys_matches(ifname, ifindex):
+                rps = Rps(ifname, f"{auto:x}", ifindex)
+        elif args.rps_cpus != "off":
             rps = Rps(ifname, args.rps_cpus, ifindex)
         if not args.keep_offloads:
             offloads.apply()
@@ -388,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
                 "kernel_drops": kdrops,
                 "tracked_flows": len(balancer.conntrack),
                 "next_hop_mac": format_mac(next_hop.mac if next_hop else nh_mac),
+                "rps_cpus": rps.mask if rps is not None else None,
                 "nft_dropped": vip_drop.dropped() if vip_drop.installed and final else None,
             }
             last[:] = [now, io.rx_frames, io.tx_frames]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,28 @@ def test_frame_larger_than_a_ring_slot_is_counted_and_warned(bed: Bed, tmp_path:
     assert final["io"]["rx_truncated"] == 1
     assert final["core"]["frames"] == 1 and final["core"]["forwarded"] == 0
     assert "turn off tso and gso" in lb.stderr
+
+
+def test_pinned_lb_steers_its_receive_softirq_to_the_other_cpus(bed: Bed, tmp_path: Path) -> None:
+    """--rps-cpus auto (the default) with --cpu 0: IFACE's RPS mask is every other CPU while
+    it runs (its receive work never shares the LB's core), the old mask after it exits."""
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        pytest.skip("one CPU: no other core to steer the receive softirq to")
+    peer, lbns = bed.ns("P"), bed.ns("L")
+    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
+    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+    sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
+    path = f"/sys/class/net/{l_if}/queues/rx-0/rps_cpus"
+    before = int(sh("cat", path, ns=lbns).strip().replace(",", ""), 16)
+    lb = LbProc(lbns, [*_golden_args(l_if, tmp_path / "lb.json"), "--cpu", "0"])
+    try:
+        first = lb.wait_ready()
+        during = int(sh("cat", path, ns=lbns).strip().replace(",", ""), 16)
+    finally:
+        rc = lb.stop()
+    assert rc == 0, lb.stderr
+    others = (1 << ncpu) - 2  # every CPU but 0
+    assert during == others
+    assert int(first["rps_cpus"], 16) == others
+    assert int(sh("cat", path, ns=lbns).strip().replace(",", ""), 16) == before

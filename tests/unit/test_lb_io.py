@@ -145,3 +145,13 @@ def test_ring_geometry() -> None:
     assert fs == 2048 and fn >= 10 and bs % fs == 0 and fn == bn * (bs // fs)
     with pytest.raises(ValueError, match="multiple of 16"):
         ring.ring_geometry(10, 1000)
+
+
+def test_auto_rps_mask_is_the_cpus_outside_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lb.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0})
+    assert lb.auto_rps_mask() == 0b1110
+    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {1, 2})
+    assert lb.auto_rps_mask() == 0b1001
+    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert lb.auto_rps_mask() == 0  # may run anywhere: no core to spare
