@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=positive_int,
-        default=64,
+        default=256,
         metavar="N",
-        help="frames per receive/send batch (default 64, at most 256)",
+        help="frames per receive/send batch (default 256, at most 256)",
     )
     p.add_argument(
         "--busy-poll-us",
