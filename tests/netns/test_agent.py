@@ -54,16 +54,20 @@ for r in sniff.results:
 print(json.dumps(out))
 """
 
-# Runs in the backend namespace: binds UDP on the VIP, prints what arrives within a timeout.
+# Runs in the backend namespace: binds UDP on the VIP and says "bound"; waits up to argv[3] s for
+# the first datagram (the sender, a scapy process, can take seconds just to import on a loaded
+# machine), then collects until argv[4] s pass without another; prints what came as JSON.
 UDP_SINK = r"""
 import json, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: bind before the VIP appears
 s.bind((sys.argv[1], int(sys.argv[2]))); s.settimeout(float(sys.argv[3]))
+print("bound", flush=True)
 got = []
 try:
     while True:
         data, addr = s.recvfrom(2048); got.append([data.decode(), addr[0]])
+        s.settimeout(float(sys.argv[4]))
 except socket.timeout:
     pass
 print(json.dumps(got))
@@ -167,13 +171,14 @@ def test_delivers_allowed_tunnels_and_drops_spoofed_ones(
     bed: dict[str, str], agent: AgentProc
 ) -> None:
     sink = subprocess.Popen(
-        ["ip", "netns", "exec", bed["bk"], PY, "-c", UDP_SINK, VIP, "9999", "2.5"],
+        ["ip", "netns", "exec", bed["bk"], PY, "-c", UDP_SINK, VIP, "9999", "20", "1.5"],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
+        assert sink.stdout is not None and sink.stdout.readline() == "bound\n"
         out = peer(bed, [tunnel(LB_IP, "from-the-lb"), tunnel(SPOOF_IP, "spoofed")])
-        got, _ = sink.communicate(timeout=15)
+        got, _ = sink.communicate(timeout=30)
     finally:
         if sink.poll() is None:
             sink.kill()
