@@ -2,8 +2,9 @@
 
 synprobe.py listen IFACE DST MAX_SECONDS
     Prints "ready" once its AF_PACKET socket is bound, then records every TCP SYN to DST
-    that arrives on IFACE (not the ones it sends) until SIGTERM or MAX_SECONDS, and prints
-    one JSON object: {"iface": ..., "syns": [[src, sport, dport], ...]}.
+    that arrives on IFACE (not the ones it sends) until SIGTERM or MAX_SECONDS (then also
+    those still queued), and prints one JSON object: {"iface": ..., "syns": [[src, sport,
+    dport], ...], "drops": packets its socket had no room for}.
 synprobe.py send DST DPORT REPEAT SPORT...
     Sends REPEAT SYNs per source port to DST:DPORT through a raw socket (the kernel adds
     the IP header and routes it), then exits. Nothing answers them: that is the point.
@@ -25,6 +26,10 @@ IPV4 = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
 TCP = struct.Struct("!HHIIBBHHH")  # TCP header without options
 PSEUDO = struct.Struct("!4s4sBBH")  # TCP checksum pseudo-header
 SYN = 0x02
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+TPACKET_STATS = struct.Struct("II")  # struct tpacket_stats: packets, drops (since last read)
+SO_RCVBUFFORCE = 33  # root may exceed net.core.rmem_max
+RCVBUF = 16 << 20
 
 
 def checksum(data: bytes) -> int:
@@ -39,32 +44,50 @@ def checksum(data: bytes) -> int:
 def listen(iface: str, dst: str, max_seconds: float) -> int:
     want = socket.inet_aton(dst)
     syns: list[list[object]] = []
+    stopping = False
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(0)
+        nonlocal stopping
+        stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     # SOCK_DGRAM: the kernel strips the Ethernet header, so packets start at IPv4
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+    # Room for every SYN of a test run (hundreds arrive within milliseconds; the default
+    # ~200 KB holds about 200 of them, and a listener starved on a busy machine drops the rest).
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     sock.bind((iface, ETH_P_IP))
+
+    def record(pkt: bytes, addr: tuple) -> None:
+        if addr[0] != iface or addr[2] == PACKET_OUTGOING or len(pkt) < IPV4.size:
+            return  # another interface (before bind), or our own transmission
+        ver_ihl, _, _, _, _, _, proto, _, src, d = IPV4.unpack_from(pkt)
+        ihl = (ver_ihl & 0x0F) * 4
+        if proto != socket.IPPROTO_TCP or d != want or len(pkt) < ihl + TCP.size:
+            return
+        sport, dport, _, _, _, flags, _, _, _ = TCP.unpack_from(pkt, ihl)
+        if flags & SYN:
+            syns.append([socket.inet_ntoa(src), sport, dport])
+
     print("ready", flush=True)
     deadline = time.monotonic() + max_seconds
     try:
-        while (left := deadline - time.monotonic()) > 0:
-            if not select.select([sock], [], [], left)[0]:
-                continue
-            pkt, addr = sock.recvfrom(65535)
-            if addr[0] != iface or addr[2] == PACKET_OUTGOING or len(pkt) < IPV4.size:
-                continue  # another interface (before bind), or our own transmission
-            ver_ihl, _, _, _, _, _, proto, _, src, d = IPV4.unpack_from(pkt)
-            ihl = (ver_ihl & 0x0F) * 4
-            if proto != socket.IPPROTO_TCP or d != want or len(pkt) < ihl + TCP.size:
-                continue
-            sport, dport, _, _, _, flags, _, _, _ = TCP.unpack_from(pkt, ihl)
-            if flags & SYN:
-                syns.append([socket.inet_ntoa(src), sport, dport])
+        while not stopping and (left := deadline - time.monotonic()) > 0:
+            # (a signal does not cut a select short in Python: wake up to look at the flag)
+            if select.select([sock], [], [], min(left, 0.1))[0]:
+                record(*sock.recvfrom(65535))
+        # SIGTERM: what already arrived is still queued; it counts too.
+        sock.setblocking(False)
+        while True:
+            try:
+                record(*sock.recvfrom(65535))
+            except BlockingIOError:
+                break
     finally:
-        print(json.dumps({"iface": iface, "syns": syns}), flush=True)
+        _, drops = TPACKET_STATS.unpack(
+            sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, TPACKET_STATS.size)
+        )
+        print(json.dumps({"iface": iface, "syns": syns, "drops": drops}), flush=True)
     return 0
 
 
