@@ -157,6 +157,7 @@ class Network:
             name, kind, node.pid, netstate.proc_start_time(node.pid) or 0, ns
         )
         netstate.write_state(self.state, self.state_dir)
+        netstate.pin_netns(node.pid, self.state_dir / netstate.PIN_DIR / name)
 
     def _record_links(self) -> None:
         """Give mininet its Link/Intf objects for the veths already made (for the CLI)."""
@@ -261,7 +262,12 @@ def teardown(st: NetState, state_dir: Path = STATE_DIR) -> list[int]:
         services.stop(state_dir)  # by PID, and undoes their setup; the rest goes below
     except Exception as e:
         say(f"down: stopping the services failed ({e}); ending them with the namespaces")
-    left = netstate.kill_namespaces(st)
+    pin_dir = state_dir / netstate.PIN_DIR
+    left = netstate.kill_namespaces(st, pin_dir=pin_dir)
+    for name in st.nodes:
+        netstate.unpin_netns(pin_dir / name)  # the namespaces (and veths) go with their pins
+    with suppress(OSError):
+        pin_dir.rmdir()
     _delete_root_interfaces(st.interfaces)
     netstate.remove_state(state_dir)
     return left

@@ -13,6 +13,8 @@ process that owns it; whoever wants the fat tree takes turns through it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import json
 import os
@@ -26,6 +28,9 @@ STATE_DIR = Path("/run/l4lb")
 STATE_FILE = "state.json"
 LOCK_FILE = "fattree.lock"
 LOG_FILE = "network.log"
+PIN_DIR = "ns"  # state_dir/ns/<node>: a bind mount of each node's network namespace
+_MS_BIND = 4096
+_MNT_DETACH = 2
 
 
 class NetStateError(RuntimeError):
@@ -152,25 +157,96 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def kill_namespaces(st: NetState, grace: float = 1.0, timeout: float = 5.0) -> list[int]:
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def pin_netns(pid: int, path: Path) -> None:
+    """Bind-mount the process's network namespace on `path`, so the namespace (and with it its
+    inode number) outlives its processes until `unpin_netns`: teardown can then find its
+    members by inode without ever matching a newer namespace that reused the number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    src = f"/proc/{pid}/ns/net".encode()
+    if _libc().mount(src, str(path).encode(), None, _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise NetStateError(f"pinning the namespace of pid {pid} on {path}: {os.strerror(err)}")
+
+
+def unpin_netns(path: Path) -> None:
+    _libc().umount2(str(path).encode(), _MNT_DETACH)
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def pinned_inode(path: Path) -> int | None:
+    """The namespace inode pinned on `path`, or None if nothing is mounted there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # An unmounted placeholder is an empty regular file on the state directory's filesystem;
+    # a pinned namespace is on nsfs, another device.
+    return st.st_ino if st.st_dev != os.stat(path.parent).st_dev else None
+
+
+def kill_namespaces(
+    st: NetState, grace: float = 1.0, timeout: float = 5.0, pin_dir: Path | None = None
+) -> list[int]:
     """End every process in the network's namespaces; returns the PIDs that survived.
 
     Node shells get SIGHUP (as mininet does; an interactive bash ignores SIGTERM), the rest
     SIGTERM, so a tcpdump can flush; whatever is left after `grace` seconds gets SIGKILL.
-    The namespaces and their veths go with their last process. Node shells are only
-    signalled while their start time matches the record.
+    The namespaces and their veths go with their last process.
+
+    The kernel reuses a freed namespace's inode number at once, so an inode from the record
+    proves nothing by itself: a namespace counts as ours only while a process already known to
+    be ours (a node shell whose start time matches, or a member found while such a process was
+    in it) is still alive in it, checked again after each scan, or while it is pinned in
+    `pin_dir` (`pin_netns`: a pinned namespace cannot be freed, so its number not reused; the
+    caller unpins after this returns). Pins are what make `down` after a crashed owner work:
+    its node shells end with it.
     """
-    inodes = {r.netns for r in st.nodes.values()}
-    shells = {r.pid for r in st.nodes.values() if is_running(r.pid, r.start_time)}
-    for pid in shells:
-        _signal(pid, signal.SIGHUP)
-    for pid in namespace_members(inodes):
-        if pid not in shells:
-            _signal(pid, signal.SIGTERM)
+    pinned: set[int] = set()
+    if pin_dir is not None:
+        for r in st.nodes.values():
+            if pinned_inode(pin_dir / r.name) == r.netns:
+                pinned.add(r.netns)
+    known: dict[int, tuple[int, int]] = {}  # pid -> (start time, namespace inode)
+    for r in st.nodes.values():
+        if is_running(r.pid, r.start_time) and netns_of(r.pid) == r.netns:
+            known[r.pid] = (r.start_time, r.netns)
+    shells = set(known)
+
+    def held() -> dict[int, list[int]]:
+        """Namespace inode -> known processes alive in it."""
+        out: dict[int, list[int]] = {}
+        for pid, (start_time, ino) in known.items():
+            if is_running(pid, start_time) and netns_of(pid) == ino:
+                out.setdefault(ino, []).append(pid)
+        return out
+
+    def scan() -> None:
+        """Add the members of namespaces still held by a known process."""
+        before = held()
+        found = namespace_members(set(before) | pinned)
+        after = held()
+        for pid in found:
+            ino = netns_of(pid)
+            start_time = proc_start_time(pid)
+            if pid in known or ino is None or start_time is None:
+                continue
+            # Ours only if a holder seen before the scan is still there after it: then the
+            # namespace was never freed (nor its inode reused) in between.
+            if ino in pinned or set(before.get(ino, [])) & set(after.get(ino, [])):
+                known[pid] = (start_time, ino)
+
+    signalled: set[int] = set()
     start = time.monotonic()
     killed = False
     while True:
-        left = namespace_members(inodes)
+        scan()
+        left = [p for p, (t, _ino) in known.items() if is_running(p, t)]
         if not left:
             return []
         elapsed = time.monotonic() - start
@@ -180,6 +256,13 @@ def kill_namespaces(st: NetState, grace: float = 1.0, timeout: float = 5.0) -> l
             for pid in left:
                 _signal(pid, signal.SIGKILL)
             killed = True
+        for pid in left:  # first round, and members that joined since (a late service)
+            if pid not in signalled:
+                sig = (
+                    signal.SIGKILL if killed else signal.SIGHUP if pid in shells else signal.SIGTERM
+                )
+                _signal(pid, sig)
+                signalled.add(pid)
         time.sleep(0.02)
 
 
