@@ -113,16 +113,18 @@ def take_lock(state_dir: Path = STATE_DIR, wait: float = 0.0) -> int | None:
             time.sleep(0.1)
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Kernel start time of a process (clock ticks since boot), None if there is none."""
+def proc_start_time(pid: int, *, zombie_is_gone: bool = True) -> int | None:
+    """Kernel start time of a process (clock ticks since boot, field 22 of /proc/PID/stat),
+    None if there is none. A zombie has finished (only its parent's wait is left): None too,
+    unless `zombie_is_gone` is False (for a parent that still has to reap it)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: split after its last ')'
     fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None  # a zombie has finished; only its parent's wait is left
+    if fields[0] == "Z" and zombie_is_gone:
+        return None
     return int(fields[19])
 
 

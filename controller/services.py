@@ -37,13 +37,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from controller import netstate
+
 if TYPE_CHECKING:
     from controller.deployment import Deployment
 
 Mode = Literal["fastpath", "scapy", "haproxy", "none"]
 MODES: tuple[Mode, ...] = ("fastpath", "scapy", "haproxy", "none")
 DSR_MODES: tuple[Mode, ...] = ("fastpath", "scapy")
-STATE_DIR = Path("/run/l4lb")  # the network helper's state directory (controller.network)
+STATE_DIR = netstate.STATE_DIR  # beside the running network's record
 STATE_FILE = "services.json"
 REPO = Path(__file__).resolve().parent.parent
 HTTP_PORT = 80
@@ -296,14 +298,8 @@ def _in_node(pid: int, argv: Sequence[str]) -> list[str]:
 
 
 def proc_start_time(pid: int) -> int | None:
-    """Kernel start time of a process (field 22 of /proc/PID/stat), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces or parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
+    """Start time of a process, zombies included: services are our children to reap."""
+    return netstate.proc_start_time(pid, zombie_is_gone=False)
 
 
 def proc_state(pid: int) -> str | None:
