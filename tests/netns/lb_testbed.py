@@ -11,21 +11,17 @@ import contextlib
 import json
 import os
 import queue
-import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_testbed import PY, REPO, sh
+from agent_testbed import suffix as tag
 
-REPO = Path(__file__).resolve().parents[2]
-PY = str(REPO / ".venv" / "bin" / "python")
-if not Path(PY).exists():
-    PY = sys.executable
+__all__ = ["PY", "REPO", "Bed", "Capture", "LbProc", "capture", "require_root_tools", "sh", "tag"]
 
 
 def require_root_tools(*tools: str) -> None:
@@ -35,19 +31,6 @@ def require_root_tools(*tools: str) -> None:
     for tool in ("ip", "nft", "ethtool", *tools):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed (./install.sh installs it)")
-
-
-def tag() -> str:
-    """Short unique tag for names (interface names are at most 15 characters)."""
-    return f"{os.getpid() % 1000:03d}{secrets.token_hex(2)}"
-
-
-def sh(*argv: str, ns: str | None = None, timeout: float = 20, check: bool = True) -> str:
-    cmd = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
 
 
 class Bed:
