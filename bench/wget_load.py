@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from controller.deployment import Deployment, DeploymentError, load_deployment
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 WORKER = REPO / "bench" / "wget_worker.py"
+SPOOL_PARENT = Path("/dev/shm")  # tmpfs: downloads land in RAM
 LOCK = services.STATE_DIR / "fattree.lock"
 OWNER = services.STATE_DIR / "wget-load.owner"
 ENV = {  # option -> environment variable giving its default
@@ -529,13 +531,18 @@ def run_round(
     # Workers start one after another (an interpreter each, ~50-100 ms on a busy machine):
     # they all begin downloading at the same instant, this far ahead.
     start_at = time.time() + WORKER_START_S + 0.05 * len(opts.clients)
+    # wget writes here (RAM, not disk); each file is hashed and removed as soon as it is done,
+    # and the directory goes with the round, whatever happens to the workers.
+    spool = tempfile.mkdtemp(
+        prefix="l4lb-wget-", dir=SPOOL_PARENT if SPOOL_PARENT.is_dir() else None
+    )
     try:
         for i, client in enumerate(opts.clients):
             argv = ["nsenter", "-t", str(node_pid(client)), "-n", "--", py, str(WORKER),
                     "--client", client, "--round", str(rnd), "--tool", opts.tool,
                     "--start-at", f"{start_at:.3f}", "--concurrency",
                     str(opts.concurrency), "--timeout", str(opts.timeout),
-                    *client_urls(opts, i)]  # fmt: skip
+                    "--spool", spool, *client_urls(opts, i)]  # fmt: skip
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
             assert p.stdout is not None
             procs[p.pid] = (client, p)
@@ -583,6 +590,7 @@ def run_round(
             if p.stdout:
                 p.stdout.close()
         sel.close()
+        shutil.rmtree(spool, ignore_errors=True)
     return fetches
 
 
