@@ -65,7 +65,7 @@ PHASES = (
     "memory",
     "lb_memory",
 )
-UDP_PORT = 9  # discard: nobody listens in the sink (the sink drops at its IP layer anyway)
+UDP_PORT = 9  # discard; the agent phase binds it on the DUT (bench/udp_sink.py)
 PING_PORT = 7777
 
 Counter = Callable[[], int]
@@ -109,7 +109,19 @@ def say(text: str) -> None:
 
 # -- counters -------------------------------------------------------------------------------
 def sink_rx(ctx: Ctx) -> int:
+    """Frames delivered: what the DUT sent to its next hop (g0's rx counter), or with
+    --count-at sink what reached the sink after gen routed it (s0's)."""
+    if ctx.args.count_at == "next-hop":
+        return ctx.tb.link_stats(ctx.tb.gen, "g0")["rx_packets"]
     return ctx.tb.link_stats(ctx.tb.sink, "s0")["rx_packets"]
+
+
+def counting(ctx: Ctx, on: bool) -> None:
+    """Counting mode (on: frames are counted and discarded where sink_rx reads them) or served
+    mode (off: gen routes the DUT's output to the sink, which answers; the latency phase)."""
+    ctx.tb.set_sink_drop(on)
+    if ctx.args.count_at == "next-hop":
+        ctx.tb.set_next_hop_drop(on)
 
 
 def gen_offered(ctx: Ctx) -> int:
@@ -118,8 +130,8 @@ def gen_offered(ctx: Ctx) -> int:
 
 
 def dut_udp_delivered(ctx: Ctx) -> int:
-    """Datagrams that reached the DUT's UDP layer: nobody listens on UDP_PORT, so each counts
-    as NoPorts (read-by-socket and socket-overflow counters added for safety)."""
+    """Datagrams that reached the DUT's UDP layer: bench.udp_sink's full socket drops them
+    (InErrors); NoPorts and InDatagrams are added should it not (yet) be bound."""
     udp = ctx.tb.snmp(ctx.tb.dut, "Udp")
     return udp["NoPorts"] + udp["InDatagrams"] + udp["InErrors"]
 
@@ -260,7 +272,7 @@ def run_forwarder(
 ) -> dict[str, Any]:
     """Saturation per placement for one forwarder on the DUT (argv None: the kernel router)."""
     tb = ctx.tb
-    tb.set_sink_drop(True)
+    counting(ctx, True)
     tb.set_dut_forwarding(argv is None)
     out: dict[str, Any] = {}
     for placement in placements:
@@ -300,7 +312,7 @@ def run_scapy(ctx: Ctx, name: str, persistent: bool) -> dict[str, Any]:
     receiver below what it manages when offered less); its rate is the best of them, which
     only makes fastpath's ratio to it smaller."""
     tb = ctx.tb
-    tb.set_sink_drop(True)
+    counting(ctx, True)
     tb.set_dut_forwarding(False)
     place(ctx, "split")
     proc = ctx.procs.start(name, tb.dut, scapy_argv(persistent), cpu=ctx.args.dut_cpu)
@@ -331,7 +343,7 @@ def run_scapy(ctx: Ctx, name: str, persistent: bool) -> dict[str, Any]:
 
 def run_paced(ctx: Ctx, placement: str) -> dict[str, Any]:
     tb = ctx.tb
-    tb.set_sink_drop(True)
+    counting(ctx, True)
     place(ctx, placement)
     proc = ctx.procs.start("fastpath-paced", tb.dut, lb_argv(ctx), cpu=ctx.args.dut_cpu)
     try:
@@ -357,8 +369,12 @@ def run_agent(ctx: Ctx) -> dict[str, Any]:
     tb.set_dut_forwarding(False)
     place(ctx, "split")
     proc = ctx.procs.start("agent", tb.dut, agent_argv(ctx, "d0", tbm.GEN_IP), ctx.args.dut_cpu)
+    # The server of the inner datagrams: a bound socket (see bench/udp_sink.py for why).
+    sink_argv = [PY, "-m", "bench.udp_sink", "--bind", tbm.VIP, "--port", str(UDP_PORT)]
+    server = ctx.procs.start("udp-sink", tb.dut, sink_argv)
     res: dict[str, Any] = {}
     try:
+        wait_log(ctx, server, "udp-sink", "bound")
         wait_ready(ctx, proc, lambda: dut_udp_delivered(ctx), ctx.cfg_probe_ipip)
         res = saturate(
             ctx, "agent", lambda: dut_udp_delivered(ctx), ctx.cfg_ipip, ctx.args.duration
@@ -373,6 +389,7 @@ def run_agent(ctx: Ctx) -> dict[str, Any]:
         res = {"error": str(exc)}
     finally:
         ctx.procs.stop(proc)
+        ctx.procs.stop(server)
     res["program_stats"] = last_json(ctx.procs.log("agent"))
     return res
 
@@ -415,7 +432,7 @@ def run_latency(ctx: Ctx) -> dict[str, Any]:
     sink's lo) and through LB + agent (DSR: replies go straight back through gen). Each path
     gets its own server process, started once the VIP is in place."""
     tb, count = ctx.tb, ctx.args.pings
-    tb.set_sink_drop(False)
+    counting(ctx, False)
     place(ctx, "split")
     out: dict[str, Any] = {}
     try:
@@ -463,7 +480,7 @@ def run_latency(ctx: Ctx) -> dict[str, Any]:
         out["error"] = str(exc)
         say(f"latency: FAILED: {exc}")
     finally:
-        tb.set_sink_drop(True)
+        counting(ctx, True)
     return out
 
 
@@ -490,7 +507,7 @@ def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
     1,000,000 distinct flows (offered paced, so it sees them all)."""
     tb = ctx.tb
     out: dict[str, Any] = {}
-    tb.set_sink_drop(True)
+    counting(ctx, True)
     place(ctx, "split")
     sizes = sorted(ctx.args.memory_flows)
     blob = ctx.procs.log_dir / "memory.frames"
@@ -666,6 +683,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="2 s runs, the split placement only, memory at 100,000 flows only",
     )
     p.add_argument("--flows", type=int, default=4096, help="distinct UDP flows (4096)")
+    p.add_argument(
+        "--count-at",
+        choices=("next-hop", "sink"),
+        default="next-hop",
+        help="where delivered frames are counted: at the DUT's next hop, which discards them "
+        "(default: the DUT alone is measured), or at the sink after the next hop routed them "
+        "(the generator core then also routes every delivered frame)",
+    )
     p.add_argument("--paced-rate", type=int, default=300_000)
     p.add_argument(
         "--paced-placement",
@@ -769,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {
         "started": stamp,
         "flows": args.flows,
+        "count_at": args.count_at,
         "frame_bytes": len(gen_frames[0]) + 4,
         "duration_s": args.duration,
         "placements": args.placements,
@@ -785,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = Ctx(
                 tb, procs, args, paths["udp"], paths["ipip"], paths["probe"], paths["probe_ipip"]
             )
-            tb.set_sink_drop(True)
+            counting(ctx, True)
             for i in range(args.rounds):
                 rounds.append({})
                 run_round(ctx, i, rounds[-1])

@@ -58,6 +58,7 @@ CLI_MAC = "02:b0:00:01:03:02"
 NOBODY_MAC = "02:b0:00:01:02:99"  # the counting sink's "other host"
 GEN_SNDBUF = 4 << 20
 ROUTED_TABLE = 100  # gen's table for packets it routes on behalf of the DUT
+NEXT_HOP_TABLE = "lbb_next_hop"  # gen's nftables table of the next-hop counting mode
 _NS_RE = re.compile(rf"^{PREFIX}(\d+)(?:t[0-9a-f]+)?-(gen|dut|sink|cli)$")
 
 
@@ -65,9 +66,13 @@ class TestbedError(RuntimeError):
     """A setup command failed; the message names the command and its error output."""
 
 
-def run(argv: Sequence[str], check: bool = True, timeout: float = 30.0) -> str:
+def run(
+    argv: Sequence[str], check: bool = True, timeout: float = 30.0, input_text: str | None = None
+) -> str:
     """Runs a command, returns its stdout; raises TestbedError naming the command on failure."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, input=input_text
+    )
     if check and proc.returncode != 0:
         raise TestbedError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
@@ -220,6 +225,20 @@ class Testbed:
         almost free, and never answered with ICMP. Off: the real MAC, for served traffic."""
         for ip in BACKEND_IPS:
             self._neigh(self.gen, "gs", ip, NOBODY_MAC if on or ip != SINK_IP else SINK_MAC)
+
+    def set_next_hop_drop(self, on: bool) -> None:
+        """Next-hop counting mode: gen drops what the DUT sends it at g0's ingress (an nftables
+        netdev rule), so g0's rx counter counts the DUT's output and gen's core spends nothing
+        on routing it on to the sink. Off: gen routes it to the sink (served traffic)."""
+        table = f"table netdev {NEXT_HOP_TABLE}"
+        script = f"{table} {{}}\ndelete {table}\n"
+        if on:
+            script += (
+                f"{table} {{\n  chain in {{\n"
+                f'    type filter hook ingress device "g0" priority 0; policy accept;\n'
+                f"    ether saddr {DUT_MAC} drop\n  }}\n}}\n"
+            )
+        run(["ip", "netns", "exec", self.gen, "nft", "-f", "-"], input_text=script)
 
     def set_rps(self, ns: str, dev: str, cpus: Sequence[int]) -> None:
         """Steers the receive processing of `dev` to `cpus` (empty: process where it arrives)."""

@@ -65,6 +65,33 @@ def test_kernel_router_path_delivers_every_frame(bed: tbm.Testbed, tmp_path: Pat
     assert bed.link_stats(bed.sink, "s0")["rx_packets"] == before
 
 
+def test_next_hop_counting_counts_at_g0_and_discards(bed: tbm.Testbed, tmp_path: Path) -> None:
+    """pps.sh's default counting point: what the DUT sends is counted on g0 and dropped
+    there; switched off, gen routes it on to the sink again."""
+    blob = tmp_path / "udp.frames"
+    blob.write_bytes(frames.pack_frames(frames.udp_frames(100, tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP)))
+    bed.set_sink_drop(True)
+    bed.set_dut_forwarding(True)
+    bed.set_next_hop_drop(True)
+    g0 = bed.link_stats(bed.gen, "g0")["rx_packets"]
+    s0 = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    blast(bed, blob, 100)
+    deadline = time.monotonic() + 5
+    while bed.link_stats(bed.gen, "g0")["rx_packets"] - g0 < 100:
+        assert time.monotonic() < deadline, "g0 did not count the 100 forwarded frames"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert bed.link_stats(bed.gen, "g0")["rx_packets"] - g0 == 100
+    assert bed.link_stats(bed.sink, "s0")["rx_packets"] == s0  # dropped at the next hop
+    bed.set_next_hop_drop(False)
+    blast(bed, blob, 100)
+    deadline = time.monotonic() + 5
+    while bed.link_stats(bed.sink, "s0")["rx_packets"] - s0 < 100:
+        assert time.monotonic() < deadline, "with the drop off, gen did not route to the sink"
+        time.sleep(0.05)
+    bed.set_next_hop_drop(False)  # idempotent
+
+
 def test_scapy_lb_encapsulates_to_a_backend(bed: tbm.Testbed, tmp_path: Path) -> None:
     from scapy.layers.inet import IP
     from scapy.utils import rdpcap
