@@ -67,10 +67,22 @@ def child(tree: str, ifname: str, total: int) -> dict[str, float]:
     fw = Forwarder(ring, sock, sender, bal, 64)
     batches = [0]
     per_lap = ring.frame_nr // 64
+    # The forwarder may write its outer header over a frame's Ethernet header in the slot (as
+    # it does in the kernel's ring, which rewrites every frame it hands over): each lap puts
+    # the original headers back, and the time that takes is not counted.
+    eth = [(j * ring.frame_size + ring_mod.ETH_MAC_OFFSET, frames[j % len(frames)][:14])
+           for j in range(ring.frame_nr)]  # fmt: skip
+    view = ring.view
+    excluded = [0.0, 0.0]  # thread CPU, wall
 
     def tick(now: float) -> None:  # after every batch (tick_every=0)
         batches[0] += 1
         if batches[0] % per_lap == 0:
+            c0, x0 = time.thread_time(), time.perf_counter()
+            for off, head in eth:
+                view[off : off + 14] = head
+            excluded[0] += time.thread_time() - c0
+            excluded[1] += time.perf_counter() - x0
             statv[:] = ready
             if batches[0] * 64 >= total:
                 fw.stop()
@@ -80,7 +92,9 @@ def child(tree: str, ifname: str, total: int) -> dict[str, float]:
     t1, w1 = time.thread_time(), time.perf_counter()
     n = sender.sent
     assert bal.counters.as_dict()["forwarded"] == n + sender.errors
-    return {"frames": n, "cpu_ns": 1e9 * (t1 - t0) / n, "wall_ns": 1e9 * (w1 - w0) / n}
+    assert n >= total * 0.99, f"only {n} of {total} frames sent: the ring's frames went bad"
+    cpu, wall = t1 - t0 - excluded[0], w1 - w0 - excluded[1]
+    return {"frames": n, "cpu_ns": 1e9 * cpu / n, "wall_ns": 1e9 * wall / n}
 
 
 def main() -> None:

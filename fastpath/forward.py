@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 from fastpath.balancer import Balancer
 from fastpath.csum_fixup import complete_l4_checksum
-from fastpath.ring import TP_STATUS_USER, RxRing
+from fastpath.ring import ETH_MAC_OFFSET, TP_STATUS_USER, TPACKET2_HDR, RxRing
 from fastpath.tx import MmsgSender, ZeroCopySender
+
+# The in-place outer header must not reach the slot's tpacket2_hdr (status, lengths).
+assert TPACKET2_HDR.size <= ETH_MAC_OFFSET - ZeroCopySender.HEADROOM
 
 
 @dataclass
@@ -86,10 +89,13 @@ class Forwarder:
         ring, sender, io = self.ring, self.sender, self.io
         status, snaps, nr = ring.slot_status, ring.slot_snap, ring.frame_nr
         zc = ZeroCopySender(sender, [ring.slot_addr(j) for j in range(nr)])
+        # Slot j's outer header goes at hdrs[j * frame_size]: HEADROOM bytes before its
+        # Ethernet header, past the slot's tpacket2_hdr (whose status word must stay intact).
+        hdrs = ring.view[ETH_MAC_OFFSET - zc.HEADROOM :]
         fixed = [0]
         marks: list[tuple[int, int]] = []
         ring_batch = self.balancer.bind_ring(
-            ring.slots, status, snaps, zc.hdrs, zc.HDR_STRIDE, zc.plens, sender.slots,
+            ring.slots, status, snaps, hdrs, ring.frame_size, zc.flens, sender.slots,
             complete_l4_checksum, fixed,
         )  # fmt: skip
         zsend = zc.send
@@ -156,6 +162,7 @@ class Forwarder:
             io.tx_frames = sender.sent
             io.tx_errors = sender.errors
             zc.close()
+            hdrs.release()
 
     def _send_marked(
         self, zc: ZeroCopySender, first: int, n: int, marks: list[tuple[int, int]]

@@ -416,15 +416,18 @@ def make_kernel(
         snaps: memoryview,
         hdrs: memoryview,
         hdr_stride: int,
-        plens: memoryview,
+        flens: memoryview,
         spare: Sequence[memoryview],
         fixup: Callable[[memoryview], bool],
         fixed: list[int],
     ) -> RingBatchFn:
         """The zero-copy batch entry over a receive ring (see fastpath.forward): frames are
         read in place and never copied; for each frame sent from slot i the core writes only
-        the 34-byte outer header at hdrs[i * hdr_stride] and the inner length in plens[i] (the
-        sender's iovecs point at that header and at the inner packet in the ring slot).
+        the 34-byte outer header at hdrs[i * hdr_stride] and the frame's length (outer header
+        + inner packet) in flens[i]. fastpath.forward lays hdrs over the ring itself, so the
+        header lands right before the inner IP header, over the inner Ethernet header, and
+        the sender's one iovec per slot covers header and packet (fastpath.tx.ZeroCopySender).
+        The header is written after the frame's fields were read.
 
         slots[i]: slot i's bytes from its Ethernet header; status[i] / snaps[i]: its status
         word (bit 0: ready for user space, bit 3: TCP/UDP checksum left partial) and snap
@@ -494,7 +497,7 @@ def make_kernel(
                                     hdrs, i * hdr_stride, head, tos, tl + 20, ident, df,
                                     _TTL_PROTO, csum, tails[bid],
                                 )  # fmt: skip
-                                plens[i] = tl
+                                flens[i] = tl + OUTER_LEN
                                 forwarded[bid] += 1
                                 continue
                     marks.append((i, general(frame[:snap], spare[len(marks)], now)))
