@@ -98,6 +98,7 @@ class RxRing:
         self.halves = self.frame_size // 2
         self.index = 0
         self.sock: socket.socket | None = None
+        self.poller: select.poll | None = None
         self.mm: mmap.mmap | None = None
         self.view = memoryview(b"")
         self.status = memoryview(b"").cast("I")
@@ -169,10 +170,11 @@ class RxRing:
         """Block until the next frame is ready or `timeout_ms` passed; True if one is ready."""
         if self.status[self.index * self.words] & TP_STATUS_USER:
             return True
-        assert self.sock is not None
-        p = select.poll()
-        p.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
-        p.poll(timeout_ms)
+        if self.poller is None:  # made once, not per wait (this is the idle path of a wake-up)
+            assert self.sock is not None
+            self.poller = select.poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR)
+        self.poller.poll(timeout_ms)
         return bool(self.status[self.index * self.words] & TP_STATUS_USER)
 
     def close(self) -> None:

@@ -97,8 +97,10 @@ def start_agent(bed: dict[str, str], stats: Path, *extra: str) -> AgentProc:
 
 
 @pytest.fixture
-def agent(bed: dict[str, str], tmp_path: Path) -> Iterator[AgentProc]:
-    proc = start_agent(bed, tmp_path / "agent.json")
+def agent(
+    bed: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[AgentProc]:
+    proc = start_agent(bed, tmp_path / "agent.json", *getattr(request, "param", ()))
     try:
         proc.wait_event("ready")
         yield proc
@@ -167,6 +169,9 @@ def test_installs_vip_table_and_arp_settings(bed: dict[str, str], agent: AgentPr
     assert sh("cat", f"/proc/sys/net/ipv4/conf/{tun}/rp_filter", ns=bed["bk"]).strip() == "2"
 
 
+@pytest.mark.parametrize(
+    "agent", [(), ("--busy-poll-us", "5000")], ids=["sleeping", "busy-polling"], indirect=True
+)
 def test_delivers_allowed_tunnels_and_drops_spoofed_ones(
     bed: dict[str, str], agent: AgentProc
 ) -> None:

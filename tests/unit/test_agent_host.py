@@ -121,6 +121,7 @@ def test_rps_mask() -> None:
         (["--stats-interval", "-2"], "--stats-interval"),
         (["--server-mss", "100"], "--server-mss"),
         (["--ring-frames", "2"], "--ring-frames"),
+        (["--busy-poll-us", "-1"], "--busy-poll-us"),
         (["--iface", "no-such-if9"], "no interface"),
         (["--deployment", "/nonexistent/deployment.json"], "deployment"),
     ],
