@@ -8,22 +8,28 @@ Per round, interleaved (every system sees the same machine state within a round)
   scapy     bench/scapy_lb.py with one persistent conf.L2socket (the fair scapy baseline), and
             briefly the course's sendp (a socket per packet)
   agent     `python -m agent.decap` on the DUT offered IP-in-IP: inner datagrams reaching the
-            local UDP layer (its /proc/net/snmp counters) per second
+            local UDP layer, where bench/udp_sink.py holds the port (its /proc/net/snmp
+            counters) per second
   latency   UDP request/reply one at a time through LB + agent vs routed by the kernel
 Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
 
 Saturation: bench/blast.py (sendmmsg on the generator core; trafgen's TX ring dies with EAGAIN
 once frames queue behind RPS, see there) sends 64-byte UDP frames over --flows flows as fast as
-it can; delivered = the sink's rx counter (the sink discards at once: frames addressed to a MAC
-it does not own), offered = the generator's tx counter (sent + dropped at the DUT's backlog);
-the first --warmup seconds are not counted. Each window also records per-core busy/softirq
-shares from /proc/stat (whole machine: shows when the generator core is the limit).
+it can; delivered = what the DUT sent to its next hop: g0's rx counter, gen dropping the frames
+at g0's ingress (--count-at next-hop, the default), offered = the generator's tx counter (sent +
+dropped at the DUT's backlog); the first --warmup seconds are not counted. With --count-at sink
+gen routes them on to the sink, which counts them on s0 and discards them (addressed to a MAC it
+does not own): that routing then runs on the generator core too, which made the generator the
+limit of both fastpath and the kernel (offered = delivered, about 425,000 and 500,000/s) instead
+of the DUT. Each window also records per-core busy/softirq shares from /proc/stat (whole
+machine: shows which core is the limit).
 
 CPU placements (the receive-livelock trap). The LB or agent is pinned to the DUT core (0), the
 generator to the other (1); a veth frame is processed on the core that sent it unless RPS
 steers it:
-  split     no steering: the DUT's input is received on the generator's core, its output is
-            routed to the sink on the DUT's core (in the sending syscall, as on the fat tree)
+  split     no steering: the DUT's input is received on the generator's core, its output
+            handled by the next hop on the DUT's core (in the sending syscall, as on the fat
+            tree)
   dut-core  the DUT's input steered to the DUT core (RPS on d0): the kernel router gets a core
             of its own; the LB shares its core with its receive softirq (the livelock case)
   gen-core  the DUT's output steered to the generator core too (RPS on g0): the DUT core runs
