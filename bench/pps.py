@@ -114,7 +114,7 @@ def say(text: str) -> None:
 
 
 # -- counters -------------------------------------------------------------------------------
-def sink_rx(ctx: Ctx) -> int:
+def delivered_frames(ctx: Ctx) -> int:
     """Frames delivered: what the DUT sent to its next hop (g0's rx counter), or with
     --count-at sink what reached the sink after gen routed it (s0's)."""
     if ctx.args.count_at == "next-hop":
@@ -123,8 +123,8 @@ def sink_rx(ctx: Ctx) -> int:
 
 
 def counting(ctx: Ctx, on: bool) -> None:
-    """Counting mode (on: frames are counted and discarded where sink_rx reads them) or served
-    mode (off: gen routes the DUT's output to the sink, which answers; the latency phase)."""
+    """Counting mode (on: frames are counted and discarded where delivered_frames reads them)
+    or served mode (off: gen routes the DUT's output to the sink, which answers; latency)."""
     ctx.tb.set_sink_drop(on)
     if ctx.args.count_at == "next-hop":
         ctx.tb.set_next_hop_drop(on)
@@ -287,10 +287,12 @@ def run_forwarder(
         try:
             if argv is not None:
                 proc = ctx.procs.start(f"{name}-{placement}", tb.dut, argv, cpu=ctx.args.dut_cpu)
-                ready = wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+                ready = wait_ready(ctx, proc, lambda: delivered_frames(ctx), ctx.cfg_probe)
             else:
                 ready = 0.0
-            res = saturate(ctx, f"{name}-{placement}", lambda: sink_rx(ctx), ctx.cfg_udp, seconds)
+            res = saturate(
+                ctx, f"{name}-{placement}", lambda: delivered_frames(ctx), ctx.cfg_udp, seconds
+            )
             res["ready_s"] = round(ready, 2)
             if proc is not None:
                 ctx.procs.check_alive(proc)
@@ -324,10 +326,10 @@ def run_scapy(ctx: Ctx, name: str, persistent: bool) -> dict[str, Any]:
     proc = ctx.procs.start(name, tb.dut, scapy_argv(persistent), cpu=ctx.args.dut_cpu)
     out: dict[str, Any] = {}
     try:
-        wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+        wait_ready(ctx, proc, lambda: delivered_frames(ctx), ctx.cfg_probe)
         for rate in (None, *ctx.args.scapy_rates):
             res = saturate(
-                ctx, name, lambda: sink_rx(ctx), ctx.cfg_udp, ctx.args.scapy_duration, rate
+                ctx, name, lambda: delivered_frames(ctx), ctx.cfg_udp, ctx.args.scapy_duration, rate
             )
             ctx.procs.check_alive(proc)
             out[f"offered_{rate}" if rate else "saturation"] = res
@@ -353,8 +355,10 @@ def run_paced(ctx: Ctx, placement: str) -> dict[str, Any]:
     place(ctx, placement)
     proc = ctx.procs.start("fastpath-paced", tb.dut, lb_argv(ctx), cpu=ctx.args.dut_cpu)
     try:
-        wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
-        res = paced(ctx, "paced", lambda: sink_rx(ctx), ctx.args.paced_rate, ctx.args.duration)
+        wait_ready(ctx, proc, lambda: delivered_frames(ctx), ctx.cfg_probe)
+        res = paced(
+            ctx, "paced", lambda: delivered_frames(ctx), ctx.args.paced_rate, ctx.args.duration
+        )
         res["placement"] = placement
         say(
             f"paced     {placement:8} {res['delivered']:,} of {res['offered']:,} delivered at "
@@ -524,10 +528,10 @@ def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
     )
     proc = ctx.procs.start("fastpath-memory", tb.dut, lb_argv(ctx), cpu=ctx.args.dut_cpu)
     try:
-        wait_ready(ctx, proc, lambda: sink_rx(ctx), ctx.cfg_probe)
+        wait_ready(ctx, proc, lambda: delivered_frames(ctx), ctx.cfg_probe)
         out["idle"] = vm_rss_mb(proc.pid)
         for n in sizes:  # the first n frames of the file are n distinct flows
-            before = sink_rx(ctx)
+            before = delivered_frames(ctx)
             gen = generator(
                 ctx,
                 f"gen-memory-{n}",
@@ -540,7 +544,7 @@ def run_lb_memory(ctx: Ctx) -> dict[str, Any]:
             time.sleep(0.5)
             ctx.procs.check_alive(proc)
             time.sleep(ctx.args.memory_settle)  # the next stats-file snapshot
-            res = {"rss_mb": vm_rss_mb(proc.pid), "delivered": sink_rx(ctx) - before}
+            res = {"rss_mb": vm_rss_mb(proc.pid), "delivered": delivered_frames(ctx) - before}
             res["tracked_flows"] = lb_stat(ctx, "tracked_flows")
             out[str(n)] = res
             say(

@@ -43,26 +43,36 @@ def blast(tb: tbm.Testbed, blob: Path, count: int) -> None:
     tb.ns(tb.gen, *argv, "--count", str(count), "--duration", "10", timeout=30)
 
 
+def rx(tb: tbm.Testbed, ns: str, dev: str) -> int:
+    return tb.link_stats(ns, dev)["rx_packets"]
+
+
+def wait_rx(tb: tbm.Testbed, ns: str, dev: str, before: int, n: int) -> None:
+    """Waits until `dev` counted `n` frames since `before`, then a little longer, and checks
+    that it counted exactly n (nothing else arrived)."""
+    deadline = time.monotonic() + 5
+    while rx(tb, ns, dev) - before < n:
+        assert time.monotonic() < deadline, f"{dev} counted {rx(tb, ns, dev) - before} of {n}"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert rx(tb, ns, dev) - before == n
+
+
 def test_kernel_router_path_delivers_every_frame(bed: tbm.Testbed, tmp_path: Path) -> None:
     blob = tmp_path / "udp.frames"
     sent = frames.udp_frames(200, tbm.GEN_MAC, tbm.DUT_MAC, tbm.VIP)
     blob.write_bytes(frames.pack_frames(sent))
     bed.set_sink_drop(True)
     bed.set_dut_forwarding(True)
-    before = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    before = rx(bed, bed.sink, "s0")
     blast(bed, blob, 200)
-    deadline = time.monotonic() + 5
-    while bed.link_stats(bed.sink, "s0")["rx_packets"] - before < 200:
-        assert time.monotonic() < deadline, "the sink did not receive all 200 frames"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    assert bed.link_stats(bed.sink, "s0")["rx_packets"] - before == 200  # and nothing else
+    wait_rx(bed, bed.sink, "s0", before, 200)
     # With forwarding off (LB-host mode) the DUT's kernel forwards nothing.
     bed.set_dut_forwarding(False)
-    before = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    before = rx(bed, bed.sink, "s0")
     blast(bed, blob, 50)
     time.sleep(0.3)
-    assert bed.link_stats(bed.sink, "s0")["rx_packets"] == before
+    assert rx(bed, bed.sink, "s0") == before
 
 
 def test_next_hop_counting_counts_at_g0_and_discards(bed: tbm.Testbed, tmp_path: Path) -> None:
@@ -73,22 +83,13 @@ def test_next_hop_counting_counts_at_g0_and_discards(bed: tbm.Testbed, tmp_path:
     bed.set_sink_drop(True)
     bed.set_dut_forwarding(True)
     bed.set_next_hop_drop(True)
-    g0 = bed.link_stats(bed.gen, "g0")["rx_packets"]
-    s0 = bed.link_stats(bed.sink, "s0")["rx_packets"]
+    g0, s0 = rx(bed, bed.gen, "g0"), rx(bed, bed.sink, "s0")
     blast(bed, blob, 100)
-    deadline = time.monotonic() + 5
-    while bed.link_stats(bed.gen, "g0")["rx_packets"] - g0 < 100:
-        assert time.monotonic() < deadline, "g0 did not count the 100 forwarded frames"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    assert bed.link_stats(bed.gen, "g0")["rx_packets"] - g0 == 100
-    assert bed.link_stats(bed.sink, "s0")["rx_packets"] == s0  # dropped at the next hop
+    wait_rx(bed, bed.gen, "g0", g0, 100)
+    assert rx(bed, bed.sink, "s0") == s0  # dropped at the next hop
     bed.set_next_hop_drop(False)
     blast(bed, blob, 100)
-    deadline = time.monotonic() + 5
-    while bed.link_stats(bed.sink, "s0")["rx_packets"] - s0 < 100:
-        assert time.monotonic() < deadline, "with the drop off, gen did not route to the sink"
-        time.sleep(0.05)
+    wait_rx(bed, bed.sink, "s0", s0, 100)
     bed.set_next_hop_drop(False)  # idempotent
 
 
