@@ -33,7 +33,15 @@ from agent.counters import DecapCounters
 from agent.deliver import Delivery, RawDelivery, TunDelivery
 from agent.host import HostError, HostPlan, HostSetup, table_name, tun_name
 from fastpath import bpf
-from fastpath.ring import ETH_MAC_OFFSET, TP_STATUS_USER, RxRing, kernel_drops
+from fastpath.ring import (
+    ETH_MAC_OFFSET,
+    TP_STATUS_USER,
+    RxRing,
+    add_busy_poll_option,
+    busy_poll_error,
+    kernel_drops,
+    spin_for_frame,
+)
 
 STATS_DIR = Path("/run/l4lb")
 BATCH = 256  # frames handled between two clock reads / stop checks
@@ -81,14 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--server-mss", type=int, help="MSS cap for SYN-ACKs (default: deployment)")
     ap.add_argument("--deliver", choices=("tun", "raw"), default="tun")
     ap.add_argument("--ring-frames", type=int, default=4096)
-    ap.add_argument(
-        "--busy-poll-us",
-        type=int,
-        default=0,
-        metavar="US",
-        help="after traffic, spin this many microseconds for the next frame before sleeping "
-        "(lower latency for sparse requests, at the cost of CPU; default 0: sleep at once)",
-    )
+    add_busy_poll_option(ap)
     ap.add_argument(
         "--rps",
         default="auto",
@@ -141,8 +142,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--stats-interval {args.stats_interval}: must be >= 0")
     if args.ring_frames < 16:
         raise UsageError(f"--ring-frames {args.ring_frames}: at least 16")
-    if not 0 <= args.busy_poll_us <= 1_000_000:
-        raise UsageError(f"--busy-poll-us {args.busy_poll_us}: expected 0..1000000")
+    if why := busy_poll_error(args.busy_poll_us):
+        raise UsageError(why)
     vips, lbs, mss = tuple(args.vip), tuple(args.allow_lb), args.server_mss
     if not vips or not lbs or mss is None:
         vips, lbs, mss = _from_deployment(args.deployment, vips, lbs, mss)
@@ -235,14 +236,12 @@ def serve(
     i = ring.index
     busy_poll = busy_poll_us / 1e6
     spin_until = 0.0
-    sched_yield = os.sched_yield
     while not stop.set:
         now = clock()
         tick(now)
         if not status[i] & TP_STATUS_USER:
             if spin_until:
-                while not status[i] & TP_STATUS_USER and clock() < spin_until:
-                    sched_yield()  # others runnable on this core go first
+                spin_for_frame(status, i, spin_until, clock)
                 spin_until = 0.0
                 continue
             ring.index = i

@@ -10,7 +10,6 @@ kernel publishes (V2 has no block timeout), so a lone request is forwarded at on
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 from fastpath.balancer import Balancer
 from fastpath.csum_fixup import complete_l4_checksum
-from fastpath.ring import ETH_MAC_OFFSET, TP_STATUS_USER, TPACKET2_HDR, RxRing
+from fastpath.ring import ETH_MAC_OFFSET, TP_STATUS_USER, TPACKET2_HDR, RxRing, spin_for_frame
 from fastpath.tx import MmsgSender, ZeroCopySender
 
 # The in-place outer header must not reach the slot's tpacket2_hdr (status, lengths).
@@ -109,15 +108,11 @@ class Forwarder:
         rx = 0
         busy_poll = self.busy_poll_us / 1e6
         spin_until = 0.0
-        sched_yield = os.sched_yield
         try:
             while self.running:
                 if not status[i] & TP_STATUS_USER:
                     if spin_until:
-                        # Busy-poll briefly after traffic: a request that follows within
-                        # busy_poll_us skips the sleep/wake-up (about 10 us on this VM).
-                        while not status[i] & TP_STATUS_USER and clock() < spin_until:
-                            sched_yield()  # others runnable on this core go first
+                        spin_for_frame(status, i, spin_until, clock)
                         spin_until = 0.0
                         continue
                     io.wakeups += 1

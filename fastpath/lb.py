@@ -40,7 +40,7 @@ from fastpath.forward import Forwarder
 from fastpath.neigh import NeighError, NextHop, interface_info
 from fastpath.nft import NftError, VipDrop
 from fastpath.offload import OffloadError, Offloads
-from fastpath.ring import RxRing, kernel_drops
+from fastpath.ring import RxRing, add_busy_poll_option, busy_poll_error, kernel_drops
 from fastpath.stats import StatsWriter, default_stats_path
 from fastpath.tx import MmsgSender, open_tx_socket
 
@@ -165,14 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="frames per receive/send batch (default 256, at most 256)",
     )
-    p.add_argument(
-        "--busy-poll-us",
-        type=int,
-        default=0,
-        metavar="US",
-        help="after traffic, spin this many microseconds for the next frame before sleeping "
-        "(lower latency for sparse requests, at the cost of CPU; default 0: sleep at once)",
-    )
+    add_busy_poll_option(p)
     p.add_argument(
         "--ring-frames",
         type=positive_int,
@@ -306,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.batch > 256:
         raise UsageError(f"--batch {args.batch}: at most 256")
-    if not 0 <= args.busy_poll_us <= 1_000_000:
-        raise UsageError(f"--busy-poll-us {args.busy_poll_us}: expected 0..1000000")
+    if why := busy_poll_error(args.busy_poll_us):
+        raise UsageError(why)
     ifname = args.iface
     ifindex = socket_if_nametoindex(ifname)
     settings = resolve_settings(args)
