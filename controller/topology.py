@@ -5,8 +5,16 @@ The file is the one `p4run --config` reads (keys `p4_src`, `topology.assignment_
 Numbering, as nsg-ethz/p4-utils `p4utils/mininetlib/network_API.py` (`NetworkAPI.l3`) and
 `p4utils/utils/helper.py` (`ip_address_to_mac`) do it:
 
-- ports in link order per node: a host's only link is port 0 (`hN-eth0`), a switch's links are
-  ports 1, 2, ... (`t1-eth1` is t1's first link), unless a link names `port1`/`port2`;
+- ports: a link's `port1`/`port2` options pin them (the shipped fat tree pins every one); an
+  unpinned port gets what p4-utils' `NetworkAPI.auto_assignment()` would give it: links taken in
+  mininet's natural order of (node1, node2) (`Topo.links(sort=True)`: `["a1", "c1"]` before
+  `["t1", "a1"]`), each end the lowest port not yet used on its node (hosts from 0, switches
+  from 1), pinned ports of later links included;
+- thrift ports: a switch's `thrift_port` option pins it (the shipped file pins 9089 + device_id);
+  an unpinned one gets p4-utils' rule: switches in natural name order (a1..a8, c1..c4, t1..t8),
+  each the lowest free port from 9090. Older p4-utils (`p4run.py`'s AppRunner) numbered thrift
+  ports in file order instead, which is why the p4 driver requires every number pinned
+  (`require_pinned`): pinned, the file's numbers are the switches' numbers under any p4-utils;
 - host hN on the switch with device id S: `10.S.N.2/24`; its gateway, the switch port,
   `10.S.N.1/24`;
   host MAC `00:00` + the hex octets of the host IP, switch port MAC `00:01` + the same octets;
@@ -34,6 +42,8 @@ _HOST_NAME = re.compile(r"^h([0-9]+)$")
 _MAX_IFNAME = 15  # Linux IFNAMSIZ - 1
 _MAX_ID = 253  # p4-utils asserts ids and host numbers < 254 (they become address octets)
 _LINK_OPTIONS = frozenset({"port1", "port2"})
+_SWITCH_OPTIONS = frozenset({"device_id", "thrift_port"})
+THRIFT_BASE_PORT = 9090  # p4-utils' NetworkAPI.auto_thrift_port(base=9090)
 
 
 class TopologyError(ValueError):
@@ -59,6 +69,7 @@ class Node:
     kind: Literal["host", "switch"]
     device_id: int | None  # switches only
     interfaces: Mapping[int, Interface]  # by port number
+    thrift_port: int | None = None  # switches only: pinned in the file, or p4-utils' rule
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class Topology:
     p4_src: str  # as written in the file (p4run resolves it from its working directory)
     source: str = "<topology>"  # file name, for messages
     link_order: tuple[tuple[str, int, str, int], ...] = ()  # (node1, port1, node2, port2)
+    unpinned: tuple[str, ...] = ()
+    """Switch numbers the file leaves to the loader ("t1: thrift_port", "link [t1, a1]: port1
+    (t1)"); the p4 driver refuses to program while any is left (`require_pinned`)."""
 
     def node(self, name: str) -> Node:
         try:
@@ -112,6 +126,18 @@ class Topology:
             (self.nodes[a].interfaces[pa], self.nodes[b].interfaces[pb])
             for a, pa, b, pb in self.link_order
         ]
+
+    def require_pinned(self) -> None:
+        """Raise TopologyError unless every switch port and thrift port is pinned in the file:
+        the p4 driver's rule, so that the numbers it uses are the ones p4run gives the
+        switches whatever p4-utils version assigns the rest."""
+        if self.unpinned:
+            shown = "; ".join(self.unpinned[:6]) + ("; ..." if len(self.unpinned) > 6 else "")
+            raise TopologyError(
+                f"{self.source}: the p4 driver needs every switch port and thrift port pinned "
+                f"(link option port1/port2, switch option thrift_port), so that p4run numbers "
+                f"them as the controller does; {len(self.unpinned)} are not: {shown}"
+            )
 
     def switch_neighbors(self, switch: str) -> list[Interface]:
         """The switch's interfaces that face other switches, by port."""
@@ -190,6 +216,7 @@ def parse_topology(data: object, source: str = "<topology>") -> Topology:
         host_num[name] = int(m.group(1))
     device_id: dict[str, int] = {}
     owner_of_id: dict[int, str] = {}
+    thrift: dict[str, int] = {}  # pinned thrift ports
     for name, opts in switches.items():
         if not _NAME.match(name):
             raise TopologyError(f"{where}: bad switch name {name!r}")
@@ -197,22 +224,31 @@ def parse_topology(data: object, source: str = "<topology>") -> Topology:
             raise TopologyError(f"{where}: {name!r} is both a host and a switch")
         if not isinstance(opts, dict):
             raise TopologyError(f"{where}: switch {name!r} options must be an object")
-        sid = _get(opts, "device_id", int, f"{where}: switch {name!r}")
+        sw = f"{where}: switch {name!r}"
+        sid = _get(opts, "device_id", int, sw)
         if not 1 <= sid <= _MAX_ID:
-            raise TopologyError(f"{where}: switch {name!r} device_id {sid} not in 1..{_MAX_ID}")
+            raise TopologyError(f"{sw} device_id {sid} not in 1..{_MAX_ID}")
         if sid in owner_of_id:
             raise TopologyError(
                 f"{where}: duplicate device_id {sid} ({owner_of_id[sid]!r} and {name!r})"
             )
+        if "thrift_port" in opts:
+            tp = _get(opts, "thrift_port", int, sw)
+            if not 1 <= tp <= 65535:
+                raise TopologyError(f"{sw} thrift_port {tp} not in 1..65535")
+            other = next((n for n, p in thrift.items() if p == tp), None)
+            if other is not None:
+                raise TopologyError(f"{where}: duplicate thrift_port {tp} ({other!r} and {name!r})")
+            thrift[name] = tp
         kinds[name] = "switch"
         device_id[name] = sid
         owner_of_id[sid] = name
 
-    # Ports in link order: an explicit port1/port2 wins, otherwise the lowest free port
-    # (hosts from 0, switches from 1), as p4-utils' auto_port_num does.
+    # Links: check each, and collect the pinned ports of every node first (p4-utils'
+    # auto_port_num skips a port pinned by any link, also a later one).
     used: dict[str, set[int]] = {n: set() for n in kinds}
     seen_pairs: dict[frozenset[str], int] = {}
-    link_order: list[tuple[str, int, str, int]] = []
+    ends: list[tuple[str, str, list[int | None], str]] = []  # (node1, node2, ports, where)
     for i, link in enumerate(links):
         lw = f"{where}: link {i} {json.dumps(link)}"
         if not isinstance(link, list) or len(link) not in (2, 3):
@@ -237,23 +273,52 @@ def parse_topology(data: object, source: str = "<topology>") -> Topology:
         seen_pairs[pair] = i
         if kinds[a] == kinds[b] == "host":
             raise TopologyError(f"{lw}: links two hosts")
-        ports = []
+        ports: list[int | None] = []
         for n, key in ((a, "port1"), (b, "port2")):
+            port = None
             if key in opts:
                 port = _get(opts, key, int, lw)
                 if port < 0 or (kinds[n] == "host" and port != 0):
                     raise TopologyError(f"{lw}: bad {key} {port} for {n!r}")
                 if port in used[n]:
                     raise TopologyError(f"{lw}: duplicate port {port} on {n!r}")
-            else:
+                used[n].add(port)
+            ports.append(port)
+        ends.append((a, b, ports, lw))
+
+    # Unpinned ports, as p4-utils' auto_assignment() numbers them: links in natural order of
+    # (node1, node2), each free end the lowest port not used on its node.
+    unpinned: list[str] = []
+    for a, b, ports, _ in sorted(ends, key=lambda e: (natural_key(e[0]), natural_key(e[1]))):
+        for k, n in enumerate((a, b)):
+            if ports[k] is None:
                 port = 0 if kinds[n] == "host" else 1
                 while port in used[n]:
                     port += 1
+                used[n].add(port)
+                ports[k] = port
+                if kinds[n] == "switch":
+                    unpinned.append(f"link [{a}, {b}]: port{k + 1} ({n})")
+    link_order: list[tuple[str, int, str, int]] = []
+    for a, b, ports, lw in ends:
+        pa, pb = ports
+        assert pa is not None and pb is not None
+        for n, port in ((a, pa), (b, pb)):
             if len(f"{n}-eth{port}") > _MAX_IFNAME:
                 raise TopologyError(f"{lw}: interface name {n}-eth{port} longer than 15 chars")
-            used[n].add(port)
-            ports.append(port)
-        link_order.append((a, ports[0], b, ports[1]))
+        link_order.append((a, pa, b, pb))
+
+    # Unpinned thrift ports, as NetworkAPI.auto_thrift_port(): switches in natural name order,
+    # each the lowest port from 9090 that no switch has.
+    taken = set(thrift.values())
+    for name in sorted(device_id, key=natural_key):
+        if name not in thrift:
+            tp = THRIFT_BASE_PORT
+            while tp in taken:
+                tp += 1
+            thrift[name] = tp
+            taken.add(tp)
+            unpinned.append(f"{name}: thrift_port")
 
     for h in host_num:
         peers = [b if a == h else a for a, _, b, _ in link_order if h in (a, b)]
@@ -279,7 +344,13 @@ def parse_topology(data: object, source: str = "<topology>") -> Topology:
             add(b, pb, ip_to_mac(f"{net}.2", 2), f"{net}.2/24", a, pa)
 
     nodes = {
-        n: Node(n, k, device_id.get(n), MappingProxyType(dict(sorted(ifaces[n].items()))))
+        n: Node(
+            n,
+            k,
+            device_id.get(n),
+            MappingProxyType(dict(sorted(ifaces[n].items()))),
+            thrift.get(n),
+        )
         for n, k in kinds.items()
     }
-    return Topology(MappingProxyType(nodes), p4_src, source, tuple(link_order))
+    return Topology(MappingProxyType(nodes), p4_src, source, tuple(link_order), tuple(unpinned))

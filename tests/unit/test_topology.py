@@ -113,9 +113,13 @@ def _links(d: dict[str, Any]) -> list[list[Any]]:
     return links
 
 
+def _link_index(d: dict[str, Any], ends: list[str]) -> int:
+    """Index of the link between these two nodes (its options, if any, not compared)."""
+    return next(i for i, ln in enumerate(_links(d)) if ln[:2] == ends)
+
+
 def _swap_link(d: dict[str, Any], old: list[str], new: list[Any]) -> None:
-    links = _links(d)
-    links[links.index(old)] = new
+    _links(d)[_link_index(d, old)] = new
 
 
 def _del(d: dict[str, Any], *path: str) -> None:
@@ -198,7 +202,7 @@ MALFORMED = [
     ),
     (
         "host on no switch",
-        lambda d: _links(d).remove(["h16", "t8"]),
+        lambda d: _links(d).__delitem__(_link_index(d, ["h16", "t8"])),
         "host 'h16' must be linked to exactly one switch, not 0",
     ),
     (
