@@ -23,6 +23,61 @@ class DeploymentError(ValueError):
 
 
 @dataclass(frozen=True)
+class BgpSettings:
+    """The `bgp` object of the deployment file (every key optional): how the LB hosts announce
+    the VIP to their ToR (controller/bgp.py)."""
+
+    tor_asn: int = 65000
+    """AS number of the ToR switches the load balancers peer with."""
+    lb_asn: int = 65001
+    """AS number of every load-balancer host (eBGP to its ToR)."""
+    bfd_interval_ms: int = 100
+    """BFD transmit and receive interval, on the BGP sessions and on each LB's announcement."""
+    bfd_multiplier: int = 3
+    """BFD detect multiplier: a silent peer is down after multiplier x interval."""
+
+    @property
+    def detect_ms(self) -> int:
+        return self.bfd_interval_ms * self.bfd_multiplier
+
+
+_BGP_LIMITS = {
+    "tor_asn": (1, 4294967294),
+    "lb_asn": (1, 4294967294),
+    "bfd_interval_ms": (10, 10000),
+    "bfd_multiplier": (1, 255),
+}
+
+
+def parse_bgp(data: object, source: str) -> BgpSettings:
+    """The `bgp` object: each key an integer within its range; the message names the field."""
+    if data is None:
+        return BgpSettings()
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{source}: bgp must be an object")
+    unknown = sorted(set(data) - set(_BGP_LIMITS))
+    if unknown:
+        raise DeploymentError(
+            f"{source}: bgp: unknown key(s) {unknown} (known: {', '.join(_BGP_LIMITS)})"
+        )
+    values: dict[str, int] = {}
+    for key, (low, high) in _BGP_LIMITS.items():
+        if key not in data:
+            continue
+        v = data[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise DeploymentError(f"{source}: bgp.{key} must be an integer in {low}..{high}")
+        values[key] = v
+    settings = BgpSettings(**values)
+    if settings.tor_asn == settings.lb_asn:
+        raise DeploymentError(
+            f"{source}: bgp.lb_asn and bgp.tor_asn are both {settings.lb_asn}: the sessions "
+            "are eBGP, so the LBs need an AS of their own"
+        )
+    return settings
+
+
+@dataclass(frozen=True)
 class Deployment:
     topology: Topology
     vip: str
@@ -39,6 +94,8 @@ class Deployment:
     """MSS the servers advertise, leaving room for the 20-byte IP-in-IP header."""
     www_root: Path
     """Files the backend web servers serve."""
+    bgp: BgpSettings = BgpSettings()
+    """AS numbers and BFD timers of the VIP announcements."""
 
     def backend_ips(self) -> tuple[tuple[str, int], ...]:
         """(backend IP, weight), in the file's order."""
@@ -104,6 +161,7 @@ def parse_deployment(
     if not 536 <= mss <= 1460:
         raise DeploymentError(f"{source}: server_mss {mss} not in 536..1460")
     www = _need(data, "www_root", str, source)
+    bgp = parse_bgp(data.get("bgp"), source)
     return Deployment(
         topology=topology,
         vip=vip,
@@ -113,6 +171,7 @@ def parse_deployment(
         hash_seed=seed,
         server_mss=mss,
         www_root=(base / www).resolve(),
+        bgp=bgp,
     )
 
 
