@@ -17,11 +17,13 @@ configuration files and the services that run them out (controller.services star
 
 Timers: the LB side connects 1 s after start and retries every 2 s (BIRD's defaults are 5 s and
 120 s); after a session error both sides wait 1 s, at most 10 s for repeated errors (BIRD's
-default 60 s, 300 s: the passive ToR would refuse a returning LB for a minute); hold 3 s, keepalive 1 s (BFD does the fast detection: deployment `bgp.bfd_interval_ms`
-x `bgp.bfd_multiplier`, 100 ms x 3 by default). Per node, under `<state_dir>/bird/`: `<node>.conf`,
-`<node>.ctl` (control socket: `birdc -s`), `<node>.pid`; the log is the service's log
-(`<state_dir>/logs/bird-<node>.log`: BIRD logs to stderr). Timestamps in the control socket's
-replies are Unix seconds (`timeformat ... "%s.%3f"`), as controller.birdctl parses them.
+default 60 s, 300 s: the passive ToR would refuse a returning LB for a minute); hold 3 s,
+keepalive 1 s (BFD does the fast detection: deployment `bgp.bfd_interval_ms` x
+`bgp.bfd_multiplier`, 100 ms x 3 by default). Per node, under `<state_dir>/bird/`:
+`<node>.conf`, `<node>.ctl` (control socket: `birdc -s`), `<node>.pid`; the log is the
+service's log (`<state_dir>/logs/bird-<node>.log`: BIRD logs to stderr). Timestamps in the
+control socket's replies are Unix seconds (`timeformat ... "%s.%3f"`), as controller.birdctl
+parses them.
 """
 
 from __future__ import annotations
@@ -151,8 +153,16 @@ def tor_config(dep: Deployment, tor: str) -> str:
         _HEADER.format(node=tor, router_id=first.split("/")[0])
         + _bfd([p.name for p in ports], bgp.bfd_interval_ms, bgp.bfd_multiplier)
         + f"""
+# onlink: the Linux driver routes each host's /24 via the host (a gateway route in place of
+# the connected one), so the kernel would refuse a plain next hop as unreachable.
 protocol kernel {{
-  ipv4 {{ import none; export where net = {dep.vip}/32 && source = RTS_BGP; }};
+  ipv4 {{
+    import none;
+    export filter {{
+      if net = {dep.vip}/32 && source = RTS_BGP then {{ onlink = true; accept; }}
+      reject;
+    }};
+  }};
   merge paths on;
 }}
 

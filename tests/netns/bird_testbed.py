@@ -24,6 +24,8 @@ from agent_testbed import PY, REPO, suffix
 
 from controller import bgp, birdctl, fib
 from controller.deployment import Deployment, load_deployment
+from controller.drivers import linux
+from controller.routes import compute_routes
 
 LBS = ("h1", "h2")
 
@@ -72,6 +74,13 @@ class BirdBed:
                     assert iface.ip is not None
                     sh("ip", "-n", self.ns[node], "addr", "add", iface.ip, "dev", iface.name)
                     sh("ip", "-n", self.ns[node], "link", "set", iface.name, "up")
+            # t1's routes to h1's and h2's /24 as the Linux driver makes them: via the host,
+            # onlink, in place of the connected routes (BIRD must cope with that). Not its
+            # neighbour entries: the veths here have MACs of their own.
+            t1 = compute_routes(topo, self.dep.vip, self.dep.load_balancers)["t1"]
+            for argv in linux.program_commands(t1, topo):
+                if argv[1] == "route" and argv[3] in ("10.1.1.0/24", "10.1.2.0/24"):
+                    sh("ip", "-n", self.ns["t1"], *argv[1:])
             for node in ("t1", *LBS):
                 self.start_bird(node)
         except BaseException:

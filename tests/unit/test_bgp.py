@@ -90,7 +90,7 @@ def test_tor_config_peers_with_each_lb_and_merges_paths(dep) -> None:
     assert "protocol bgp h1 from lb { neighbor 10.1.1.2 as 65001; }" in conf
     assert "protocol bgp h2 from lb { neighbor 10.1.2.2 as 65001; }" in conf
     assert "merge paths on;" in conf and "passive on;" in conf
-    assert "export where net = 20.0.0.1/32 && source = RTS_BGP;" in conf
+    assert "if net = 20.0.0.1/32 && source = RTS_BGP then { onlink = true; accept; }" in conf
     assert 'interface "t1-eth1", "t1-eth2"' in conf
     with pytest.raises(bgp.BgpError, match="'t2' has no load balancer"):
         bgp.tor_config(dep, "t2")
