@@ -29,7 +29,7 @@ def _programs(args: argparse.Namespace) -> tuple[Topology, dict[str, SwitchProgr
     """Topology (--topo, else the deployment's) and the routes for the deployment's VIP."""
     dep: Deployment = load_deployment(args.deployment)
     topo = load_topology(args.topo) if args.topo else dep.topology
-    programs = compute_routes(topo, dep.vip, dep.load_balancers)
+    programs = compute_routes(topo, dep.vip, dep.load_balancers, dep.vip_sources())
     if args.switch is not None:
         if args.switch not in programs:
             raise UsageError(

@@ -182,7 +182,7 @@ template bgp lb {{
 
 def static_vip_route(dep: Deployment, tor: str) -> tuple[str, ...]:
     """The `ip route replace <vip>/32 ...` command the Linux driver gives the ToR."""
-    programs = compute_routes(dep.topology, dep.vip, dep.load_balancers)
+    programs = compute_routes(dep.topology, dep.vip, dep.load_balancers, dep.vip_sources())
     for argv in linux.program_commands(programs[tor], dep.topology):
         if argv[:4] == ["ip", "route", "replace", f"{dep.vip}/32"]:
             return tuple(argv)

@@ -101,6 +101,12 @@ class Deployment:
         """(backend IP, weight), in the file's order."""
         return tuple((self.topology.host_ip(h), w) for h, w in self.backends)
 
+    def vip_sources(self) -> tuple[str, ...]:
+        """Hosts that send packets from the VIP: the backends (DSR replies) and the load
+        balancers (ICMP fragmentation-needed; haproxy mode's replies). The fabric's source
+        guard lets the VIP through from these hosts only (controller.routes.source_guard)."""
+        return (*self.load_balancers, *(h for h, _ in self.backends))
+
     def clients(self) -> list[str]:
         """Hosts that are neither load balancers nor backends, natural order."""
         busy = set(self.load_balancers) | {h for h, _ in self.backends}

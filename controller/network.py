@@ -65,7 +65,7 @@ def _plan(topo_path: str | None) -> tuple[Topology, Deployment, dict[str, Switch
     missing = [h for h in dep.load_balancers if h not in topo.nodes]
     if missing:
         raise ValueError(f"{topo.source}: the deployment's load balancers {missing} are missing")
-    return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers)
+    return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers, dep.vip_sources())
 
 
 # --- up -------------------------------------------------------------------------------------
