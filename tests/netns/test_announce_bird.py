@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,48 @@ def test_health_file_decides_the_interim_announcement(announced: BirdBed, tmp_pa
     bed.wait_gateways([H2], 1.0)
     assert bed.status("h1")["healthy"] is False
     bed.stop("holder-h1")
+
+
+def test_p4_follow_reads_the_real_birds(announced: BirdBed) -> None:
+    """p4-follow's view of the announcements (the LBs' BIRDs, through their control sockets)
+    drives t1's entries on the fake of p4-utils as BGP drives the Linux t1."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from fake_p4utils import FakeNetwork, FakeSwitch
+
+    from controller.p4follow import Follower, bird_announces
+    from controller.routes import compute_routes
+
+    bed = announced
+    dep = bed.dep
+    programs = compute_routes(dep.topology, dep.vip, dep.load_balancers, dep.vip_sources())
+    net = FakeNetwork([FakeSwitch("t1", 1, 9090)])
+    f = Follower(
+        dep.topology,
+        programs,
+        dep.vip,
+        dep.load_balancers,
+        lambda h: bird_announces(bed.files(h).ctl, dep.vip),
+        net.factory,
+    )
+    f.start()
+    assert f.step() == []
+    vip_key = f'["{dep.vip}/32"]'
+    t0 = time.monotonic()
+    bed.procs["holder-h1"].send_signal(signal.SIGKILL)
+    wait_for(lambda: bool(f.step()), 2.0, "p4-follow to see h1 go")
+    figure("SIGKILL of the holder -> p4-follow rewrote t1 (polling BIRD)", time.monotonic() - t0)
+    assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("set_nhop", ["00:00:0a:01:02:02", "2"])
+    bed.bird("h2", "disable vip")
+    try:
+        wait_for(lambda: bool(f.step()), 2.0, "p4-follow to see h2 drained")
+        assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("drop", [])
+    finally:
+        bed.bird("h2", "enable vip")
+    bed.start_holder("h1")
+
+    def both() -> bool:
+        f.step()
+        return f.live == ["h1", "h2"]
+
+    wait_for(both, 5.0, "p4-follow to see both back")
+    assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("ecmp_group", ["1", "2"])
