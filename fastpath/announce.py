@@ -108,6 +108,14 @@ def _run_ip(*args: str) -> None:
         raise AnnounceError(f"`ip {' '.join(args)}` failed: {res.stderr.strip()}")
 
 
+@dataclass
+class Device:
+    """The TUN device an Announcer holds: its descriptor (non-blocking) and name."""
+
+    fd: int
+    name: str
+
+
 def open_tun(name: str) -> tuple[int, str]:
     """A non-persistent, non-blocking TUN device without packet information: (fd, name)."""
     try:
@@ -123,8 +131,24 @@ def open_tun(name: str) -> tuple[int, str]:
     return fd, IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
 
 
+def open_device(config: AnnounceConfig) -> Device:
+    """Make the announcement's TUN: host address, peer address, up. Root (CAP_NET_ADMIN)."""
+    fd, name = open_tun(config.tun)
+    try:
+        _run_ip("addr", "add", config.host_addr, "peer", f"{config.lb_addr}/32", "dev", name)
+        _run_ip("link", "set", name, "up")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Device(fd, name)
+
+
 class Announcer:
-    """Holds the TUN and answers BIRD's BFD on it. Root (CAP_NET_ADMIN) to construct."""
+    """Holds the TUN and answers BIRD's BFD on it.
+
+    `device`: the TUN to use (tests pass one end of a socket pair); by default one is made
+    (open_device: root).
+    """
 
     def __init__(
         self,
@@ -132,17 +156,11 @@ class Announcer:
         now: float,
         rng: Callable[[], float] = random.random,
         discriminator: int | None = None,
+        device: Device | None = None,
     ) -> None:
         self.config = config
-        self.fd, self.tun = open_tun(config.tun)
-        try:
-            _run_ip(
-                "addr", "add", config.host_addr, "peer", f"{config.lb_addr}/32", "dev", self.tun
-            )
-            _run_ip("link", "set", self.tun, "up")
-        except BaseException:
-            self.close()
-            raise
+        dev = device or open_device(config)
+        self.fd, self.tun = dev.fd, dev.name
         self.session = bfd.Session(
             config.bfd,
             discriminator or random.randrange(1, 2**32),

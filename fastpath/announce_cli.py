@@ -41,7 +41,6 @@ from fastpath.announce import (
     Status,
     tun_name,
 )
-from fastpath.stats import write_atomic
 
 HEALTH_POLL = 0.05  # seconds between looks at the health file
 STATUS_EVERY = 1.0  # seconds between status-file rewrites when nothing changes
@@ -91,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to wait for BIRD to see the withdraw (default %(default)s)",
     )
     return p
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one rename (a reader sees the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def healthy(path: Path, max_age: float, now_wall: float) -> bool:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_testbed import PY, REPO, suffix
 
 from controller import bgp, birdctl, fib
 from controller.deployment import Deployment, load_deployment
@@ -28,11 +30,16 @@ from controller.drivers import linux
 from controller.routes import compute_routes
 
 LBS = ("h1", "h2")
+REPO = Path(__file__).resolve().parents[2]
+PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
+
+
+def suffix() -> str:
+    """A short tag unique to this run, for namespace names."""
+    return f"{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
 
 
 def require_bird() -> None:
-    import os
-
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces, TUN devices")
     for tool in ("bird", "ip"):
