@@ -5,7 +5,8 @@ the netns tests (a harness that can be killed, stopped and signalled) and, until
 calls fastpath.announce itself, the emulation (`controller up --services`), where it follows
 the LB's health through its stats file (`--health-file`): announced while the file is
 rewritten (fastpath.lb does so every --stats-interval) and not marked final (written at exit),
-withdrawn otherwise.
+withdrawn otherwise; and the moment the process that wrote it (its `pid`) dies, watched through
+a pidfd, so a killed LB is withdrawn in milliseconds, not after --max-age.
 
 Signals: SIGUSR1 withdraws, SIGUSR2 announces again; SIGTERM/SIGINT withdraw, wait until BIRD
 has seen it (at most --drain-timeout seconds), then exit 0, the TUN going with the process.
@@ -101,12 +102,53 @@ def write_atomic(path: Path, text: str) -> None:
 
 def healthy(path: Path, max_age: float, now_wall: float) -> bool:
     """An LB stats file rewritten within `max_age` seconds and not the final snapshot."""
+    return _read_health(path, max_age, now_wall)[0]
+
+
+def _read_health(path: Path, max_age: float, now_wall: float) -> tuple[bool, int | None]:
     try:
         age = now_wall - path.stat().st_mtime
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return age <= max_age and isinstance(data, dict) and not data.get("final", False)
+        return False, None
+    if not isinstance(data, dict):
+        return False, None
+    pid = data.get("pid")
+    ok = age <= max_age and not data.get("final", False)
+    return ok, pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
+class LbWatch:
+    """The LB behind a stats file: fresh and not final, and its writer (`pid`) alive. The
+    writer is watched through a pidfd, readable the moment it exits."""
+
+    def __init__(self, path: Path, max_age: float) -> None:
+        self.path, self.max_age = path, max_age
+        self.pid: int | None = None
+        self.pidfd = -1
+        self.dead: int | None = None  # the writer seen to exit: its file says nothing more
+
+    def check(self, now_wall: float) -> bool:
+        ok, pid = _read_health(self.path, self.max_age, now_wall)
+        if pid is not None and pid != self.pid and pid != self.dead:
+            self._close()
+            with contextlib.suppress(OSError):  # gone already: the next look sees it stale
+                self.pidfd = os.pidfd_open(pid)
+                self.pid = pid
+        return ok and pid is not None and pid != self.dead
+
+    def fds(self) -> list[int]:
+        return [self.pidfd] if self.pidfd >= 0 else []
+
+    def exited(self) -> None:
+        """The pidfd turned readable: the LB process is gone."""
+        self.dead = self.pid
+        self._close()
+
+    def _close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        self.pidfd, self.pid = -1, None
 
 
 def status_json(st: Status, tun: str, healthy_now: bool | None, mono_to_wall: float) -> str:
@@ -161,6 +203,7 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
         flush=True,
     )
     wanted = not args.withdrawn  # the operator's (signals') wish; health may overrule it
+    watch = LbWatch(args.health_file, args.max_age) if args.health_file is not None else None
     is_healthy: bool | None = None
     last_written, last_status = 0.0, None
     next_health = 0.0
@@ -176,8 +219,8 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
                 elif stopping_since is None:
                     stopping_since = now
             requests.clear()
-            if args.health_file is not None and now >= next_health:
-                is_healthy = healthy(args.health_file, args.max_age, time.time())
+            if watch is not None and now >= next_health:
+                is_healthy = watch.check(time.time())
                 next_health = now + HEALTH_POLL
             want = wanted and stopping_since is None and is_healthy is not False
             if want and not ann.status().wanted:
@@ -198,15 +241,23 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
             ):
                 return 0
             timeout = min(max(deadline - now, 0.0), STATUS_EVERY)
-            if args.health_file is not None:
+            if watch is not None:
                 timeout = min(timeout, max(next_health - now, 0.0))
+            lb_fds = watch.fds() if watch is not None else []
             with contextlib.suppress(InterruptedError):
-                readable, _, _ = select.select([*ann.fds(), wake_r.fileno()], [], [], timeout)
+                readable, _, _ = select.select(
+                    [*ann.fds(), *lb_fds, wake_r.fileno()], [], [], timeout
+                )
+                if watch is not None and set(lb_fds) & set(readable):
+                    watch.exited()
+                    next_health = 0.0  # withdraw now
                 if wake_r.fileno() in readable:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(64)
     finally:
         ann.close()
+        if watch is not None:
+            watch.exited()
         signal.set_wakeup_fd(-1)
         wake_r.close()
         wake_w.close()

@@ -203,6 +203,20 @@ def test_forged_tunnel_from_h16_is_dropped_and_counted_at_t8(net: NetState) -> N
     assert fetch(net, "h4", "100k.bin") == (DEP.www_root / "100k.bin").read_bytes()
 
 
+def test_a_killed_lb_is_withdrawn_at_once(net: NetState) -> None:
+    """SIGKILL of fastpath.lb on h1 (last but one: it stays dead): its announcement sees its
+    writer exit (pidfd) and withdraws; short requests keep working through h2."""
+    pid = service("lb-h1")["pid"]
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_gateways(net, [H2], 1.0)
+    took = time.monotonic() - t0
+    print(f"\n[fat tree] SIGKILL of fastpath.lb on h1 -> out of t1's ECMP: {took * 1000:.0f} ms")
+    assert took < 0.5, "withdrawn when the LB died, not when its stats file went stale"
+    for _ in range(20):
+        assert fetch(net, "h16") == (DEP.www_root / "1k.bin").read_bytes()
+
+
 def test_down_stops_every_bird_and_removes_their_files(net: NetState) -> None:
     from controller import network
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -169,18 +170,30 @@ def test_link_down_of_the_lb_host_leaves_t1s_ecmp(announced: BirdBed) -> None:
 def test_health_file_decides_the_interim_announcement(announced: BirdBed, tmp_path: Path) -> None:
     bed = announced
     health = tmp_path / "lb-h1.json"
-    health.write_text(json.dumps({"final": False}))
-    bed.start_holder("h1", "--health-file", str(health), "--max-age", "0.5")
-    bed.wait_gateways([H1, H2], 3.0)
-    # Not rewritten: stale after 0.5 s, then withdrawn.
-    bed.wait_gateways([H2], 2.0)
-    assert time.time() - health.stat().st_mtime >= 0.45, "withdrawn only once stale"
-    health.write_text(json.dumps({"final": False}))
-    bed.wait_gateways([H1, H2], 2.0)
-    health.write_text(json.dumps({"final": True}))  # the LB's last snapshot, at exit
-    bed.wait_gateways([H2], 1.0)
-    assert bed.status("h1")["healthy"] is False
-    bed.stop("holder-h1")
+    lb = subprocess.Popen(["sleep", "60"])  # stands for fastpath.lb, the file's writer
+    try:
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.start_holder("h1", "--health-file", str(health), "--max-age", "0.5")
+        bed.wait_gateways([H1, H2], 3.0)
+        # Not rewritten: stale after 0.5 s, then withdrawn.
+        bed.wait_gateways([H2], 2.0)
+        assert time.time() - health.stat().st_mtime >= 0.45, "withdrawn only once stale"
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.wait_gateways([H1, H2], 2.0)
+        health.write_text(json.dumps({"final": True, "pid": lb.pid}))  # the LB's last one
+        bed.wait_gateways([H2], 1.0)
+        assert bed.status("h1")["healthy"] is False
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.wait_gateways([H1, H2], 2.0)
+        t0 = time.monotonic()
+        lb.kill()  # the writer dies: withdrawn through the pidfd, before the file is stale
+        took = bed.wait_gateways([H2], 0.4)
+        figure("SIGKILL of the stats file's writer -> out of t1's ECMP (pidfd)", took)
+        assert time.monotonic() - t0 < 0.45
+    finally:
+        lb.kill()
+        lb.wait()
+        bed.stop("holder-h1")
 
 
 def test_p4_follow_reads_the_real_birds(announced: BirdBed) -> None:

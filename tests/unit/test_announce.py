@@ -179,3 +179,28 @@ def test_status_file_is_replaced_whole(tmp_path: Path) -> None:
     announce_cli.write_atomic(f, "one\n")
     announce_cli.write_atomic(f, "two\n")
     assert f.read_text() == "two\n" and os.listdir(tmp_path) == ["st.json"]
+
+
+def test_lb_watch_follows_the_writer_of_the_stats_file(tmp_path: Path) -> None:
+    import select
+    import subprocess
+
+    f = tmp_path / "lb-h1.json"
+    lb = subprocess.Popen(["sleep", "30"])
+    try:
+        f.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        watch = announce_cli.LbWatch(f, 1.5)
+        assert watch.check(time.time()) and len(watch.fds()) == 1
+        assert select.select(watch.fds(), [], [], 0)[0] == []
+        lb.kill()
+        lb.wait()
+        assert select.select(watch.fds(), [], [], 2)[0] == watch.fds()  # at once, not stale
+        watch.exited()
+        assert not watch.check(time.time()), "its file is fresh, but its writer is dead"
+        f.write_text(json.dumps({"final": False}))
+        assert not watch.check(time.time()), "a file without a pid is no LB's"
+        f.write_text(json.dumps({"final": False, "pid": os.getpid()}))  # a restarted LB
+        assert watch.check(time.time()) and watch.fds()
+    finally:
+        lb.kill()
+        lb.wait()
