@@ -123,7 +123,7 @@ class LbProc:
 # frame on another for a while, prints the captured frames as a JSON list of hex strings.
 _CAPTURE = r"""
 import json, socket, sys, time
-from fastpath import bpf
+from l4lb import bpf
 cap_if, seconds, send_if = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 frames = [bytes.fromhex(h) for h in json.loads(sys.stdin.read() or "[]")]
 accept_all = [bpf.Insn(bpf.RET | bpf.K, k=bpf.ACCEPT_LEN)]  # every frame, whole
