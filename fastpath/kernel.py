@@ -345,7 +345,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
         pack_outer = _OUTER.pack_into
         status, snaps, frames, outs = slots.status, slots.snap, slots.frames, slots.outs
         out_len, unsent = slots.out_len, slots.unsent
-        ready_mask = READY | CSUM_NOT_READY
+        ready, ready_mask = READY, READY | CSUM_NOT_READY  # the status bits, as cells
         seen: list[bytes] = []
         head = b""
         tails: list[bytes] = []
@@ -364,8 +364,8 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
             for i in range(first, end):
                 try:
                     st = status[i]
-                    if st & ready_mask != READY:
-                        if not st & READY:
+                    if st & ready_mask != ready:
+                        if not st & ready:
                             n = i - first
                             break
                         if complete_l4_checksum(frames[i][: snaps[i]]):
