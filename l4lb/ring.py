@@ -223,6 +223,8 @@ class FakeRing:
         self, i: int, frame: bytes | bytearray | memoryview, csum_not_ready: bool = False
     ) -> None:
         """Slot i receives `frame` (cut to the slot's room, as the kernel cuts)."""
+        if not 0 <= i < self.slots.count:
+            raise IndexError(f"slot {i} of a ring of {self.slots.count}")
         lay = self.layout
         snap = min(len(frame), lay.room)
         base = i * lay.stride

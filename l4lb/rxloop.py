@@ -34,12 +34,12 @@ class RxLoop:
         idle_ms: int = 100,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not 1 <= batch <= slots.count:
-            raise ValueError(f"batch {batch}: 1..{slots.count} (the ring's slots)")
+        if batch < 1:
+            raise ValueError(f"batch {batch}: at least 1")
         self.slots = slots
         self.fd = fd
         """The ring's socket, polled while the ring is empty."""
-        self.batch = batch
+        self.batch = min(batch, slots.count)  # a batch never wraps past the ring's end
         self.busy_poll = busy_poll_us / 1e6
         self.idle_ms = idle_ms
         """Longest sleep: bounds the reaction to stop() and the tick's lateness when idle."""
