@@ -92,7 +92,7 @@ def test_weight_zero_drains_new_flows() -> None:
 
 def test_permutation_table_reference() -> None:
     """Maglev's own fill, kept for comparison: exact balance, weights honoured, and nearly
-    (not exactly) minimal disruption on removal (why build_table uses rendezvous)."""
+    (not exactly) minimal disruption on removal (why rendezvous_table is the one in use)."""
     four = maglev_permutation_table(FOUR, SIZE)
     assert max(four.count(i) for i in range(4)) - min(four.count(i) for i in range(4)) <= 1
     weighted = maglev_permutation_table((("10.2.3.2", 2), *FOUR[1:]), SIZE)
