@@ -345,6 +345,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
         pack_outer = _OUTER.pack_into
         status, snaps, frames, outs = slots.status, slots.snap, slots.frames, slots.outs
         out_len, unsent = slots.out_len, slots.unsent
+        out_mem, stride = slots.out_mem, slots.layout.stride
         ready, ready_mask = READY, READY | CSUM_NOT_READY  # the status bits, as cells
         seen: list[bytes] = []
         head = b""
@@ -399,8 +400,8 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                                 df = frag & 0x4000
                                 csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
                                 pack_outer(
-                                    outs[i], 0, head, tos, tl + 20, ident, df, ttl_proto,
-                                    csum, tails[bid],
+                                    out_mem, i * stride, head, tos, tl + 20, ident, df,
+                                    ttl_proto, csum, tails[bid],
                                 )  # fmt: skip
                                 out_len[i] = tl + 34
                                 forwarded[bid] += 1
