@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import time
 
 from fastpath.balancer import Balancer
@@ -23,7 +22,7 @@ from fastpath.config import BalancerConfig
 from fastpath.stats import CoreStats
 from l4lb.checksum import checksum
 from l4lb.ring import FakeRing
-from l4lb.wire import parse_mac
+from l4lb.wire import IPV4, TCP, parse_mac
 
 # CPU time of this thread: other processes on the machine (this one is shared) do not count.
 _clock = time.thread_time_ns
@@ -41,9 +40,8 @@ CFG = BalancerConfig(
 def tcp_frame(i: int, flags: int) -> bytes:
     """A 64-byte Ethernet frame: IPv4 (DF) + TCP from client 10.9.x.y:port to VIP:80."""
     src = bytes([10, 9, (i >> 8) & 255, i & 255])
-    tcp = struct.pack("!HHIIBBHHH", 1024 + i % 50000, 80, i, 0, 5 << 4, flags, 64240, 0, 0)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 20, i & 0xFFFF, 0x4000, 64, 6,
-                               0, src, VIP))  # fmt: skip
+    tcp = TCP.pack(1024 + i % 50000, 80, i, 0, 5 << 4, flags, 64240, 0, 0)
+    ip = bytearray(IPV4.pack(0x45, 0, 20 + 20, i & 0xFFFF, 0x4000, 64, 6, 0, src, VIP))
     ip[10:12] = checksum(ip).to_bytes(2, "big")
     eth = bytes.fromhex("00010a01010200000a0101020800")
     return (eth + bytes(ip) + tcp).ljust(64, b"\0")

@@ -15,6 +15,7 @@ from fastpath.counters import DropReason
 from fastpath.stats import CoreStats
 from l4lb.checksum import checksum, fold
 from l4lb.ring import FakeRing
+from l4lb.wire import IPV4, UDP
 from tests.fixtures import cases
 
 Result = tuple[cases.Case, bytes | None, dict[str, dict[str, int]]]
@@ -155,13 +156,12 @@ def _udp_to_vip(payload: bytes, csum_field: int | None) -> bytes:
     """A UDP datagram to VIP:53 with the given checksum field (None: the right one)."""
     src, dst = bytes([10, 8, 16, 2]), bytes([20, 0, 0, 1])
     length = 8 + len(payload)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 7, 0x4000, 64, 17, 0,
-                               src, dst))  # fmt: skip
+    ip = bytearray(IPV4.pack(0x45, 0, 20 + length, 7, 0x4000, 64, 17, 0, src, dst))
     ip[10:12] = checksum(ip).to_bytes(2, "big")
     pseudo = src + dst + struct.pack("!BBH", 0, 17, length)
     if csum_field is None:
-        csum_field = checksum(pseudo + struct.pack("!HHHH", 40000, 53, length, 0) + payload)
-    udp = struct.pack("!HHHH", 40000, 53, length, csum_field) + payload
+        csum_field = checksum(pseudo + UDP.pack(40000, 53, length, 0) + payload)
+    udp = UDP.pack(40000, 53, length, csum_field) + payload
     eth = bytes.fromhex(cases.LB_MAC.replace(":", "") + cases.GW_MAC.replace(":", "")) + b"\x08\0"
     return eth + bytes(ip) + udp
 
