@@ -5,16 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A configuration value is unusable; the message names the field and the value."""
-
-
-def _ipv4(field: str, text: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ConfigError(f"{field}: {text!r} is not an IPv4 address") from None
+from l4lb.errors import ConfigError
+from l4lb.wire import parse_ipv4
 
 
 def parse_network(field: str, text: str) -> ipaddress.IPv4Network:
@@ -37,11 +29,11 @@ class DecapConfig:
     """Outer sources allowed to tunnel to this host (addresses or CIDRs): the load balancers."""
 
     def __post_init__(self) -> None:
-        _ipv4("local_ip", self.local_ip)
+        parse_ipv4("local_ip", self.local_ip)
         if not self.vips:
             raise ConfigError("vips: at least one VIP is needed")
         for vip in self.vips:
-            _ipv4("vips", vip)
+            parse_ipv4("vips", vip)
         if not self.allowed_lbs:
             raise ConfigError("allowed_lbs: at least one load balancer address is needed")
         for lb in self.allowed_lbs:

@@ -1,14 +1,16 @@
 """The host agent: `python -m agent.decap [--iface IFACE] [--vip IP]... [--allow-lb IP|CIDR]...`
 
 Receives IP-in-IP addressed to this host on an AF_PACKET receive ring (classic BPF: IPv4,
-protocol 4, to this host; every outer source passes, so the core counts spoofed tunnels),
+the tunnel's protocol, to this host; every outer source passes, so the core counts spoofed
+tunnels),
 strips the outer header (agent.core), and writes the inner packet to a TUN device that carries
 the VIPs (agent.deliver). Host settings (agent.host) are installed at start and removed at exit,
 on SIGINT/SIGTERM and on errors.
 
 Output: one JSON line at start ({"event": "ready", ...}), one every --stats-interval seconds
 and one at exit ({"event": "stats" | "exit", ...}); the same counters, rewritten atomically, in
-/run/l4lb/agent-<iface>.json while it runs (the final figures stay there after exit).
+/run/l4lb/agent-<iface>.json while it runs (the final figures stay there after exit); fields
+in agent.stats.
 Exit status: 0 after a signal, 2 for bad input, 1 when the host could not be set up.
 """
 
@@ -27,29 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from agent.config import ConfigError, DecapConfig, parse_network
+from agent.config import DecapConfig, parse_network
 from agent.core import Decapsulator
-from agent.counters import DecapCounters
 from agent.deliver import Delivery, RawDelivery, TunDelivery
-from agent.host import HostError, HostPlan, HostSetup, table_name, tun_name
-from fastpath import bpf
-from fastpath.ring import (
-    ETH_MAC_OFFSET,
-    TP_STATUS_USER,
-    RxRing,
-    add_busy_poll_option,
-    busy_poll_error,
-    kernel_drops,
-    spin_for_frame,
-)
+from agent.host import HostPlan, HostSetup, table_name, tun_name
+from agent.stats import AgentStats
+from l4lb import bpf, rps
+from l4lb.busypoll import add_busy_poll_option, busy_poll_error
+from l4lb.errors import ConfigError, L4lbError, UsageError
+from l4lb.ring import RxRing, kernel_drops
+from l4lb.rxloop import RxLoop
+from l4lb.statsfile import StatsWriter, default_path
 
-STATS_DIR = Path("/run/l4lb")
 BATCH = 256  # frames handled between two clock reads / stop checks
 IDLE_POLL_MS = 200  # longest sleep while idle: bounds the reaction to a signal
-
-
-class UsageError(Exception):
-    """Bad command-line input or configuration: exit status 2 with this message."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +155,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         server_mss=mss,
         deliver=args.deliver,
         stats_interval=args.stats_interval,
-        stats_file=args.stats_file or STATS_DIR / f"agent-{iface}.json",
+        stats_file=args.stats_file or default_path("agent", iface),
         ring_frames=args.ring_frames,
         rps_cpus=rps,
         busy_poll_us=args.busy_poll_us,
@@ -170,21 +163,9 @@ def resolve(args: argparse.Namespace) -> Settings:
 
 
 def rps_mask(text: str) -> int:
-    """--rps: 'off' -> 0; a hex mask; 'auto' -> the online CPUs outside this process's affinity
-    (0 when it may run everywhere: then there is no core to spare)."""
-    if text == "off":
-        return 0
-    if text == "auto":
-        mine = os.sched_getaffinity(0)
-        online = set(range(os.cpu_count() or 1))
-        return sum(1 << c for c in online - mine) if mine < online else 0
-    try:
-        mask = int(text, 16)
-    except ValueError:
-        raise UsageError(f"--rps {text!r}: auto, off or a hex CPU mask") from None
-    if mask < 0:
-        raise UsageError(f"--rps {text!r}: a mask must be >= 0")
-    return mask
+    """--rps: 'off' -> 0; a hex mask; 'auto' -> the CPUs this process may not run on (0 when it
+    may run everywhere: then there is no core to spare)."""
+    return rps.parse_mask(text, "--rps") or 0
 
 
 def _from_deployment(
@@ -204,63 +185,22 @@ def _from_deployment(
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between batches."""
+    """Set by SIGINT/SIGTERM; stops the receive loop once it runs."""
 
     def __init__(self) -> None:
         self.set = False
         self.signal = 0
+        self.loop: RxLoop | None = None
 
     def __call__(self, signum: int, _frame: FrameType | None) -> None:
         self.set = True
         self.signal = signum
-
-
-def serve(
-    ring: RxRing,
-    core: Decapsulator,
-    send: Callable[[memoryview], int],
-    stop: StopFlag,
-    tick: Callable[[float], None],
-    vnet_hdr: bool,
-    busy_poll_us: int = 0,
-) -> None:
-    """The hot loop: up to BATCH ready frames per round (Decapsulator.bind_ring decapsulates
-    and delivers them), then their slots go back to the kernel in one strided store. With
-    `busy_poll_us`, an empty ring is polled that long after traffic before the loop sleeps
-    (as fastpath.lb's option: the next request skips a process wake-up)."""
-    status, nr, fsize = ring.slot_status, ring.frame_nr, ring.frame_size
-    starts = [j * fsize + ETH_MAC_OFFSET for j in range(nr)]
-    ring_batch = core.bind_ring(ring.view, status, ring.slot_snap, starts, send, vnet_hdr)
-    zeros = memoryview(bytearray(4 * BATCH)).cast("I")  # TP_STATUS_KERNEL
-    clock = time.monotonic
-    i = ring.index
-    busy_poll = busy_poll_us / 1e6
-    spin_until = 0.0
-    while not stop.set:
-        now = clock()
-        tick(now)
-        if not status[i] & TP_STATUS_USER:
-            if spin_until:
-                spin_for_frame(status, i, spin_until, clock)
-                spin_until = 0.0
-                continue
-            ring.index = i
-            ring.wait(IDLE_POLL_MS)
-            continue
-        if busy_poll:
-            spin_until = now + busy_poll
-        # Not past the ring's end, so that the slots handled are consecutive.
-        end = i + BATCH if i + BATCH <= nr else nr
-        n = ring_batch(i, end, now)
-        status[i : i + n] = zeros if n == BATCH else zeros[:n]
-        i += n
-        if i == nr:
-            i = 0
-    ring.index = i
+        if self.loop is not None:
+            self.loop.stop()
 
 
 class Stats:
-    """Periodic JSON lines on stdout and the atomically rewritten stats file."""
+    """Periodic snapshots (AgentStats) as JSON lines on stdout and in the stats file."""
 
     def __init__(self, s: Settings, core: Decapsulator, sock_drops: Callable[[], int]) -> None:
         self.s = s
@@ -268,41 +208,46 @@ class Stats:
         self.sock_drops = sock_drops
         self.ring_drops = 0
         self.started = time.monotonic()
-        self.next = self.started + s.stats_interval if s.stats_interval > 0 else float("inf")
+        self.writer = StatsWriter(s.stats_file, "agent.decap")
 
-    def tick(self, now: float) -> None:
-        if now >= self.next:
-            self.next = now + self.s.stats_interval
-            self.emit("stats")
-
-    def snapshot(self, event: str) -> dict[str, object]:
+    def snapshot(self, event: str) -> AgentStats:
         self.ring_drops += self.sock_drops()
-        c: DecapCounters = self.core.counters
-        return {
-            "event": event,
-            "iface": self.s.iface,
-            "time": time.time(),
-            "uptime": round(time.monotonic() - self.started, 3),
-            **c.as_dict(),
-            "ring_drops": self.ring_drops,
-            "last_spoofed_source": self.core.last_spoofed_source(),
-        }
+        return AgentStats.of(
+            self.core.counters,
+            event=event,
+            iface=self.s.iface,
+            time=time.time(),
+            uptime=round(time.monotonic() - self.started, 3),
+            ring_drops=self.ring_drops,
+            last_spoofed_source=self.core.last_spoofed_source(),
+        )
 
     def emit(self, event: str) -> None:
-        snap = self.snapshot(event)
-        print(json.dumps(snap), flush=True)
-        write_atomic(self.s.stats_file, json.dumps(snap) + "\n")
+        self.writer.emit(self.snapshot(event).as_dict())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a reader sees the old or the new file, never a mix."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        print(f"agent: stats file {path}: {exc}", file=sys.stderr)
+def serve(
+    ring: RxRing,
+    sock_fd: int,
+    core: Decapsulator,
+    send: Callable[[memoryview], int],
+    stop: StopFlag,
+    stats: Stats,
+    vnet_hdr: bool,
+    busy_poll_us: int = 0,
+) -> None:
+    """The hot loop (l4lb.rxloop): up to BATCH ready frames per round, decapsulated and
+    delivered by Decapsulator.bind_ring; a stats line every --stats-interval seconds."""
+    interval = stats.s.stats_interval
+    loop = RxLoop(ring.slots, sock_fd, BATCH, busy_poll_us, IDLE_POLL_MS)
+    stop.loop = loop
+    if stop.set:
+        return
+    loop.run(
+        core.bind_ring(ring.slots, send, vnet_hdr),
+        lambda now: stats.emit("stats"),
+        interval if interval > 0 else float("inf"),
+    )
 
 
 def open_delivery(s: Settings) -> Delivery:
@@ -313,16 +258,18 @@ def open_delivery(s: Settings) -> Delivery:
 
 def run(s: Settings, stop: StopFlag) -> int:
     core = Decapsulator(s.cfg)
-    ring = RxRing(frames=s.ring_frames, frame_size=2048)
-    sock = bpf.open_filtered(s.iface, bpf.ipip_filter(s.cfg.local_ip, None), setup=ring.setup)
+    ring = RxRing(frames=s.ring_frames)
+    prog = bpf.tunnel_filter(core.encap, s.cfg.local_ip, None)
+    sock = bpf.open_filtered(s.iface, prog, setup=ring.setup)
     delivery: Delivery | None = None
     host: HostSetup | None = None
     stats = Stats(s, core, lambda: kernel_drops(sock)[1])
     try:
         delivery = open_delivery(s)
         plan = HostPlan(
-            s.iface, s.cfg.local_ip, s.cfg.vips, delivery.name, s.server_mss, s.rps_cpus
-        )
+            s.iface, s.cfg.local_ip, s.cfg.vips, delivery.name, s.server_mss, s.rps_cpus,
+            core.encap,
+        )  # fmt: skip
         host = HostSetup(plan)
         host.apply()
         ready = {
@@ -340,7 +287,10 @@ def run(s: Settings, stop: StopFlag) -> int:
         }
         print(json.dumps(ready), flush=True)
         stats.emit("stats")
-        serve(ring, core, delivery.send, stop, stats.tick, delivery.vnet_hdr, s.busy_poll_us)
+        serve(
+            ring, sock.fileno(), core, delivery.send, stop, stats, delivery.vnet_hdr,
+            s.busy_poll_us,
+        )  # fmt: skip
     finally:
         if host is not None:
             host.undo()
@@ -367,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         return run(settings, stop)
-    except (HostError, OSError) as exc:
+    except (L4lbError, OSError) as exc:
         print(f"agent.decap: {exc}", file=sys.stderr)
         return 1
 

@@ -36,6 +36,7 @@ from typing import Any
 from bench.wget_summary import Fetch, format_summary, progress_line, summarize, verdict
 from controller import services
 from controller.deployment import Deployment, DeploymentError, load_deployment
+from l4lb.errors import UsageError  # bad option, missing tool, busy machine: exit 2 up front
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -59,10 +60,6 @@ ENV = {  # option -> environment variable giving its default
 STATS_SETTLE = services.STATS_INTERVAL + 0.2
 WORKER_START_S = 0.3  # head start for the workers of a round (plus 50 ms per client)
 TOOLS = {"wget", "php", "nsenter", "mnexec", "ip"}
-
-
-class UsageError(Exception):
-    """Bad option, missing tool, busy machine: exit 2 before anything starts."""
 
 
 @dataclass

@@ -17,12 +17,9 @@ from typing import Any
 from controller.deployment import DEFAULT_DEPLOYMENT, Deployment, load_deployment
 from controller.routes import SwitchProgram, compute_routes
 from controller.topology import DEFAULT_TOPOLOGY, Topology, load_topology
+from l4lb.errors import UsageError  # bad command-line input: printed with the usage, exit 2
 
 PROG = "python -m controller"
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed with the usage line, exit status 2."""
 
 
 def _programs(args: argparse.Namespace) -> tuple[Topology, dict[str, SwitchProgram]]:

@@ -111,8 +111,10 @@ def agent_stats_path(state_dir: Path, host: str) -> Path:
 def haproxy_config(deployment: Deployment, lb_host: str, state_dir: Path = STATE_DIR) -> str:
     """haproxy.cfg for one LB host: TCP mode on the VIP, the backends' own addresses behind it.
 
-    Weights come from the deployment; `balance source` keeps a client on one backend like the
-    hash-based LBs do, and the stats socket gives the per-backend counters for the benchmark.
+    Weights come from the deployment; `balance roundrobin` spreads connections over the
+    backends as fastpath's 5-tuple hash does (per connection; `balance source` would pin each
+    client to one backend, which ten clients spread unevenly), and the stats socket gives the
+    per-backend counters for the benchmark.
     """
     topo = deployment.topology
     servers = "\n".join(

@@ -2,36 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and the value."""
-
-
-def parse_mac(text: str) -> bytes:
-    """'00:00:0a:01:01:02' -> 6 bytes; ConfigError names the bad text."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 6 or any(len(p) != 2 for p in parts):
-            raise ValueError
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ConfigError(
-            f"bad MAC address {text!r} (expected six hex pairs like 00:00:0a:01:01:02)"
-        ) from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def _ipv4(field: str, text: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ConfigError(f"{field}: {text!r} is not an IPv4 address") from None
+from l4lb.errors import ConfigError
+from l4lb.wire import parse_ipv4
 
 
 def _is_prime(n: int) -> bool:
@@ -52,7 +26,7 @@ def check_backends(backends: tuple[tuple[str, int], ...]) -> None:
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise ConfigError(f"backends: {entry!r} is not an (ip, weight) pair")
         ip, weight = entry
-        _ipv4("backends", ip)
+        parse_ipv4("backends", ip)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise ConfigError(f"backends: weight of {ip} must be an integer >= 0, not {weight!r}")
         if ip in seen:
@@ -77,7 +51,7 @@ class BalancerConfig:
     hash_seed: int = 2026
     """Seed of the flow hash; every LB instance must share it to agree on backends."""
     table_size: int = 65537
-    """Maglev lookup table size; a prime well over 100 x the number of backends."""
+    """Lookup table size (fastpath.lookup_table); a prime well over 100 x the backends."""
     conn_capacity: int = 1_000_000
     """Most flows the connection table holds (bounds its memory)."""
     conn_idle_timeout: float = 60.0
@@ -94,11 +68,11 @@ class BalancerConfig:
             if not (isinstance(entry, tuple) and len(entry) == 2):
                 raise ConfigError(f"vips: {entry!r} is not an (ip, port or None) pair")
             ip, port = entry
-            _ipv4("vips", ip)
+            parse_ipv4("vips", ip)
             if port is not None and not (isinstance(port, int) and 0 < port < 65536):
                 raise ConfigError(f"vips: port of {ip} must be 1..65535 or None, not {port!r}")
         check_backends(self.backends)
-        _ipv4("local_ip", self.local_ip)
+        parse_ipv4("local_ip", self.local_ip)
         for name in ("local_mac", "next_hop_mac"):
             mac = getattr(self, name)
             if not isinstance(mac, bytes | bytearray) or len(mac) != 6:

@@ -15,7 +15,7 @@ Refuses to start (exit 2) when IPv4 forwarding is on in its namespace: the host 
 the VIP packets back into the fabric as well.
 
 Counters: one JSON line on stdout every --stats-interval seconds and at exit; the latest
-snapshot is in --stats-file (default /run/l4lb/lb-IFACE.json), see fastpath.stats.
+snapshot is in --stats-file (default /run/l4lb/lb-IFACE.json); fields in fastpath.stats.
 Exit status: 0 after a signal, 1 on a runtime failure, 2 on bad arguments or refusal.
 """
 
@@ -33,22 +33,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fastpath import bpf
 from fastpath.balancer import Balancer
-from fastpath.config import BalancerConfig, ConfigError, format_mac, parse_mac
+from fastpath.config import BalancerConfig
 from fastpath.forward import Forwarder
-from fastpath.neigh import NeighError, NextHop, interface_info
-from fastpath.nft import NftError, VipDrop
-from fastpath.offload import OffloadError, Offloads
-from fastpath.ring import RxRing, add_busy_poll_option, busy_poll_error, kernel_drops
-from fastpath.stats import StatsWriter, default_stats_path
-from fastpath.tx import MmsgSender, open_tx_socket
+from fastpath.neigh import NextHop, interface_info
+from fastpath.nft import VipDrop
+from fastpath.offload import Offloads
+from fastpath.stats import CoreStats, LbStats
+from l4lb import bpf, rps
+from l4lb.busypoll import add_busy_poll_option, busy_poll_error
+from l4lb.errors import ConfigError, L4lbError, UsageError
+from l4lb.ring import RxRing, kernel_drops
+from l4lb.statsfile import StatsWriter, default_path
+from l4lb.tx import ZeroCopySender, open_tx_socket
+from l4lb.wire import format_mac, parse_mac
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-
-
-class UsageError(Exception):
-    """Bad arguments or a refusal to start: exit status 2 with the message."""
 
 
 class Stop(Exception):
@@ -109,7 +109,8 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastpath.lb",
-        description="L4 load balancer on an AF_PACKET ring: IP-in-IP to Maglev-chosen backends.",
+        description="L4 load balancer on an AF_PACKET ring: IP-in-IP to backends chosen by a "
+        "flow hash into a rendezvous-hashed lookup table.",
     )
     p.add_argument("iface", metavar="IFACE", help="interface to tap and send on, e.g. h1-eth0")
     p.add_argument(
@@ -236,46 +237,6 @@ def check_forwarding_off() -> None:
         )
 
 
-def auto_rps_mask() -> int:
-    """The online CPUs outside this process's affinity, or 0 when it may run on all of them
-    (then there is no core to spare)."""
-    mine = os.sched_getaffinity(0)
-    online = set(range(os.cpu_count() or 1))
-    return sum(1 << c for c in online - mine) if mine < online else 0
-
-
-def sys_matches(ifname: str, ifindex: int) -> bool:
-    """Whether /sys/class/net/IFNAME is this namespace's interface (mininet hosts share the
-    root mount namespace, so /sys may show another namespace's devices)."""
-    idx = Path(f"/sys/class/net/{ifname}/ifindex")
-    try:
-        return int(idx.read_text()) == ifindex
-    except (OSError, ValueError):
-        return False
-
-
-class Rps:
-    """Set rx-0's rps_cpus of an interface of this namespace; restore the old mask."""
-
-    def __init__(self, ifname: str, mask: str, ifindex: int) -> None:
-        self.path = Path(f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus")
-        if not sys_matches(ifname, ifindex):
-            raise UsageError(
-                f"--rps-cpus: /sys/class/net/{ifname} is not this namespace's {ifname} "
-                "(run under `ip netns exec`, which mounts a matching /sys)"
-            )
-        try:
-            int(mask, 16)
-        except ValueError:
-            raise UsageError(f"--rps-cpus: {mask!r} is not a hex CPU mask") from None
-        self.old = self.path.read_text().strip()
-        self.path.write_text(mask)
-        self.mask = mask
-
-    def restore(self) -> None:
-        self.path.write_text(self.old)
-
-
 def socket_if_nametoindex(ifname: str) -> int:
     try:
         return socket.if_nametoindex(ifname)
@@ -291,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fastpath.lb: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, NeighError, NftError, OffloadError, RuntimeError) as exc:
+    except (OSError, L4lbError, RuntimeError) as exc:
         print(f"fastpath.lb: {exc}", file=sys.stderr)
         return 1
 
@@ -342,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
     if args.stats_file == "-":
         stats_path = None
     else:
-        stats_path = Path(args.stats_file) if args.stats_file else default_stats_path(ifname)
-    writer = StatsWriter(stats_path)
+        stats_path = Path(args.stats_file) if args.stats_file else default_path("lb", ifname)
+    writer = StatsWriter(stats_path, "fastpath.lb")
 
     forwarder: Forwarder | None = None
 
@@ -363,54 +324,56 @@ def run(args: argparse.Namespace) -> int:
 
     offloads = Offloads(ifname)
     vip_drop = VipDrop(ifname, [ip for ip, _ in cfg.vips])
-    rps: Rps | None = None
-    ring = RxRing(args.ring_frames, 2048)
+    steer: rps.Rps | None = None
+    ring = RxRing(args.ring_frames)
     sock = txsock = None
     started = time.monotonic()
     kdrops = 0
     try:
-        if args.rps_cpus == "auto":
-            # Only where it can be done: pinned, and /sys showing this namespace.
-            auto = auto_rps_mask()
-            if auto and sys_matches(ifname, ifindex):
-                rps = Rps(ifname, f"{auto:x}", ifindex)
-        elif args.rps_cpus != "off":
-            rps = Rps(ifname, args.rps_cpus, ifindex)
+        mask = rps.parse_mask(args.rps_cpus, "--rps-cpus")
+        if args.rps_cpus == "auto" and not (mask and rps.sys_matches(ifname, ifindex)):
+            mask = None  # auto: only where it can be done (pinned, /sys showing this namespace)
+        if mask is not None:
+            try:
+                steer = rps.Rps(ifname, mask, ifindex)
+            except UsageError as exc:
+                raise UsageError(f"--rps-cpus: {exc}") from None
         if not args.keep_offloads:
             offloads.apply()
         if not args.no_nft:
             vip_drop.install()
         sock = bpf.open_filtered(ifname, bpf.ipv4_dst_filter(cfg.vips), setup=ring.setup)
         txsock = open_tx_socket(ifname)
-        sender = MmsgSender(txsock, 256, 2048)
-        forwarder = Forwarder(ring, sock, sender, balancer, args.batch, args.busy_poll_us)
+        sender = ZeroCopySender(txsock, ring.slots)
+        forwarder = Forwarder(
+            ring.slots, sock.fileno(), sender, balancer, args.batch, args.busy_poll_us
+        )
         last = [started, 0, 0]
 
         def snapshot(now: float, final: bool = False) -> dict[str, Any]:
             nonlocal kdrops
             assert forwarder is not None and sock is not None
             io = forwarder.io
-            io.tx_frames, io.tx_errors = sender.sent, sender.errors
             kdrops += kernel_drops(sock)[1]
             dt = max(now - last[0], 1e-9)
-            snap = {
-                "time": round(time.time(), 3),
-                "iface": ifname,
-                "pid": os.getpid(),
-                "uptime_s": round(now - started, 3),
-                "final": final,
-                "rx_pps": round((io.rx_frames - last[1]) / dt),
-                "tx_pps": round((io.tx_frames - last[2]) / dt),
-                "core": balancer.counters.as_dict(),
-                "io": io.as_dict(),
-                "kernel_drops": kdrops,
-                "tracked_flows": len(balancer.conntrack),
-                "next_hop_mac": format_mac(next_hop.mac if next_hop else nh_mac),
-                "rps_cpus": rps.mask if rps is not None else None,
-                "nft_dropped": vip_drop.dropped() if vip_drop.installed and final else None,
-            }
+            snap = LbStats(
+                time=round(time.time(), 3),
+                iface=ifname,
+                pid=os.getpid(),
+                uptime_s=round(now - started, 3),
+                final=final,
+                rx_pps=round((io.rx_frames - last[1]) / dt),
+                tx_pps=round((io.tx_frames - last[2]) / dt),
+                core=CoreStats.of(balancer.counters),
+                io=io,
+                kernel_drops=kdrops,
+                tracked_flows=len(balancer.conntrack),
+                next_hop_mac=format_mac(next_hop.mac if next_hop else nh_mac),
+                rps_cpus=steer.mask if steer is not None else None,
+                nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
+            )
             last[:] = [now, io.rx_frames, io.tx_frames]
-            return snap
+            return snap.as_dict()
 
         warned = False
 
@@ -421,10 +384,10 @@ def run(args: argparse.Namespace) -> int:
                 if mac is not None:
                     balancer.set_next_hop_mac(mac)
             writer.emit(snapshot(now))
-            if forwarder is not None and forwarder.io.rx_truncated and not warned:
+            if forwarder is not None and forwarder.rx_truncated and not warned:
                 warned = True  # once: the counter keeps the count
                 print(
-                    f"fastpath.lb: warning: {forwarder.io.rx_truncated} frames larger than a "
+                    f"fastpath.lb: warning: {forwarder.rx_truncated} frames larger than a "
                     f"ring slot arrived on {ifname} (dropped, counted as io.rx_truncated). "
                     "Segmentation offload upstream hands the tap unsegmented TCP super-frames: "
                     f"turn off tso and gso on the interface at the other end of {ifname}.",
@@ -448,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, rps)
+        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer)
     for err in errors:
         print(f"fastpath.lb: cleanup: {err}", file=sys.stderr)
     return 1 if errors else 0
@@ -460,7 +423,7 @@ def _cleanup(
     txsock: Any,
     vip_drop: VipDrop,
     offloads: Offloads,
-    rps: Rps | None,
+    steer: rps.Rps | None,
 ) -> list[str]:
     """Undo everything, each step even if an earlier one failed; returns the failures."""
     errors: list[str] = []
@@ -469,7 +432,7 @@ def _cleanup(
         *(s.close for s in (sock, txsock) if s is not None),
         vip_drop.remove,
         offloads.restore,
-        *((rps.restore,) if rps is not None else ()),
+        *((steer.restore,) if steer is not None else ()),
     ]
     for step in steps:
         try:

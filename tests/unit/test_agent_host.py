@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from agent import decap, host
 from agent.host import HostError, HostPlan, HostSetup
+from l4lb import rps
+from l4lb.wire import IPPROTO_UDP, Encap
 
 PLAN = HostPlan("h3-eth0", "10.2.3.2", ("20.0.0.1", "20.0.0.2"), "l4a-h3-eth0", 1440)
 
@@ -29,6 +30,12 @@ def test_ruleset_replaces_a_stale_table_then_installs_both_chains() -> None:
     assert "ip daddr 10.2.3.2 ip protocol 4 counter drop" in text
     assert "ip saddr { 20.0.0.1, 20.0.0.2 }" in text
     assert "tcp option maxseg size > 1440 tcp option maxseg size set 1440" in text
+
+
+def test_ruleset_drops_the_encapsulation_it_is_given() -> None:
+    udp_tunnel = Encap("udp-test", IPPROTO_UDP, 42)
+    plan = HostPlan("h3-eth0", "10.2.3.2", ("20.0.0.1",), "", 1440, encap=udp_tunnel)
+    assert "ip daddr 10.2.3.2 ip protocol 17 counter drop" in plan.nft_ruleset()
 
 
 def test_sysctl_path_keeps_dotted_interface_names() -> None:
@@ -102,12 +109,14 @@ def test_a_failed_step_undoes_the_earlier_ones(fake_proc: Path) -> None:
     assert setup.undo_steps == []
 
 
-def test_rps_mask() -> None:
+def test_rps_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     assert decap.rps_mask("off") == 0
     assert decap.rps_mask("6") == 6
-    mine = os.sched_getaffinity(0)
-    spare = set(range(os.cpu_count() or 1)) - mine
-    assert decap.rps_mask("auto") == sum(1 << c for c in spare)
+    monkeypatch.setattr(rps.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(rps.os, "sched_getaffinity", lambda pid: {1})  # pinned to CPU 1
+    assert decap.rps_mask("auto") == 0b1101
+    monkeypatch.setattr(rps.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert decap.rps_mask("auto") == 0  # may run anywhere: no core to spare
     with pytest.raises(decap.UsageError, match="--rps"):
         decap.rps_mask("cpu1")
 

@@ -1,4 +1,5 @@
-"""fastpath I/O edge without root: CLI argument errors, ethtool/nft/ip parsing, stats file."""
+"""The LB's I/O edge without root: CLI argument errors, ethtool/nft/ip parsing, stats file, RPS
+masks, ring geometry and slot layout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fastpath import lb, neigh, nft, offload, ring, stats
+from fastpath import lb, neigh, nft, offload
+from l4lb import ring, rps, statsfile
 
 
 @pytest.mark.parametrize(
@@ -129,14 +131,29 @@ def test_neighbour_lookup_uses_usable_states(monkeypatch: pytest.MonkeyPatch) ->
 def test_stats_line_and_atomic_file(tmp_path: Path) -> None:
     out = io.StringIO()
     path = tmp_path / "sub" / "lb-x.json"
-    w = stats.StatsWriter(path, out)
+    w = statsfile.StatsWriter(path, "test", out)
     w.emit({"a": 1})
     w.emit({"a": 2, "final": True})
     lines = out.getvalue().splitlines()
     assert [json.loads(x)["a"] for x in lines] == [1, 2]
-    assert stats.read_stats(path) == {"a": 2, "final": True}
+    assert statsfile.read_stats(path) == {"a": 2, "final": True}
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
-    assert stats.default_stats_path("h1-eth0") == Path("/run/l4lb/lb-h1-eth0.json")
+    assert statsfile.default_path("lb", "h1-eth0") == Path("/run/l4lb/lb-h1-eth0.json")
+
+
+def test_an_unwritable_stats_file_is_reported_once_and_the_lines_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = io.StringIO()
+    w = statsfile.StatsWriter(blocker / "lb.json", "test", out)  # a file as its directory
+    for a in (1, 2):
+        w.emit({"a": a})
+    assert [json.loads(x)["a"] for x in out.getvalue().splitlines()] == [1, 2]
+    assert capsys.readouterr().err.count("test: stats file") == 1
+    with pytest.raises(OSError):
+        statsfile.write_atomic(blocker / "lb.json", "{}")
 
 
 def test_ring_geometry() -> None:
@@ -147,11 +164,39 @@ def test_ring_geometry() -> None:
         ring.ring_geometry(10, 1000)
 
 
-def test_auto_rps_mask_is_the_cpus_outside_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lb.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0})
-    assert lb.auto_rps_mask() == 0b1110
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {1, 2})
-    assert lb.auto_rps_mask() == 0b1001
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert lb.auto_rps_mask() == 0  # may run anywhere: no core to spare
+def test_spare_cpus_are_the_online_cpus_outside_the_affinity() -> None:
+    four = {0, 1, 2, 3}
+    assert rps.spare_cpus({0}, four) == 0b1110
+    assert rps.spare_cpus({1, 2}, four) == 0b1001
+    assert rps.spare_cpus(four, four) == 0  # may run anywhere: no core to spare
+    assert rps.spare_cpus({0}, {0, 2}) == 0b100  # CPU 1 offline
+
+
+def test_rps_option_values() -> None:
+    assert rps.parse_mask("off", "--rps-cpus") is None
+    assert rps.parse_mask("6", "--rps-cpus") == 6
+    with pytest.raises(rps.UsageError, match="--rps-cpus 'cpu1': auto, off or a hex"):
+        rps.parse_mask("cpu1", "--rps-cpus")
+
+
+def test_slot_layout_keeps_the_header_off_the_status_words() -> None:
+    lay = ring.SlotLayout()
+    assert (lay.stride, lay.mac, lay.headroom, lay.out) == (2048, 66, 20, 46)
+    assert lay.out >= ring.TPACKET2_HDR.size  # the outer header never reaches tp_status
+    with pytest.raises(ValueError, match="headroom 40"):
+        ring.SlotLayout(headroom=40)
+    with pytest.raises(ValueError, match="stride 1000"):
+        ring.SlotLayout(stride=1000)
+
+
+def test_fake_ring_slots_are_laid_out_as_the_kernel_lays_them() -> None:
+    """A FakeRing slot, read through the kernel's struct tpacket2_hdr."""
+    fake = ring.FakeRing(3)
+    fake.put(1, b"x" * 3000, csum_not_ready=True)  # longer than a slot: cut, as the kernel cuts
+    status, wire_len, snap, mac, net = ring.TPACKET2_HDR.unpack_from(fake.mem, 2048)[:5]
+    assert status == ring.READY | ring.CSUM_NOT_READY
+    assert (wire_len, snap, mac, net) == (3000, 2048 - 66, 66, 80)
+    slots = fake.slots
+    assert (slots.status[1], slots.wire_len[1], slots.snap[1]) == (status, 3000, 2048 - 66)
+    assert bytes(slots.frames[1][:4]) == b"xxxx" and slots.starts[1] == 2048 + 66
+    assert slots.status[0] == slots.status[2] == ring.KERNEL
