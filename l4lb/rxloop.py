@@ -8,6 +8,10 @@ not ready); then they go back to the kernel in one strided store. An empty ring 
 `busy_poll_us` after traffic, else the loop sleeps in poll() on the ring's socket, which wakes
 for the first frame the kernel publishes (TPACKET_V2 has no block timeout), so a lone request
 is handled at once. `tick(now)` runs about every `tick_every` seconds, busy or idle.
+
+With a `plane` (l4lb.plane), the loop also runs the process's control work: once per batch it
+compares the clock with `plane.due`; while idle it sleeps no longer than that and also wakes
+for input on the plane's sockets (a control request, a health reply, a BFD packet).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from l4lb.busypoll import spin_for_frame
+from l4lb.plane import Plane
 from l4lb.ring import READY, Slots
 
 HandleFn = Callable[[int, int, float], int]
@@ -59,18 +64,27 @@ class RxLoop:
         self.running = False
 
     def run(
-        self, handle: HandleFn, tick: Callable[[float], None] | None = None, tick_every: float = 1.0
+        self,
+        handle: HandleFn,
+        tick: Callable[[float], None] | None = None,
+        tick_every: float = 1.0,
+        plane: Plane | None = None,
     ) -> None:
         status, nr, batch, clock = self.slots.status, self.slots.count, self.batch, self.clock
         zeros = memoryview(bytearray(4 * batch)).cast("I")  # KERNEL
         poller = select.poll()
         poller.register(self.fd, select.POLLIN | select.POLLERR)
         poll, idle_ms = poller.poll, self.idle_ms
+        ring_fd = self.fd
+        watched: set[int] = set()  # the plane's sockets registered in the poller
         busy_poll = self.busy_poll
         spin_until = 0.0
         i = self.index
         rx = batches = 0
         next_tick = clock() + tick_every
+        if plane is None:
+            plane = Plane()  # no services: due stays +inf after the first run
+        plane_due = plane.run(clock())
         try:
             while self.running:
                 if not status[i] & READY:
@@ -79,8 +93,20 @@ class RxLoop:
                         spin_until = 0.0
                         continue
                     self.wakeups += 1
-                    poll(idle_ms)
+                    fds = plane.fds()
+                    if fds or watched:
+                        now_fds = set(fds)
+                        for fd in watched - now_fds:
+                            poller.unregister(fd)
+                        for fd in now_fds - watched:
+                            poller.register(fd, select.POLLIN | select.POLLERR)
+                        watched = now_fds
+                    left = (plane_due - clock()) * 1000.0  # ms until the plane is due
+                    wait = idle_ms if left >= idle_ms else 0 if left <= 0 else int(left) + 1
+                    events = poll(wait)
                     now = clock()
+                    if now >= plane_due or any(fd != ring_fd for fd, _ in events):
+                        plane_due = plane.run(now)
                     if now < next_tick:
                         continue
                 else:
@@ -97,6 +123,8 @@ class RxLoop:
                         i = 0
                     if busy_poll:
                         spin_until = clock() + busy_poll
+                    if now >= plane_due:
+                        plane_due = plane.run(now)
                     if now < next_tick:
                         continue
                 self.frames += rx
