@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from fastpath.balancer import Balancer
 from fastpath.stats import IoStats
+from l4lb.plane import Plane
 from l4lb.ring import Slots
 from l4lb.rxloop import RxLoop
 from l4lb.tx import ZeroCopySender
@@ -57,8 +58,14 @@ class Forwarder:
             wakeups=loop.wakeups,
         )
 
-    def run(self, tick: Callable[[float], None] | None = None, tick_every: float = 1.0) -> None:
-        """Forward until stop(); call `tick(now)` about every `tick_every` seconds."""
+    def run(
+        self,
+        tick: Callable[[float], None] | None = None,
+        tick_every: float = 1.0,
+        plane: Plane | None = None,
+    ) -> None:
+        """Forward until stop(); call `tick(now)` about every `tick_every` seconds and the
+        control plane's services when they are due (l4lb.plane)."""
         slots = self.slots
         ring_batch = self.balancer.bind_ring(slots)
         send = self.sender.send
@@ -83,4 +90,4 @@ class Forwarder:
             unsent.clear()
             return n
 
-        self.loop.run(handle, tick, tick_every)
+        self.loop.run(handle, tick, tick_every, plane)

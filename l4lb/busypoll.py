@@ -12,12 +12,13 @@ from l4lb.ring import READY
 BUSY_POLL_MAX_US = 1_000_000
 
 
-def add_busy_poll_option(parser: argparse.ArgumentParser) -> None:
-    """The shared `--busy-poll-us US` option (checked by busy_poll_error)."""
+def add_busy_poll_option(parser: argparse.ArgumentParser, default: int | None = 0) -> None:
+    """The shared `--busy-poll-us US` option (checked by busy_poll_error); default None lets a
+    configuration file's value stand when the option is not given."""
     parser.add_argument(
         "--busy-poll-us",
         type=int,
-        default=0,
+        default=default,
         metavar="US",
         help="after traffic, spin this many microseconds for the next frame before sleeping "
         "(lower latency for sparse requests, at the cost of CPU; default 0: sleep at once)",

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from l4lb.errors import L4lbError
+from l4lb.statsfile import STATS_DIR
 
 MAX_LINE = 1 << 20
 """Longest request line (bytes): a bigger one is refused and the connection closed."""
@@ -49,6 +50,11 @@ MAX_PENDING = 4 << 20
 MAX_CLIENTS = 32
 """Connections served at once; more are refused at accept."""
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def default_socket(kind: str, ifname: str) -> Path:
+    """Where a process of `kind` ("lb", "agent") on `ifname` serves its control channel."""
+    return STATS_DIR / f"{kind}-{ifname}.ctl"
 
 
 class CommandError(L4lbError):

@@ -221,7 +221,8 @@ def test_refuses_to_start_when_the_host_forwards(netns: Netns, tmp_path: Path) -
     netns.veth(lbns, f"l{netns.tag}", other, f"p{netns.tag}")
     sh("ip", "addr", "add", "10.1.1.2/24", "dev", f"l{netns.tag}", ns=lbns)
     sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lbns)
-    lb = lb_proc(lbns, [f"l{netns.tag}", "--next-hop-mac", "02:00:00:00:00:01"])
+    args = [f"l{netns.tag}", "--next-hop-mac", "02:00:00:00:00:01"]
+    lb = lb_proc(lbns, [*args, "--vip", "20.0.0.1", "--backend", "10.2.3.2"])
     rc = lb.stop(timeout=20) if lb.proc.wait(20) is not None else -1
     assert rc == 2
     assert "net.ipv4.ip_forward is 1" in lb.stderr

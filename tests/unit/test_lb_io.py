@@ -3,6 +3,7 @@ masks, ring geometry and slot layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fastpath import lb, neigh, nft, offload
-from l4lb import ring, rps, statsfile
+from fastpath.config import LbConfig
+from l4lb import cfgfile, ring, rps, statsfile
 
 
 @pytest.mark.parametrize(
@@ -34,25 +36,77 @@ def test_bad_arguments_exit_2_with_a_reason(
     assert message in capsys.readouterr().err
 
 
+BASE = ["--vip", "20.0.0.1:80", "--backend", "10.2.3.2"]
+
+
 def test_unknown_interface_and_batch_limit_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lb.main(["nosuchif0x"]) == 2
+    assert lb.main(["nosuchif0x", *BASE]) == 2
     assert "no interface 'nosuchif0x'" in capsys.readouterr().err
-    assert lb.main(["lo", "--batch", "1000"]) == 2
-    assert "--batch 1000: at most 256" in capsys.readouterr().err
+    assert lb.main(["lo", *BASE, "--batch", "1000"]) == 2
+    assert "batch: must be 1..256, not 1000" in capsys.readouterr().err
 
 
-def test_unknown_backend_host_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lb.main(["lo", "--backend", "h99"]) == 2
+def test_without_a_configuration_vips_and_backends_are_needed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert lb.main(["lo", "--config", "/nonexistent/lb.json"]) == 2
+    assert "--config: /nonexistent/lb.json: cannot read" in capsys.readouterr().err
+    assert lb.main(["lo9x"]) == 2
+    err = capsys.readouterr().err
+    assert "no configuration for lo9x: give --config FILE" in err and "--vip and --backend" in err
+
+
+def write_config(tmp_path: Path, **fields: object) -> Path:
+    cfg = LbConfig(
+        iface="h1-eth0",
+        vips=(("20.0.0.1", 80),),
+        backends=(("10.2.3.2", 1), ("10.4.7.2", 1)),
+        names=(("10.2.3.2", "h3"), ("10.4.7.2", "h7")),
+        hash_seed=77,
+    )
+    path = tmp_path / "lb-h1-eth0.json"
+    path.write_text(cfgfile.dump(dataclasses.replace(cfg, **fields)))
+    return path
+
+
+def test_options_override_the_configuration_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    args = lb.build_parser().parse_args(["h1-eth0", "--config", str(path), "--backend", "h7=3"])
+    cfg = lb.resolve_config(args)
+    assert cfg.backends == (("10.4.7.2", 3),)  # by the name the file knows
+    assert (cfg.vips, cfg.hash_seed, cfg.batch) == ((("20.0.0.1", 80),), 77, 256)
+    args = lb.build_parser().parse_args(
+        ["h1-eth0", "--config", str(path), "--batch", "64", "--stats-file", "-", "--no-nft"]
+    )
+    cfg = lb.resolve_config(args)
+    assert (cfg.batch, cfg.stats_file, cfg.nft, cfg.backends[0]) == (64, "", False, ("10.2.3.2", 1))
+
+
+def test_a_bad_configuration_file_names_the_file_and_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = json.loads(path.read_text())
+    data["hash_seed"] = 2**60
+    path.write_text(json.dumps(data))
+    assert lb.main(["h1-eth0", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: hash_seed: must be an integer 0 <= seed < 2**56" in err
+    data["hash_seed"] = 1
+    data["backlog"] = 5
+    path.write_text(json.dumps(data))
+    assert lb.main(["h1-eth0", "--config", str(path)]) == 2
+    assert "unknown key(s) 'backlog'" in capsys.readouterr().err
+    assert lb.main(["h2-eth0", "--config", str(write_config(tmp_path))]) == 2
+    assert "is for h1-eth0, not h2-eth0" in capsys.readouterr().err
+
+
+def test_unknown_backend_host_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lb.main(["lo", "--vip", "20.0.0.1", "--backend", "h99"]) == 2
     assert "'h99' is neither an IPv4 address nor a host" in capsys.readouterr().err
-
-
-def test_defaults_come_from_the_deployment() -> None:
-    args = lb.build_parser().parse_args(["h1-eth0", "--backend", "h3=2"])
-    s = lb.resolve_settings(args)
-    assert s["vips"] == (("20.0.0.1", 80),)
-    assert s["backends"] == (("10.2.3.2", 2),)
-    s = lb.resolve_settings(lb.build_parser().parse_args(["h1-eth0"]))
-    assert [ip for ip, _ in s["backends"]] == ["10.2.3.2", "10.4.7.2", "10.6.11.2", "10.8.15.2"]
+    path = write_config(tmp_path)
+    assert lb.main(["h1-eth0", "--config", str(path), "--backend", "h99"]) == 2
+    assert "(h3, h7)" in capsys.readouterr().err
 
 
 def test_parse_vip_and_backend() -> None:
