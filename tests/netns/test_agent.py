@@ -279,9 +279,9 @@ def test_after_sigkill_the_vip_is_gone_and_a_restart_replaces_the_stale_table(
     [
         (["--iface", "nosuchif0"], "no interface"),
         (["--vip", "20.0.0.x"], "not an IPv4 address"),
-        (["--allow-lb", "10.77.0.1/33"], "allow-lb"),
-        (["--stats-interval", "-1"], "stats-interval"),
-        (["--server-mss", "9000"], "server-mss"),
+        (["--allow-lb", "10.77.0.1/33"], "allowed_lbs: '10.77.0.1/33'"),
+        (["--stats-interval", "-1"], "stats_interval: must be >= 0"),
+        (["--server-mss", "9000"], "server_mss: must be 536..1440"),
         (["--rps", "zz"], "rps"),
     ],
 )
