@@ -309,12 +309,14 @@ class Fabric:
     owner: int | None = None  # PID owning the network we brought up: down() touches only it
     _net: Any = None
 
-    def up(self, wait: float = 0.0) -> None:
+    def up(self, wait: float = 0.0, deployment: Deployment | None = None) -> None:
         from controller import network  # needs mininet and root: imported only here
 
         self._net = network
         # `wait` again here: another run may take the lock between our check and this call.
-        rc = network.up(None, "detach", wait=wait)
+        # The network comes up from the run's own deployment: its topology, its processes.
+        path = deployment.path if deployment is not None else None
+        rc = network.up(None, "detach", wait=wait, deployment=str(path) if path else None)
         if rc != 0:
             raise RuntimeError(f"the fat tree did not come up (controller.network.up: exit {rc})")
         self.up_done = True
@@ -765,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             log(f"bringing up the fat tree (lb={opts.lb}, {len(opts.clients)} clients, "
                 f"{opts.rounds} rounds, files {','.join(opts.files)})")  # fmt: skip
-            fabric.up(opts.wait_network)
+            fabric.up(opts.wait_network, opts.deployment)
             recs = services.start(fabric.node_pid, opts.deployment, opts.lb)
             log(f"services up: {', '.join(r['name'] for r in recs)}")
             res = run_load(opts, fabric, recs, log if not opts.quiet else lambda m: None)
