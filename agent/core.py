@@ -1,41 +1,39 @@
-"""The agent's packet core: an Ethernet frame carrying IP-in-IP in, the inner packet's place out.
+"""The agent's packet core: Ethernet frames carrying IP-in-IP in ring slots in; per frame the
+inner packet handed to the local stack, or a drop counted by `DecapDrop` reason, exactly once.
 
-Pure: no sockets, no clock (`now` is passed in). `process_at` locates one frame's inner packet
-(`buf[offset:offset + length]`, to be written to the local stack when the length is non-zero);
-every other frame is counted by `DecapDrop` reason, exactly once. The I/O edge (agent.decap)
-uses `bind_ring`: the same checks inlined over a batch of ring slots, delivering through an
-injected `send`.
+Pure: no sockets, no clock (`now` is passed in). `bind_ring(slots, send, vnet_hdr)` is the path
+frames take (agent.decap runs it in the shared receive loop, l4lb.rxloop): the common frame's
+checks inlined in the loop, every other frame through `process_at`, which applies every check
+in order and names the first that fails. `process(frame, now)` is that full check for one frame
+(tests replay the golden cases through both and compare).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from agent.config import DecapConfig, parse_network
 from agent.counters import DecapCounters, DecapDrop
+from l4lb.ring import READY, Slots
+from l4lb.wire import (
+    ETH,
+    ETH_HLEN,
+    ETH_P_IP,
+    IP_MF_OFFSET,
+    IPIP,
+    IPV4_HLEN,
+    IPV4_INT,
+    L4_CSUM_OFFSET,
+    Encap,
+)
 
-ETH_LEN = 14
-ETH_P_IP = 0x0800
-IPPROTO_IPIP = 4
-IPV4_MIN = 20
-FRAG_MASK = 0x3FFF  # MF flag + fragment offset; DF (0x4000) does not make a fragment
-
-# Fast path, one read: EtherType; outer IPv4 with IHL 5 (version/IHL, total length, flags +
-# fragment offset, protocol, source, destination); inner IPv4 (version/IHL, total length,
-# destination).
-FAST = struct.Struct("!12xHBxHxxHxBxxIIBxH12xI")
-# The same, with what the virtio-net header needs of the inner header too (flags + fragment
-# offset, protocol, source): the ring loop's one read per frame.
+# The ring path's one read per frame: EtherType; outer IPv4 with IHL 5 (version/IHL, total
+# length, flags + fragment offset, protocol, source, destination); inner IPv4 (version/IHL,
+# total length, flags + fragment offset, protocol, source, destination).
 RING_FAST = struct.Struct("!12xHBxHxxHxBxxIIBxHxxHxBxxII")
-# Slow path pieces.
-ETHERTYPE = struct.Struct("!12xH")
-# Outer/inner IPv4 fixed header: version/IHL, total length, flags + fragment offset, protocol,
-# source, destination.
-IPV4 = struct.Struct("!BxHxxHxBxxII")
-
-ADDRS = struct.Struct("!II")  # IPv4 source, destination (at offset 12)
+RING_FAST_MIN = 54  # through the inner destination
 # struct virtio_net_hdr (little-endian): flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset. Written in front of each packet for a TUN opened with IFF_VNET_HDR.
 VNET_HDR = struct.Struct("<BBHHHH")
@@ -50,8 +48,10 @@ SPOOF_CACHE_MAX = 4096  # addresses remembered from allowed CIDRs (bounded memor
 class Decapsulator:
     """Checks one frame and locates the inner packet; counts every frame in `counters`."""
 
-    def __init__(self, cfg: DecapConfig) -> None:
+    def __init__(self, cfg: DecapConfig, encap: Encap = IPIP) -> None:
         self.cfg = cfg
+        self.encap = encap
+        """The tunnel accepted; its fast path below is IP-in-IP's (an outer IPv4 of IHL 5)."""
         self.counters = DecapCounters()
         self.local = int(ipaddress.IPv4Address(cfg.local_ip))
         self.vips = frozenset(int(ipaddress.IPv4Address(v)) for v in cfg.vips)
@@ -70,62 +70,44 @@ class Decapsulator:
         return self.process_at(frame, 0, len(frame), now)
 
     def process_at(self, buf: memoryview, start: int, end: int, now: float) -> tuple[int, int]:
-        """As `process` for the frame buf[start:end] (no slicing); the offset is into `buf`."""
-        if end - start >= 54:
-            et, ovi, otot, ofrag, proto, src, dst, ivi, itot, idst = FAST.unpack_from(buf, start)
-            if (
-                et == ETH_P_IP
-                and ovi == 0x45
-                and proto == IPPROTO_IPIP
-                and dst == self.local
-                and src in self.allowed
-                and not ofrag & FRAG_MASK
-                and ivi == 0x45
-                and otot <= end - start - ETH_LEN
-                and IPV4_MIN <= itot <= otot - IPV4_MIN
-                and idst in self.vips
-            ):
-                self.counters.delivered += 1
-                return (start + ETH_LEN + IPV4_MIN, itot)
-        return self._slow(buf, start, end - start, now)
-
-    def _slow(self, buf: memoryview, start: int, n: int, now: float) -> tuple[int, int]:
-        """Every check in order; the first that fails names the drop."""
+        """As `process` for the frame buf[start:end] (no slicing); the offset is into `buf`.
+        Every check in order; the first that fails names the drop."""
         drop = self._drop
-        if n < ETH_LEN + IPV4_MIN:
-            if n >= ETH_LEN and ETHERTYPE.unpack_from(buf, start)[0] != ETH_P_IP:
+        n = end - start
+        if n < ETH_HLEN + IPV4_HLEN:
+            if n >= ETH_HLEN and ETH.unpack_from(buf, start)[2] != ETH_P_IP:
                 return drop(DecapDrop.NOT_IPV4)
             return drop(DecapDrop.TRUNCATED)
-        if ETHERTYPE.unpack_from(buf, start)[0] != ETH_P_IP:
+        if ETH.unpack_from(buf, start)[2] != ETH_P_IP:
             return drop(DecapDrop.NOT_IPV4)
-        vi, otot, frag, proto, src, dst = IPV4.unpack_from(buf, start + ETH_LEN)
+        vi, _, otot, _, frag, _, proto, _, src, dst = IPV4_INT.unpack_from(buf, start + ETH_HLEN)
         if vi >> 4 != 4:
             return drop(DecapDrop.NOT_IPV4)
         ohl = (vi & 15) * 4
-        if ohl < IPV4_MIN:
+        if ohl < IPV4_HLEN:
             return drop(DecapDrop.BAD_IHL)
-        if n < ETH_LEN + ohl:
+        if n < ETH_HLEN + ohl:
             return drop(DecapDrop.TRUNCATED)
-        if otot < ohl or otot > n - ETH_LEN:
+        if otot < ohl or otot > n - ETH_HLEN:
             return drop(DecapDrop.BAD_TOTAL_LENGTH)
-        if proto != IPPROTO_IPIP:
+        if proto != self.encap.ip_proto:
             return drop(DecapDrop.NOT_IPIP)
         if dst != self.local:
             return drop(DecapDrop.NOT_LOCAL)
         if not self._allowed(src):
             self.last_spoofed = (src, now)
             return drop(DecapDrop.SPOOFED_SOURCE)
-        if frag & FRAG_MASK:
+        if frag & IP_MF_OFFSET:
             return drop(DecapDrop.OUTER_FRAGMENT)
         payload = otot - ohl
-        if payload < IPV4_MIN:
+        if payload < IPV4_HLEN:
             return drop(DecapDrop.INNER_TRUNCATED)
-        inner = start + ETH_LEN + ohl
-        ivi, itot, _ifrag, _iproto, _isrc, idst = IPV4.unpack_from(buf, inner)
+        inner = start + ETH_HLEN + ohl
+        ivi, _, itot, _, _, _, _, _, _, idst = IPV4_INT.unpack_from(buf, inner)
         if ivi >> 4 != 4:
             return drop(DecapDrop.INNER_NOT_IPV4)
         ihl = (ivi & 15) * 4
-        if ihl < IPV4_MIN:
+        if ihl < IPV4_HLEN:
             return drop(DecapDrop.INNER_BAD_IHL)
         if itot < ihl or itot > payload:
             return drop(DecapDrop.INNER_BAD_LENGTH)
@@ -148,13 +130,13 @@ class Decapsulator:
         """
         ihl = (buf[off] & 15) * 4  # process_at checked version and IHL
         proto = buf[off + 9]
-        field = 16 if proto == 6 else 6 if proto == 17 else 0  # checksum offset: TCP, UDP
+        field = L4_CSUM_OFFSET.get(proto, 0)
         # A fragment (MF or an offset) carries no checksum the stack checks before reassembly.
         if field and length >= ihl + field + 2 and not (buf[off + 6] & 0x3F or buf[off + 7]):
             at = off + ihl + field
             wire = buf[at] << 8 | buf[at + 1]
             if wire:  # 0: UDP without checksum (an offloaded sum is never 0)
-                src, dst = ADDRS.unpack_from(buf, off + 12)
+                src, dst = IPV4_INT.unpack_from(buf, off)[8:]
                 total = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF)
                 total += proto + length - ihl
                 total = (total & 0xFFFF) + (total >> 16)
@@ -167,47 +149,38 @@ class Decapsulator:
         buf[off - VNET_HDR_LEN : off] = NO_VNET_FLAGS
 
     def bind_ring(
-        self,
-        view: memoryview,
-        slot_status: memoryview,
-        slot_snap: memoryview,
-        starts: Sequence[int],
-        send: Callable[[memoryview], object],
-        vnet_hdr: bool,
+        self, slots: Slots, send: Callable[[memoryview], object], vnet_hdr: bool
     ) -> Callable[[int, int, float], int]:
-        """The batch entry over a receive ring (see agent.decap.serve): `process_at` and
-        `vnet_header_into` inlined for the common frame, each delivered packet handed to
-        `send` (which may raise OSError: counted as delivery_failed).
-
-        view: the ring's bytes; slot_status[i] / slot_snap[i]: slot i's status word (bit 0:
-        ready for user space) and snap length; starts[i]: the offset in `view` of slot i's
-        Ethernet header. With vnet_hdr, each packet is sent with its virtio-net header in front.
-
-        Returns `ring_batch(first, end, now) -> n`: slots first..first+n-1 were ready and
-        handled (it stops at the first slot not ready, or at `end`); their status is left to
-        the caller.
-        """
+        """`ring_batch(first, end, now) -> n` over the ring `slots` (l4lb.ring.Slots): the
+        ready frames of slots first..end-1 (it stops at the first slot not ready) are checked,
+        `process_at` and `vnet_header_into` inlined for the common frame, and each delivered
+        packet is handed to `send` (which may raise OSError: counted as delivery_failed); with
+        vnet_hdr, with its virtio-net header in front (written over the end of the outer
+        header). The slots' status is left to the caller."""
         unpack = RING_FAST.unpack_from
         local, allowed, vips = self.local, self.allowed, self.vips
         counters = self.counters
-        slow = self._slow
+        full_check = self.process_at
         mark = self.vnet_header_into
         pack_vnet = VNET_HDR.pack_into
         hdr = VNET_HDR_LEN if vnet_hdr else 0
-        ipip, eth_ip = IPPROTO_IPIP, ETH_P_IP
+        ipip, eth_ip = self.encap.ip_proto, ETH_P_IP
+        view, status, snaps, starts = slots.mem, slots.status, slots.snap, slots.starts
 
         def ring_batch(first: int, end: int, now: float) -> int:
             delivered = partial = failed = 0
             n = end - first
             for i in range(first, end):
-                if not slot_status[i] & 1:
+                if not status[i] & READY:
                     n = i - first
                     break
                 start = starts[i]
-                snap = slot_snap[i]
-                if snap >= 54:
+                snap = snaps[i]
+                if snap >= RING_FAST_MIN:
                     (et, ovi, otot, ofrag, proto, src, dst,
                      ivi, itot, ifrag, iproto, isrc, idst) = unpack(view, start)  # fmt: skip
+                    # Literals cost less than names here: IHL 5 (0x45) outer and inner, MF +
+                    # offset (0x3FFF), Ethernet 14, IPv4 20, the inner header at 14 + 20.
                     if (
                         et == eth_ip
                         and ovi == 0x45
@@ -246,7 +219,7 @@ class Decapsulator:
                         except OSError:
                             failed += 1
                         continue
-                off, length = slow(view, start, snap, now)
+                off, length = full_check(view, start, start + snap, now)
                 if length:
                     if hdr:
                         mark(view, off, length)

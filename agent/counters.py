@@ -43,7 +43,7 @@ _REASONS = tuple(DecapDrop)
 
 
 class DecapCounters:
-    """Frames delivered and dropped by reason; `as_dict()` gives the JSON view."""
+    """Frames delivered and dropped by reason (agent.stats.AgentStats is their view)."""
 
     __slots__ = ("delivered", "drops", "partial_checksums")
 
@@ -64,12 +64,3 @@ class DecapCounters:
     def total(self) -> int:
         """Frames seen: delivered + every drop (each frame counted exactly once)."""
         return self.delivered + sum(self.drops)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "frames": self.total,
-            "delivered": self.delivered,
-            "dropped": sum(self.drops),
-            "partial_checksums": self.partial_checksums,
-            "drops": {r.name.lower(): self.drops[r] for r in _REASONS},
-        }

@@ -44,6 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from l4lb import rps
+from l4lb.errors import L4lbError
+from l4lb.wire import IPIP, Encap
+
 SYSCTL_ROOT = Path("/proc/sys")
 
 
@@ -73,6 +77,8 @@ class HostPlan:
     """Largest MSS a SYN-ACK from a VIP may advertise."""
     rps_cpus: int = 0
     """CPU mask for RPS on the TUN (0: the writing CPU does the stack's work itself)."""
+    encap: Encap = IPIP
+    """The tunnel whose outer packets the ingress rule drops."""
 
     @property
     def table(self) -> str:
@@ -89,7 +95,8 @@ class HostPlan:
             f"table inet {t} {{\n"
             f"  chain ipip_in {{\n"
             f'    type filter hook ingress device "{self.iface}" priority filter; policy accept;\n'
-            f"    meta protocol ip ip daddr {self.local_ip} ip protocol 4 counter drop\n"
+            f"    meta protocol ip ip daddr {self.local_ip} ip protocol {self.encap.ip_proto}"
+            " counter drop\n"
             f"  }}\n"
             f"  chain mss_out {{\n"
             f"    type filter hook output priority mangle; policy accept;\n"
@@ -100,7 +107,7 @@ class HostPlan:
         )
 
 
-class HostError(RuntimeError):
+class HostError(L4lbError, RuntimeError):
     """A host setting could not be applied; the message names the command and its error."""
 
 
@@ -152,8 +159,7 @@ class HostSetup:
                     )
                 self.run(["ip", "link", "set", p.tun, "up"], None)
                 if p.rps_cpus:  # no undo: the setting goes with the device
-                    rps = Path(f"/sys/class/net/{p.tun}/queues/rx-0/rps_cpus")
-                    rps.write_text(f"{p.rps_cpus:x}")
+                    rps.set_mask(p.tun, p.rps_cpus)
             self.run(["nft", "-f", "-"], p.nft_ruleset())
             self.undo_steps.append(
                 (

@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -26,32 +25,10 @@ from pathlib import Path
 from types import FrameType
 
 from bench.frames import unpack_frames
+from l4lb.tx import Iovec, Mmsghdr, open_tx_socket, sendmmsg
 
-SOL_PACKET = 263
-PACKET_QDISC_BYPASS = 20
-SO_SNDBUFFORCE = 32
 SNDBUF = 8 << 20
 BATCH = 256  # frames per sendmmsg call at full speed
-
-
-class IoVec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class MsgHdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.POINTER(IoVec)),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class MMsgHdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", MsgHdr), ("msg_len", ctypes.c_uint))
 
 
 class Batches:
@@ -70,40 +47,28 @@ class Batches:
             offsets.append(pos)
             pos += len(f)
         n = len(frames)
-        self.iovs = (IoVec * n)()
+        self.iovs = (Iovec * n)()
         for i, f in enumerate(frames):
-            self.iovs[i].iov_base = base + offsets[i]
-            self.iovs[i].iov_len = len(f)
-        self.arrays: list[ctypes.Array[MMsgHdr]] = []
+            self.iovs[i].base = base + offsets[i]
+            self.iovs[i].len = len(f)
+        self.arrays: list[ctypes.Array[Mmsghdr]] = []
         for start in range(0, n, batch):
-            arr = (MMsgHdr * batch)()
+            arr = (Mmsghdr * batch)()
             for j in range(batch):
-                hdr = arr[j].msg_hdr
-                hdr.msg_iov = ctypes.pointer(self.iovs[(start + j) % n])
-                hdr.msg_iovlen = 1
+                hdr = arr[j].hdr
+                hdr.iov = ctypes.pointer(self.iovs[(start + j) % n])
+                hdr.iovlen = 1
             self.arrays.append(arr)
-
-
-def open_socket(iface: str) -> socket.socket:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: never receives
-    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
-    sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
-    sock.bind((iface, 0))
-    return sock
 
 
 def run(
     iface: str, frames: Sequence[bytes], rate: float, count: int, duration: float
 ) -> dict[str, float]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    sendmmsg = libc.sendmmsg
-    sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
-    sendmmsg.restype = ctypes.c_int
     # Paced: small bursts on a fixed schedule (32 frames per 107 us at 300,000/s).
     batch = BATCH if rate <= 0 else max(1, min(BATCH, int(rate / 10_000)))
     batches = Batches(frames, batch)
     arrays = [ctypes.addressof(a) for a in batches.arrays]
-    sock = open_socket(iface)
+    sock = open_tx_socket(iface, sndbuf=SNDBUF)
     fd = sock.fileno()
     stop = {"now": False}
 

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with wl.interrupts_as_exceptions():
         try:
             log(f"bringing up the fat tree; modes {', '.join(args.modes)}, {args.rounds} rounds")
-            fabric.up(base.wait_network)
+            fabric.up(base.wait_network, base.deployment)
             for rnd in range(1, args.rounds + 1):
                 for mode in args.modes:
                     recs = services.start(fabric.node_pid, base.deployment, mode)

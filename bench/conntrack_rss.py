@@ -14,11 +14,12 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from bench.frames import ETH, ETH_P_IP, IPV4, ipv4_checksum, mac_bytes
+from l4lb.checksum import checksum
+from l4lb.wire import ETH, ETH_P_IP, IPV4, TCP, parse_mac
 
-TCP = struct.Struct("!HHIIBBHHH")  # TCP: sports, seq, ack, data offset, flags, window, csum, urg
 CSUM_AT = ETH.size + 10  # IPv4 checksum offset in the frame
 SRC_AT = ETH.size + 12  # IPv4 source address offset
 SPORT_AT = ETH.size + IPV4.size  # TCP source port offset
@@ -35,7 +36,7 @@ def vm_rss_kib(pid: str = "self") -> int:
 
 
 def syn_template(vip: str, dport: int) -> bytearray:
-    eth = ETH.pack(mac_bytes("02:00:00:00:00:01"), mac_bytes("02:00:00:00:00:02"), ETH_P_IP)
+    eth = ETH.pack(parse_mac("02:00:00:00:00:01"), parse_mac("02:00:00:00:00:02"), ETH_P_IP)
     ip = IPV4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, 0, bytes(4), socket.inet_aton(vip))
     tcp = TCP.pack(0, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
     return bytearray(eth + ip + tcp)
@@ -45,14 +46,15 @@ def fill(flows: int, vip: str = "20.0.0.1", dport: int = 80) -> dict[str, object
     # Imported here so --help works without the package on the path.
     from fastpath.balancer import Balancer
     from fastpath.config import BalancerConfig
+    from fastpath.stats import CoreStats
 
     rss_start = vm_rss_kib()
     cfg = BalancerConfig(
         vips=((vip, dport),),
         backends=BACKENDS,
         local_ip="10.1.1.2",
-        local_mac=mac_bytes("00:00:0a:01:01:02"),
-        next_hop_mac=mac_bytes("00:01:0a:01:01:02"),
+        local_mac=parse_mac("00:00:0a:01:01:02"),
+        next_hop_mac=parse_mac("00:01:0a:01:01:02"),
     )
     balancer = Balancer(cfg)
     rss_empty = vm_rss_kib()
@@ -69,11 +71,11 @@ def fill(flows: int, vip: str = "20.0.0.1", dport: int = 80) -> dict[str, object
         pack_u32(frame, SRC_AT, base + i // 60000)
         pack_u16(frame, SPORT_AT, 1024 + i % 60000)
         pack_u16(frame, CSUM_AT, 0)
-        pack_u16(frame, CSUM_AT, ipv4_checksum(bytes(frame[ip_hdr])))
+        pack_u16(frame, CSUM_AT, checksum(bytes(frame[ip_hdr])))
         if balancer.process(view, out, now):
             sent += 1
     elapsed = time.monotonic() - started
-    counters = balancer.counters.as_dict() if hasattr(balancer.counters, "as_dict") else {}
+    counters = asdict(CoreStats.of(balancer.counters))
     return {
         "flows": flows,
         "forwarded": sent,

@@ -8,41 +8,23 @@ import ipaddress
 import struct
 from collections.abc import Iterator, Sequence
 
-ETH = struct.Struct("!6s6sH")  # Ethernet: dst, src, ethertype
-IPV4 = struct.Struct("!BBHHHBBH4s4s")  # IPv4 without options
-UDP = struct.Struct("!HHHH")  # UDP: sport, dport, length, checksum
-IPV4_WORDS = struct.Struct("!10H")  # the IPv4 header as 16-bit words, for its checksum
-ETH_P_IP = 0x0800
-PROTO_IPIP = 4
-PROTO_UDP = 17
+from l4lb.checksum import checksum
+from l4lb.wire import ETH, ETH_P_IP, IPPROTO_IPIP, IPPROTO_UDP, IPV4, UDP, parse_mac
+
 MIN_FRAME = 60  # 64 bytes on the wire with the FCS
-
-
-def mac_bytes(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6:
-        raise ValueError(f"bad MAC address {mac!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
-def ipv4_checksum(header: bytes) -> int:
-    total = sum(IPV4_WORDS.unpack(header))
-    total = (total & 0xFFFF) + (total >> 16)
-    total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def ipv4_header(src: str, dst: str, proto: int, payload_len: int, ident: int = 0) -> bytes:
     fields = (0x45, 0, 20 + payload_len, ident, 0x4000, 64, proto, 0)
     addrs = (ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
     header = IPV4.pack(*fields, *addrs)
-    return IPV4.pack(*fields[:-1], ipv4_checksum(header), *addrs)
+    return IPV4.pack(*fields[:-1], checksum(header), *addrs)
 
 
 def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
     """An IPv4/UDP packet; UDP checksum 0 (allowed over IPv4) since nobody reads the payload."""
     udp = UDP.pack(sport, dport, 8 + len(payload), 0) + payload
-    return ipv4_header(src, dst, PROTO_UDP, len(udp), ident=sport) + udp
+    return ipv4_header(src, dst, IPPROTO_UDP, len(udp), ident=sport) + udp
 
 
 def flows(
@@ -63,7 +45,7 @@ def udp_frames(
     count: int, src_mac: str, dst_mac: str, dst_ip: str, dport: int = 9, size: int = MIN_FRAME
 ) -> list[bytes]:
     """One `size`-byte Ethernet/IPv4/UDP frame per flow toward dst_ip:dport."""
-    eth = ETH.pack(mac_bytes(dst_mac), mac_bytes(src_mac), ETH_P_IP)
+    eth = ETH.pack(parse_mac(dst_mac), parse_mac(src_mac), ETH_P_IP)
     payload = bytes(size - ETH.size - IPV4.size - UDP.size)
     return [eth + udp_packet(ip, dst_ip, port, dport, payload) for ip, port in flows(count)]
 
@@ -79,12 +61,12 @@ def ipip_frames(
     inner_size: int = MIN_FRAME - 14,
 ) -> list[bytes]:
     """What an LB sends a backend: the 64-byte frames' IP packets, each inside an outer IPv4."""
-    eth = ETH.pack(mac_bytes(dst_mac), mac_bytes(src_mac), ETH_P_IP)
+    eth = ETH.pack(parse_mac(dst_mac), parse_mac(src_mac), ETH_P_IP)
     payload = bytes(inner_size - IPV4.size - UDP.size)
     out = []
     for i, (ip, port) in enumerate(flows(count)):
         inner = udp_packet(ip, vip, port, dport, payload)
-        outer = ipv4_header(outer_src, outer_dst, PROTO_IPIP, len(inner), ident=i & 0xFFFF)
+        outer = ipv4_header(outer_src, outer_dst, IPPROTO_IPIP, len(inner), ident=i & 0xFFFF)
         out.append(eth + outer + inner)
     return out
 

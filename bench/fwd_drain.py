@@ -1,6 +1,7 @@
 """CPU cost per frame of the whole forwarding loop (fastpath.forward), without a generator.
 
-A fake TPACKET_V2 ring (anonymous memory laid out like the kernel's) is prefilled with
+A fake TPACKET_V2 ring (anonymous memory laid out like the kernel's: l4lb.ring.FakeRing here,
+a patched RxRing in trees before l4lb/) is prefilled with
 64-byte UDP frames over 4,096 flows to the VIP and drained through Forwarder + Balancer +
 sendmmsg into a veth pair in a throwaway namespace (the peer discards them); the ring is
 refilled each time the loop wraps. Prints thread CPU ns per frame (user + kernel: the
@@ -13,6 +14,7 @@ Each measurement runs in its own interpreter (`--child`), pinned to --cpu.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import mmap
 import os
@@ -23,26 +25,61 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def child(tree: str, ifname: str, total: int) -> dict[str, float]:
-    sys.path.insert(0, tree)
-    import fastpath.ring as ring_mod
+FLOWS = 4096
+SLOTS = 4096
+MAC = 66  # where a slot's frame starts (l4lb.ring.ETH_MAC_OFFSET; the same in older trees)
 
+
+def _old_tree(ifname: str, bal: Any, frames: list[bytes]) -> tuple[object, object, Any]:
+    """Trees before l4lb/ (f6a45e1 and earlier): RxRing over an anonymous mapping. Their
+    modules are imported by name: this tree's types do not describe them."""
+    ring_mod: Any = importlib.import_module("fastpath.ring")
+    tx_mod = importlib.import_module("fastpath.tx")
+    forwarder_cls = importlib.import_module("fastpath.forward").Forwarder
     real = mmap.mmap
     # The ring's memory: anonymous instead of the socket's (same layout, filled by us).
-    ring_mod.mmap = types.SimpleNamespace(  # type: ignore[assignment]
+    ring_mod.mmap = types.SimpleNamespace(
         mmap=lambda fd, size, *a: real(-1, size),
         MAP_SHARED=mmap.MAP_SHARED, PROT_READ=mmap.PROT_READ, PROT_WRITE=mmap.PROT_WRITE,
         PAGESIZE=mmap.PAGESIZE,
     )  # fmt: skip
+    ring = ring_mod.RxRing(SLOTS, 2048)
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    ring.map(sock)
+    st, words = ring.status, ring.words
+    for j in range(ring.frame_nr):
+        f = frames[j % len(frames)]
+        st[j * words + 1] = st[j * words + 2] = len(f)
+        ring.view[j * 2048 + MAC : j * 2048 + MAC + len(f)] = f
+    sender = tx_mod.MmsgSender(tx_mod.open_tx_socket(ifname), 256, 2048)
+    fw = forwarder_cls(ring, sock, sender, bal, 64)
+    return ring.view, st[0::words], (fw, sender, sock)
+
+
+def _new_tree(ifname: str, bal: Any, frames: list[bytes]) -> tuple[object, object, Any]:
+    """This tree: a FakeRing over an anonymous mapping, the production Forwarder over it."""
+    from fastpath.forward import Forwarder
+    from l4lb.ring import FakeRing
+    from l4lb.tx import ZeroCopySender, open_tx_socket
+
+    ring = FakeRing(SLOTS, mem=mmap.mmap(-1, SLOTS * 2048))
+    ring.load([frames[j % len(frames)] for j in range(SLOTS)])
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # polled when the ring is empty
+    sender = ZeroCopySender(open_tx_socket(ifname), ring.slots)
+    fw = Forwarder(ring.slots, sock.fileno(), sender, bal, 64)
+    return ring.slots.mem, ring.slots.status, (fw, sender, sock)
+
+
+def child(tree: str, ifname: str, total: int) -> dict[str, float]:
+    sys.path.insert(0, tree)
     from bench.frames import udp_frames
     from fastpath.balancer import Balancer
     from fastpath.config import BalancerConfig
-    from fastpath.forward import Forwarder
-    from fastpath.tx import MmsgSender, open_tx_socket
 
     backends = (("10.2.3.2", 1), ("10.4.7.2", 1), ("10.6.11.2", 1), ("10.8.15.2", 1))
     cfg = BalancerConfig(
@@ -50,29 +87,17 @@ def child(tree: str, ifname: str, total: int) -> dict[str, float]:
         local_mac=bytes.fromhex("00000a010102"), next_hop_mac=bytes.fromhex("00010a010102"),
     )  # fmt: skip
     bal = Balancer(cfg)
-    ring = ring_mod.RxRing(4096, 2048)
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    ring.map(sock)
-    frames = udp_frames(4096, "00:00:0a:09:00:02", "00:00:0a:01:01:02", "20.0.0.1")
-    st, words = ring.status, ring.words
-    for j in range(ring.frame_nr):
-        f = frames[j % len(frames)]
-        st[j * words + 1] = st[j * words + 2] = len(f)
-        off = j * ring.frame_size + ring_mod.ETH_MAC_OFFSET
-        ring.view[off : off + len(f)] = f
-    statv = st[0::words]
-    ready = memoryview(bytearray(b"\1\0\0\0" * ring.frame_nr)).cast("I")
-    statv[:] = ready
-    sender = MmsgSender(open_tx_socket(ifname), 256, 2048)
-    fw = Forwarder(ring, sock, sender, bal, 64)
+    frames = udp_frames(FLOWS, "00:00:0a:09:00:02", "00:00:0a:01:01:02", "20.0.0.1")
+    setup = _new_tree if (Path(tree) / "l4lb").is_dir() else _old_tree
+    view, statv, (fw, sender, _sock) = setup(ifname, bal, frames)
+    ready = memoryview(bytearray(b"\1\0\0\0" * SLOTS)).cast("I")
+    statv[:] = ready  # type: ignore[index]
     batches = [0]
-    per_lap = ring.frame_nr // 64
-    # The forwarder may write its outer header over a frame's Ethernet header in the slot (as
-    # it does in the kernel's ring, which rewrites every frame it hands over): each lap puts
-    # the original headers back, and the time that takes is not counted.
-    eth = [(j * ring.frame_size + ring_mod.ETH_MAC_OFFSET, frames[j % len(frames)][:14])
-           for j in range(ring.frame_nr)]  # fmt: skip
-    view = ring.view
+    per_lap = SLOTS // 64
+    # The forwarder writes its outer header over a frame's Ethernet header in the slot (as it
+    # does in the kernel's ring, which rewrites every frame it hands over): each lap puts the
+    # original headers back, and the time that takes is not counted.
+    eth = [(j * 2048 + MAC, frames[j % len(frames)][:14]) for j in range(SLOTS)]
     excluded = [0.0, 0.0]  # thread CPU, wall
 
     def tick(now: float) -> None:  # after every batch (tick_every=0)
@@ -80,10 +105,10 @@ def child(tree: str, ifname: str, total: int) -> dict[str, float]:
         if batches[0] % per_lap == 0:
             c0, x0 = time.thread_time(), time.perf_counter()
             for off, head in eth:
-                view[off : off + 14] = head
+                view[off : off + 14] = head  # type: ignore[index]
             excluded[0] += time.thread_time() - c0
             excluded[1] += time.perf_counter() - x0
-            statv[:] = ready
+            statv[:] = ready  # type: ignore[index]
             if batches[0] * 64 >= total:
                 fw.stop()
 
@@ -91,7 +116,7 @@ def child(tree: str, ifname: str, total: int) -> dict[str, float]:
     fw.run(tick=tick, tick_every=0.0)
     t1, w1 = time.thread_time(), time.perf_counter()
     n = sender.sent
-    assert bal.counters.as_dict()["forwarded"] == n + sender.errors
+    assert sum(bal.counters.forwarded) == n + sender.errors
     assert n >= total * 0.99, f"only {n} of {total} frames sent: the ring's frames went bad"
     cpu, wall = t1 - t0 - excluded[0], w1 - w0 - excluded[1]
     return {"frames": n, "cpu_ns": 1e9 * cpu / n, "wall_ns": 1e9 * wall / n}

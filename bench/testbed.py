@@ -19,9 +19,10 @@ DUT forwards the same VIP packets as a router (ip_forward=1), out of the same in
 same next hop: both cases cross the same links and hops, only the DUT's work differs. `gen`
 tells traffic it routes for the DUT (arriving on g0) from its own traffic by a policy rule.
 
-Names carry the creating process id, so parallel runs do not collide; `remove_stale()` deletes
-testbeds whose creator is gone. Use it as a context manager: it is removed on exit, failure and
-Ctrl-C (SIGTERM is turned into KeyboardInterrupt by `install_signal_handlers`).
+The namespaces are made and removed by bench.netns (names carry the creating process id, so
+parallel runs do not collide, and `remove_stale()` deletes testbeds whose creator is gone). Use
+it as a context manager: it is removed on exit, failure and Ctrl-C (SIGTERM is turned into
+KeyboardInterrupt by `install_signal_handlers`).
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import FrameType, TracebackType
 
-PREFIX = "lbb"
+from bench.netns import Netns, TestbedError, install_signal_handlers, remove_stale, sh
+
+__all__ = ["TestbedError", "install_signal_handlers", "remove_stale"]
+
 VIP = "20.0.0.1"
 GEN_IP = "10.201.1.2"  # g0: generator, client, and the DUT's next hop
 DUT_IP = "10.201.1.1"  # d0: the LB host's address (outer source of IP-in-IP)
@@ -47,7 +46,7 @@ GEN_SINK_IP = "10.201.2.1"  # gs: gen's side of the sink link
 SINK_IP = "10.201.2.2"  # s0: the backend
 GEN_CLI_IP = "10.201.3.1"  # gc: gen's side of the client link
 CLI_IP = "10.201.3.2"  # c0: the latency client
-# Backends for the forwarding runs: all reach the sink's link (Maglev spreads over four).
+# Backends for the forwarding runs: all reach the sink's link (the LB spreads over four).
 BACKEND_IPS = (SINK_IP, "10.201.2.3", "10.201.2.4", "10.201.2.5")
 GEN_MAC = "02:b0:00:01:01:02"
 DUT_MAC = "02:b0:00:01:01:01"
@@ -59,67 +58,23 @@ NOBODY_MAC = "02:b0:00:01:02:99"  # the counting sink's "other host"
 GEN_SNDBUF = 4 << 20
 ROUTED_TABLE = 100  # gen's table for packets it routes on behalf of the DUT
 NEXT_HOP_TABLE = "lbb_next_hop"  # gen's nftables table of the next-hop counting mode
-_NS_RE = re.compile(rf"^{PREFIX}(\d+)(?:t[0-9a-f]+)?-(gen|dut|sink|cli)$")
-
-
-class TestbedError(RuntimeError):
-    """A setup command failed; the message names the command and its error output."""
-
-
-def run(
-    argv: Sequence[str], check: bool = True, timeout: float = 30.0, input_text: str | None = None
-) -> str:
-    """Runs a command, returns its stdout; raises TestbedError naming the command on failure."""
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input_text
-    )
-    if check and proc.returncode != 0:
-        raise TestbedError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def list_netns() -> list[str]:
-    out = run(["ip", "-j", "netns", "list"], check=False).strip()
-    return [entry["name"] for entry in json.loads(out)] if out else []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale() -> list[str]:
-    """Deletes testbed namespaces whose creating process has exited; returns their names."""
-    removed = []
-    for name in list_netns():
-        m = _NS_RE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
-            run(["ip", "netns", "del", name], check=False)
-            removed.append(name)
-    return removed
 
 
 @dataclass
 class Testbed:
-    """The three namespaces; `up()` builds them, `down()` removes them (idempotent)."""
+    """The four namespaces; `up()` builds them, `down()` removes them (idempotent). By hand:
+    `python -m bench.testbed [--remove-stale]`."""
 
     tag: str = ""
     """Empty, or "t" + hex digits: tells several testbeds of one process apart."""
 
     def __post_init__(self) -> None:
-        if self.tag and not re.fullmatch(r"t[0-9a-f]+", self.tag):
-            raise ValueError(f"tag must be 't' + hex digits, not {self.tag!r}")
-        base = f"{PREFIX}{os.getpid()}{self.tag}"
+        self.netns = Netns(self.tag)
+        base = self.netns.base
         self.gen = f"{base}-gen"
         self.dut = f"{base}-dut"
         self.sink = f"{base}-sink"
         self.cli = f"{base}-cli"
-        self._made: list[str] = []
 
     # -- building -------------------------------------------------------------------------
     def up(self) -> Testbed:
@@ -131,13 +86,8 @@ class Testbed:
         return self
 
     def _build(self) -> None:
-        for ns in (self.gen, self.dut, self.sink, self.cli):
-            run(["ip", "netns", "add", ns])
-            self._made.append(ns)
-            self.ns(ns, "ip", "link", "set", "lo", "up")
-            # IPv4 only: no IPv6 neighbour discovery chatter in the counters.
-            for key in ("all", "default"):
-                self.sysctl(ns, f"net.ipv6.conf.{key}.disable_ipv6", "1")
+        for role in ("gen", "dut", "sink", "cli"):
+            ns = self.netns.add(role)
             # A packet forwarded out of the interface it came in on is the design here.
             for key in ("all", "default"):
                 self.sysctl(ns, f"net.ipv4.conf.{key}.rp_filter", "0")
@@ -183,27 +133,7 @@ class Testbed:
         self.set_dut_forwarding(False)
 
     def _veth(self, ns_a: str, a: str, mac_a: str, ns_b: str, b: str, mac_b: str) -> None:
-        # Created inside the namespaces directly: no name is ever taken in the root namespace.
-        self.ns(
-            ns_a,
-            "ip",
-            "link",
-            "add",
-            a,
-            "address",
-            mac_a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            b,
-            "address",
-            mac_b,
-            "netns",
-            ns_b,
-        )
-        self.ns(ns_a, "ip", "link", "set", a, "up")
-        self.ns(ns_b, "ip", "link", "set", b, "up")
+        self.netns.veth(ns_a, a, ns_b, b, mac_a=mac_a, mac_b=mac_b)
         for ns, dev in ((ns_a, a), (ns_b, b)):
             self.sysctl(ns, f"net.ipv4.conf.{dev}.rp_filter", "0")
             self.sysctl(ns, f"net.ipv4.conf.{dev}.send_redirects", "0")
@@ -238,7 +168,7 @@ class Testbed:
                 f'    type filter hook ingress device "g0" priority 0; policy accept;\n'
                 f"    ether saddr {DUT_MAC} drop\n  }}\n}}\n"
             )
-        run(["ip", "netns", "exec", self.gen, "nft", "-f", "-"], input_text=script)
+        sh("nft", "-f", "-", ns=self.gen, input_text=script)
 
     def set_rps(self, ns: str, dev: str, cpus: Sequence[int]) -> None:
         """Steers the receive processing of `dev` to `cpus` (empty: process where it arrives)."""
@@ -247,14 +177,14 @@ class Testbed:
 
     # -- helpers --------------------------------------------------------------------------
     def ns(self, ns: str, *argv: str, check: bool = True, timeout: float = 30.0) -> str:
-        return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+        return sh(*argv, ns=ns, check=check, timeout=timeout)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
-        self.ns(ns, "sysctl", "-q", "-w", f"{key}={value}")
+        self.netns.sysctl(ns, key, value)
 
     def link_stats(self, ns: str, dev: str) -> dict[str, int]:
         """rx/tx packet and drop counters of one interface (64-bit, from the kernel)."""
-        out = run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        out = sh("ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev)
         stats = json.loads(out)[0]["stats64"]
         return {
             "rx_packets": stats["rx"]["packets"],
@@ -270,30 +200,13 @@ class Testbed:
         return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
 
     def down(self) -> None:
-        for ns in reversed(self._made):
-            run(["ip", "netns", "del", ns], check=False)
-        self._made.clear()
+        self.netns.close()
 
     def __enter__(self) -> Testbed:
         return self.up()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.down()
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` and `__exit__` runs."""
-
-    def _raise(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _raise)
-    signal.signal(signal.SIGHUP, _raise)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -322,5 +235,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

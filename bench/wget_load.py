@@ -36,6 +36,7 @@ from typing import Any
 from bench.wget_summary import Fetch, format_summary, progress_line, summarize, verdict
 from controller import services
 from controller.deployment import Deployment, DeploymentError, load_deployment
+from l4lb.errors import UsageError  # bad option, missing tool, busy machine: exit 2 up front
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -59,10 +60,6 @@ ENV = {  # option -> environment variable giving its default
 STATS_SETTLE = services.STATS_INTERVAL + 0.2
 WORKER_START_S = 0.3  # head start for the workers of a round (plus 50 ms per client)
 TOOLS = {"wget", "php", "nsenter", "mnexec", "ip"}
-
-
-class UsageError(Exception):
-    """Bad option, missing tool, busy machine: exit 2 before anything starts."""
 
 
 @dataclass
@@ -312,12 +309,14 @@ class Fabric:
     owner: int | None = None  # PID owning the network we brought up: down() touches only it
     _net: Any = None
 
-    def up(self, wait: float = 0.0) -> None:
+    def up(self, wait: float = 0.0, deployment: Deployment | None = None) -> None:
         from controller import network  # needs mininet and root: imported only here
 
         self._net = network
         # `wait` again here: another run may take the lock between our check and this call.
-        rc = network.up(None, "detach", wait=wait)
+        # The network comes up from the run's own deployment: its topology, its processes.
+        path = deployment.path if deployment is not None else None
+        rc = network.up(None, "detach", wait=wait, deployment=str(path) if path else None)
         if rc != 0:
             raise RuntimeError(f"the fat tree did not come up (controller.network.up: exit {rc})")
         self.up_done = True
@@ -768,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             log(f"bringing up the fat tree (lb={opts.lb}, {len(opts.clients)} clients, "
                 f"{opts.rounds} rounds, files {','.join(opts.files)})")  # fmt: skip
-            fabric.up(opts.wait_network)
+            fabric.up(opts.wait_network, opts.deployment)
             recs = services.start(fabric.node_pid, opts.deployment, opts.lb)
             log(f"services up: {', '.join(r['name'] for r in recs)}")
             res = run_load(opts, fabric, recs, log if not opts.quiet else lambda m: None)

@@ -22,12 +22,9 @@ from typing import Any
 from controller.deployment import DEFAULT_DEPLOYMENT, Deployment, load_deployment
 from controller.routes import SwitchProgram, compute_routes
 from controller.topology import DEFAULT_TOPOLOGY, Topology, load_topology
+from l4lb.errors import UsageError  # bad command-line input: printed with the usage, exit 2
 
 PROG = "python -m controller"
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed with the usage line, exit status 2."""
 
 
 def _programs(args: argparse.Namespace) -> tuple[Topology, dict[str, SwitchProgram]]:
@@ -175,7 +172,9 @@ def _network() -> Any:
 
 def cmd_up(args: argparse.Namespace) -> int:
     topo = str(args.topo) if args.topo else None
-    return _network().up(topo, "detach" if args.detach else "cli", services=args.services)
+    mode = "detach" if args.detach else "cli"
+    dep = str(args.deployment) if args.deployment else None
+    return _network().up(topo, mode, services=args.services, deployment=dep)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -226,7 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_p4_program, subparser=p)
 
     p = sub.add_parser("up", help="build and route the network (root)")
-    p.add_argument("--topo", type=Path, metavar="FILE", help="topology file")
+    p.add_argument(
+        "--topo", type=Path, metavar="FILE", help="topology file (replaces the deployment's)"
+    )
+    p.add_argument(
+        "--deployment",
+        type=Path,
+        metavar="FILE",
+        help=f"deployment file: VIP, roles, seed, MSS (default {DEFAULT_DEPLOYMENT})",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--cli", action="store_true", help="open the mininet CLI (default)")
     mode.add_argument("--detach", action="store_true", help="keep running in the background")

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config import check_mss
 from controller.topology import Topology, TopologyError, load_topology
+from fastpath.config import check_hash_seed
+from l4lb.errors import ConfigError
 
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
@@ -94,6 +97,12 @@ class Deployment:
     """MSS the servers advertise, leaving room for the 20-byte IP-in-IP header."""
     www_root: Path
     """Files the backend web servers serve."""
+    mtu: int = 1500
+    """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    source: str = "<deployment>"
+    """Where it came from, for messages."""
+    path: Path | None = None
+    """The file it was read from, if it was read from one."""
     bgp: BgpSettings = BgpSettings()
     """AS numbers and BFD timers of the VIP announcements."""
 
@@ -113,6 +122,23 @@ class Deployment:
         return [h for h in self.topology.hosts() if h not in busy]
 
 
+KEYS = frozenset(
+    {
+        "topology",
+        "vip",
+        "vip_ports",
+        "load_balancers",
+        "backends",
+        "hash_seed",
+        "server_mss",
+        "www_root",
+        "mtu",
+        "bgp",
+    }
+)
+"""Every key a deployment file may have: any other is a typo, refused with its name."""
+
+
 def _need(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in data:
         raise DeploymentError(f"{where}: missing key {key!r}")
@@ -123,11 +149,21 @@ def _need(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 
 def parse_deployment(
-    data: object, topology: Topology, base: Path, source: str = "<deployment>"
+    data: object,
+    topology: Topology,
+    base: Path,
+    source: str = "<deployment>",
+    path: Path | None = None,
 ) -> Deployment:
     """Validate decoded JSON against the topology. `base` resolves `www_root`."""
     if not isinstance(data, dict):
         raise DeploymentError(f"{source}: top level must be an object")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise DeploymentError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(KEYS))})"
+        )
     vip = _need(data, "vip", str, source)
     try:
         ipaddress.IPv4Address(vip)
@@ -161,14 +197,18 @@ def parse_deployment(
     if not any(backends.values()):
         raise DeploymentError(f"{source}: every backend weight is 0")
     seed = _need(data, "hash_seed", int, source)
-    if not 0 <= seed < 2**64:
-        raise DeploymentError(f"{source}: hash_seed must be in 0..2**64-1")
     mss = _need(data, "server_mss", int, source)
-    if not 536 <= mss <= 1460:
-        raise DeploymentError(f"{source}: server_mss {mss} not in 536..1460")
+    mtu = data.get("mtu", 1500)
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
+        raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
+    try:  # the data planes' own rules (one definition each), on the deployment's values
+        check_hash_seed(seed)
+        check_mss(mss, mtu)
+    except ConfigError as exc:
+        raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
     bgp = parse_bgp(data.get("bgp"), source)
-    return Deployment(
+    dep = Deployment(
         topology=topology,
         vip=vip,
         vip_ports=tuple(ports),
@@ -177,15 +217,62 @@ def parse_deployment(
         hash_seed=seed,
         server_mss=mss,
         www_root=(base / www).resolve(),
+        mtu=mtu,
+        source=source,
+        path=path,
         bgp=bgp,
     )
+    from controller import render  # render imports this module
+
+    try:  # every process's configuration must build: the rest of the data planes' rules
+        for host in dep.load_balancers:
+            render.lb_config(dep, host)
+        for host, _ in dep.backends:
+            render.agent_config(dep, host)
+    except ConfigError as exc:
+        raise DeploymentError(f"{source}: {exc}") from None
+    return dep
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects keep the last of two equal keys: here a repeated key (two entries for one
+    backend, say) is an error, named."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DeploymentError(f"{key!r} listed twice")
+        out[key] = value
+    return out
+
+
+def with_topology(dep: Deployment, topology: Topology) -> Deployment:
+    """The same deployment over another topology (`--topo`), checked again."""
+    data = {
+        "vip": dep.vip,
+        "vip_ports": list(dep.vip_ports),
+        "load_balancers": list(dep.load_balancers),
+        "backends": dict(dep.backends),
+        "hash_seed": dep.hash_seed,
+        "server_mss": dep.server_mss,
+        "www_root": str(dep.www_root),
+        "mtu": dep.mtu,
+        "bgp": {
+            "tor_asn": dep.bgp.tor_asn,
+            "lb_asn": dep.bgp.lb_asn,
+            "bfd_interval_ms": dep.bgp.bfd_interval_ms,
+            "bfd_multiplier": dep.bgp.bfd_multiplier,
+        },
+    }
+    return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 
 
 def load_deployment(path: str | Path | None = None) -> Deployment:
     """Read the deployment file and the topology it names."""
     p = Path(path) if path is not None else DEFAULT_DEPLOYMENT
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(), object_pairs_hook=_no_duplicate_keys)
+    except DeploymentError as e:
+        raise DeploymentError(f"{p}: {e}") from None
     except OSError as e:
         raise DeploymentError(f"{p}: cannot read: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
@@ -197,4 +284,4 @@ def load_deployment(path: str | Path | None = None) -> Deployment:
         topology = load_topology(p.parent / topo_name)
     except TopologyError as e:
         raise DeploymentError(f"{p}: topology: {e}") from None
-    return parse_deployment(data, topology, REPO_ROOT, str(p))
+    return parse_deployment(data, topology, REPO_ROOT, str(p), p.resolve())

@@ -10,6 +10,7 @@ exists, so a crash at any point leaves a record `down` can clean up from.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -17,13 +18,16 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from controller import netstate, nodeconfig
+from controller import netstate, nodeconfig, render
 from controller.drivers import linux
 from controller.netstate import STATE_DIR, NetState, NodeRecord
 from controller.routes import SwitchProgram
 from controller.topology import Topology
+
+if TYPE_CHECKING:
+    from controller.deployment import Deployment
 
 Progress = Callable[[str], None]
 
@@ -77,9 +81,12 @@ class Network:
         mode: str,
         state_dir: Path = STATE_DIR,
         signals: Signals | None = None,
+        deployment: Deployment | None = None,
     ) -> None:
         self.topo = topo
         self.programs = programs
+        self.deployment = deployment
+        """Whose process configurations are rendered as the network comes up (controller.render)."""
         self.state_dir = state_dir
         self.signals = signals or Signals()
         self.net: Any = None
@@ -146,6 +153,8 @@ class Network:
             f"up: addresses, static neighbours, {n_routes} routes on {len(self.programs)} "
             f"switches and source guards on {len(guards)} in {t3 - t2:.2f} s"
         )
+        if self.deployment is not None:
+            render.write(self.deployment, self.state_dir)
         self.state.ready = True
         netstate.write_state(self.state, self.state_dir)
         return t3 - t0
@@ -277,6 +286,7 @@ def teardown(st: NetState, state_dir: Path = STATE_DIR) -> list[int]:
     with suppress(OSError):
         pin_dir.rmdir()
     _delete_root_interfaces(st.interfaces)
+    shutil.rmtree(state_dir / render.CONFIG_DIR, ignore_errors=True)  # the processes' configs
     netstate.remove_state(state_dir)
     return left
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from controller import netstate
-from controller.deployment import Deployment, load_deployment
+from controller.deployment import Deployment, load_deployment, with_topology
 from controller.netbuild import (
     Network,
     NetworkError,
@@ -57,14 +57,15 @@ STOP_TIMEOUT = 20.0  # seconds `down` waits for the owner to take the network do
 # --- what to build ---------------------------------------------------------------------------
 
 
-def _plan(topo_path: str | None) -> tuple[Topology, Deployment, dict[str, SwitchProgram]]:
+def _plan(
+    topo_path: str | None, deployment: str | None = None
+) -> tuple[Topology, Deployment, dict[str, SwitchProgram]]:
     """Topology, deployment and every switch's program: bad files fail here, before anything
-    is made."""
-    dep = load_deployment()
-    topo = load_topology(topo_path) if topo_path else dep.topology
-    missing = [h for h in dep.load_balancers if h not in topo.nodes]
-    if missing:
-        raise ValueError(f"{topo.source}: the deployment's load balancers {missing} are missing")
+    is made. `--topo` replaces the deployment's topology for everything, the services too."""
+    dep = load_deployment(deployment)
+    if topo_path:
+        dep = with_topology(dep, load_topology(topo_path))
+    topo = dep.topology
     return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers, dep.vip_sources())
 
 
@@ -113,6 +114,7 @@ def up(
     services: bool = False,
     wait: float = 0.0,
     state_dir: Path = STATE_DIR,
+    deployment: str | None = None,
 ) -> int:
     """Build and route the network, then open the CLI (tearing down on exit) or detach.
 
@@ -120,11 +122,11 @@ def up(
     once). Returns 0 when the network was up (cli: and is down again), 130 when interrupted.
     Raises NetworkError (or ValueError for a bad file) when it cannot.
     """
-    topo, dep, programs = _plan(topo_path)  # bad files fail here, before anything is made
+    topo, dep, programs = _plan(topo_path, deployment)  # bad files fail here, before anything
     lock = _claim(state_dir, wait)
     try:
         if mode == "detach":
-            return _spawn_owner(topo_path, services, lock, state_dir)
+            return _spawn_owner(topo_path, services, lock, state_dir, deployment)
         return _foreground(topo, dep, programs, services, state_dir)
     finally:
         os.close(lock)  # the detached owner keeps its own descriptor: the lock stays held
@@ -148,7 +150,7 @@ def _foreground(
     signals = Signals()
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     signals.install()
-    network = Network(topo, programs, "cli", state_dir, signals)
+    network = Network(topo, programs, "cli", state_dir, signals, dep)
     try:
         took = network.build()
         say(f"up: network routed in {took:.2f} s")
@@ -178,13 +180,16 @@ def _foreground(
             raise NetworkError(f"processes survived the teardown: {left}")
 
 
-def _spawn_owner(topo_path: str | None, services: bool, lock: int, state_dir: Path) -> int:
+def _spawn_owner(
+    topo_path: str | None, services: bool, lock: int, state_dir: Path, deployment: str | None
+) -> int:
     """Start the detached owner, relay its progress, return when the network is routed."""
     r, w = os.pipe()
     log = open(state_dir / netstate.LOG_FILE, "w")  # noqa: SIM115 (handed to the child)
     argv = [sys.executable, "-m", "controller.network", "serve", "--ready-fd", str(w)]
     argv += ["--lock-fd", str(lock), "--state-dir", str(state_dir)]
     argv += ["--topo", topo_path] if topo_path else []
+    argv += ["--deployment", str(Path(deployment).resolve())] if deployment else []
     argv += ["--services"] if services else []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -263,8 +268,8 @@ def _serve(args: argparse.Namespace) -> int:
     signals.install()
     network: Network | None = None
     try:
-        topo, dep, programs = _plan(args.topo)
-        network = Network(topo, programs, "detach", state_dir, signals)
+        topo, dep, programs = _plan(args.topo, args.deployment)
+        network = Network(topo, programs, "detach", state_dir, signals, dep)
         took = network.build(progress)
         progress(f"up: network routed in {took:.2f} s")
         if args.services:
@@ -394,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lock-fd", type=int, required=True)
     p.add_argument("--state-dir", default=str(STATE_DIR))
     p.add_argument("--topo", default=None)
+    p.add_argument("--deployment", default=None)
     p.add_argument("--services", action="store_true")
     args = parser.parse_args(argv)
     return _serve(args)

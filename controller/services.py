@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from controller import netstate
+from controller import netstate, render
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment
@@ -54,7 +54,7 @@ STATE_DIR = netstate.STATE_DIR  # beside the running network's record
 STATE_FILE = "services.json"
 REPO = Path(__file__).resolve().parent.parent
 HTTP_PORT = 80
-STATS_INTERVAL = 0.5  # seconds between the LBs' and agents' stats-file rewrites
+STATS_INTERVAL = render.STATS_INTERVAL  # seconds between the LBs' and agents' stats rewrites
 
 NodePid = Callable[[str], int]
 
@@ -108,18 +108,20 @@ def python_bin() -> str:
 
 
 def lb_stats_path(state_dir: Path, host: str) -> Path:
-    return state_dir / f"lb-{host}.json"
+    return render.stats_path(state_dir, "lb", host)
 
 
 def agent_stats_path(state_dir: Path, host: str) -> Path:
-    return state_dir / f"agent-{host}.json"
+    return render.stats_path(state_dir, "agent", host)
 
 
 def haproxy_config(deployment: Deployment, lb_host: str, state_dir: Path = STATE_DIR) -> str:
     """haproxy.cfg for one LB host: TCP mode on the VIP, the backends' own addresses behind it.
 
-    Weights come from the deployment; `balance source` keeps a client on one backend like the
-    hash-based LBs do, and the stats socket gives the per-backend counters for the benchmark.
+    Weights come from the deployment; `balance roundrobin` spreads connections over the
+    backends as fastpath's 5-tuple hash does (per connection; `balance source` would pin each
+    client to one backend, which ten clients spread unevenly), and the stats socket gives the
+    per-backend counters for the benchmark.
     """
     topo = deployment.topology
     servers = "\n".join(
@@ -177,12 +179,8 @@ def plan(
                         py,
                         "-m",
                         "agent.decap",
-                        "--iface",
-                        topo.host_interface(host).name,
-                        "--stats-file",
-                        str(agent_stats_path(state_dir, host)),
-                        "--stats-interval",
-                        str(STATS_INTERVAL),
+                        "--config",
+                        str(render.config_path(state_dir, "agent", topo.host_interface(host).name)),
                     ),
                     log=str(logs / f"agent-{host}.log"),
                     # Ready once it writes its counters: by then the VIP is on the host, so
@@ -227,10 +225,8 @@ def plan(
                         "-m",
                         "fastpath.lb",
                         iface,
-                        "--stats-file",
-                        str(lb_stats_path(state_dir, host)),
-                        "--stats-interval",
-                        str(STATS_INTERVAL),
+                        "--config",
+                        str(render.config_path(state_dir, "lb", iface)),
                     ),
                     log=str(logs / f"lb-{host}.log"),
                     ready_file=str(lb_stats_path(state_dir, host)),
@@ -462,6 +458,9 @@ def start(
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
     _write_state(state_dir, state)
     try:
+        # The processes' configurations (the network's files: `down` removes them), rendered
+        # from this deployment, which may not be the one the network came up with.
+        render.write(deployment, state_dir)
         for path, text in p.files.items():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)

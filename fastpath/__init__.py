@@ -1,1 +1,1 @@
-"""The load balancer: AF_PACKET receive, Maglev backend choice, IP-in-IP encapsulation."""
+"""The load balancer: AF_PACKET ring receive, flow-hash backend choice, IP-in-IP encapsulation."""

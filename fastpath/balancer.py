@@ -1,9 +1,10 @@
-"""The packet core: Ethernet frame in; IP-in-IP frame to a backend, ICMP frag-needed to the
-sender, or a drop counted by reason out. Pure: no sockets, no clock (`now` is passed in).
+"""The packet core: Ethernet frames in ring slots in; per frame an IP-in-IP frame to a backend,
+an ICMP frag-needed to the sender, or a drop counted by reason out. Pure: no sockets, no clock
+(`now` is passed in). The rules below; the per-packet code in fastpath.kernel.
 
 Backend choice. Every LB instance computes the same flow hash
     h = xxh3_64(key bytes, seed = (hash_seed << 8) | protocol)
-and the same lookup table (fastpath.maglev.build_table), so any instance picks
+and the same lookup table (fastpath.lookup_table.rendezvous_table), so any instance picks
 table[h % table_size] for a new flow. The key bytes are:
 - TCP/UDP, not fragmented: source IP, destination IP, source port, destination port (12 bytes);
 - every fragment (MF set or offset != 0, first fragment included) and ICMP echo: source IP,
@@ -16,10 +17,11 @@ table[h % table_size] for a new flow. The key bytes are:
 The connection table (keyed by h) sits in front of the lookup table: a tracked flow stays on
 its backend when the backend set changes, unless that backend was removed altogether.
 
-Encapsulation: Ethernet (src local_mac, dst next_hop_mac) + IPv4 (IHL 5, TOS and DF copied
-from the inner header, ID from a counter, TTL 64, protocol 4, src local_ip, dst backend),
-checksum computed incrementally from a per-backend precomputed sum; then the inner packet's
-`total length` bytes unchanged (Ethernet padding is not carried).
+Encapsulation (l4lb.wire.IPIP): Ethernet (src local_mac, dst next_hop_mac) + IPv4 (IHL 5, TOS
+and DF copied from the inner header, ID from a counter, TTL 64, protocol 4, src local_ip, dst
+backend), checksum computed incrementally from a per-backend precomputed sum, written in the
+ring slot over the inner Ethernet header; then the inner packet's `total length` bytes,
+unchanged and never copied (Ethernet padding is not carried).
 
 MTU: inner + 20 > mtu with DF set -> an ICMP frag-needed (next-hop MTU = mtu - 20) from the
 VIP to the sender, quoting the inner IP header + 8 bytes; with DF clear -> dropped (TOO_BIG),
@@ -37,36 +39,27 @@ import ipaddress
 from fastpath.config import BalancerConfig, check_backends
 from fastpath.conntrack import ConnTable
 from fastpath.counters import Counters
-from fastpath.kernel import NO_BACKEND, BatchFn, BindRingFn, ProcessFn, Tables, make_kernel
-from fastpath.maglev import build_table
-from fastpath.packet import ETH, ETH_P_IP, IPPROTO_IPIP, IPV4, OUTER_TTL
-
-
-def _ip_words(ip: bytes) -> int:
-    return ((ip[0] << 8) | ip[1]) + ((ip[2] << 8) | ip[3])
+from fastpath.kernel import NO_BACKEND, RingBatchFn, Tables, make_kernel
+from fastpath.lookup_table import rendezvous_table
+from l4lb.ring import ETH_MAC_OFFSET, FakeRing, SlotLayout
+from l4lb.wire import ETH, ETH_HLEN, ETH_P_IP, IPIP
 
 
 class Balancer:
     """Pure packet core; see the module docstring for the rules it applies.
 
-    `process(frame, out, now) -> int` handles one Ethernet frame: it returns the length of the
-    frame written to `out` (which must hold mtu + 34 bytes) to send on the same interface, or 0
-    when the frame was dropped (counted by reason). Every frame is counted exactly once, in
-    `counters.forwarded` or `counters.drops`; it never raises.
+    `bind_ring(slots) -> ring_batch` is the one path frames take (fastpath.kernel):
+    `ring_batch(first, end, now) -> n` handles the ready frames of slots first..end-1 in place
+    (l4lb.ring.Slots: the kernel's ring, or a FakeRing) and returns how many were ready. For
+    each, it writes the frame to send at the slot's `out` offset with its length in
+    `slots.out_len`, or lists the slot in `slots.unsent` (a drop, counted by reason). Every
+    frame is counted exactly once, in `counters.forwarded` or `counters.drops`; it never
+    raises. The closure is safe to keep: the control plane methods below update the tables it
+    reads in place.
 
-    `process_batch(frames, outs, lens, n, now) -> int` handles frames[0:n]; the k frames to send
-    are written to outs[0:k] with their lengths in lens[0:k] (compacted, ready for sendmmsg);
-    returns k. It is the fast entry point (the per-packet path is inlined in its loop);
-    `process` is a batch of one.
-
-    Both are plain closures (fastpath.kernel), safe to bind once: the control plane methods
-    below update the tables they read in place.
+    `process(frame, out, now)` is one frame through that path, over a one-slot FakeRing, for
+    tests and tools.
     """
-
-    process: ProcessFn
-    process_batch: BatchFn
-    bind_ring: BindRingFn
-    """The zero-copy entry over a receive ring (fastpath.kernel, used by fastpath.forward)."""
 
     def __init__(self, cfg: BalancerConfig) -> None:
         self.cfg = cfg
@@ -93,9 +86,29 @@ class Balancer:
         self._backend_ips: list[bytes | None] = []  # per backend id; None once removed
         self.set_next_hop_mac(self._next_hop_mac)
         self.set_backends(cfg.backends)
-        self.process, self.process_batch, self.bind_ring = make_kernel(
-            self._tables, self.counters, self.conntrack
-        )
+        self.bind_ring = make_kernel(self._tables, self.counters, self.conntrack)
+        self._one: FakeRing | None = None
+        self._one_batch: RingBatchFn | None = None
+
+    def process(self, frame: bytes | bytearray | memoryview, out: memoryview, now: float) -> int:
+        """`frame` through the ring path in a slot of its own: the length of the frame written
+        to `out` (which must hold mtu + 34 bytes), or 0 when it was dropped."""
+        one = self._one
+        if one is None or len(frame) > one.layout.room:
+            room = max(len(frame), self.cfg.mtu + ETH_HLEN)
+            stride = -(-(ETH_MAC_OFFSET + room) // 16) * 16
+            one = self._one = FakeRing(1, SlotLayout(stride=stride))
+            self._one_batch = self.bind_ring(one.slots)
+        assert self._one_batch is not None
+        one.put(0, frame)
+        self._one_batch(0, 1, now)
+        slots = one.slots
+        if slots.unsent:
+            slots.unsent.clear()
+            return 0
+        n = slots.out_len[0]
+        out[:n] = slots.outs[0][:n]
+        return n
 
     def set_next_hop_mac(self, mac: bytes) -> None:
         """Ethernet destination of frames sent from now on."""
@@ -115,7 +128,7 @@ class Balancer:
             ips[bid] = ipaddress.IPv4Address(ip).packed
         self._backend_ips = ips
         self._rebuild_templates()
-        slots = build_table(backends, self.cfg.table_size)
+        slots = rendezvous_table(backends, self.cfg.table_size)
         self._tables.table[:] = [NO_BACKEND if s == NO_BACKEND else ids[s] for s in slots]
 
     def _rebuild_templates(self) -> None:
@@ -126,22 +139,11 @@ class Balancer:
                 templates.append(b"")
                 sums.append(0)
                 continue
-            header = IPV4.pack(0x45, 0, 0, 0, 0, OUTER_TTL, IPPROTO_IPIP, 0, self._local_ip, ip)
-            templates.append(ETH.pack(self._next_hop_mac, self._local_mac, ETH_P_IP) + header)
-            # + 20 - 1: see Tables.sums.
-            sums.append(
-                (0x45 << 8) + ((OUTER_TTL << 8) | IPPROTO_IPIP) + _ip_words(self._local_ip)
-                + _ip_words(ip) + 19
-            )  # fmt: skip
+            templates.append(IPIP.template(self._next_hop_mac, self._local_mac, self._local_ip, ip))
+            sums.append(IPIP.checksum_base(self._local_ip, ip))
         # Sums first: a template is only used once its sum is in place.
         self._tables.sums[:] = sums
         self._tables.templates[:] = templates
-
-    def backend_of(self, key: int) -> str | None:
-        """The backend IP the lookup table gives a flow hash (tests, diagnostics)."""
-        table = self._tables.table
-        bid = table[key % len(table)]
-        return None if bid == NO_BACKEND else self.counters.backend_names[bid]
 
     @property
     def backends(self) -> list[str]:

@@ -1,37 +1,15 @@
-"""Configuration of the packet core: one frozen dataclass, validated on construction."""
+"""Configuration: of the packet core (`BalancerConfig`, what the core reads) and of the process
+(`LbConfig`, what `python -m fastpath.lb` runs with: the file the controller renders, or the
+command line). Both are frozen dataclasses validated on construction; each rule is one
+function here, used by both and, through `LbConfig`, by the controller's deployment check."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field and the value."""
-
-
-def parse_mac(text: str) -> bytes:
-    """'00:00:0a:01:01:02' -> 6 bytes; ConfigError names the bad text."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 6 or any(len(p) != 2 for p in parts):
-            raise ValueError
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ConfigError(
-            f"bad MAC address {text!r} (expected six hex pairs like 00:00:0a:01:01:02)"
-        ) from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def _ipv4(field: str, text: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ConfigError(f"{field}: {text!r} is not an IPv4 address") from None
+from l4lb.busypoll import busy_poll_error
+from l4lb.errors import ConfigError
+from l4lb.wire import parse_ipv4, parse_mac
 
 
 def _is_prime(n: int) -> bool:
@@ -45,6 +23,34 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def check_vips(vips: tuple[tuple[str, int | None], ...]) -> None:
+    """Raise ConfigError unless there is a VIP and each is (IPv4 text, port 1..65535 or None)."""
+    if not vips:
+        raise ConfigError("vips: at least one VIP is needed")
+    for entry in vips:
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise ConfigError(f"vips: {entry!r} is not an (ip, port or None) pair")
+        ip, port = entry
+        parse_ipv4("vips", ip)
+        if port is not None and not (
+            isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+        ):
+            raise ConfigError(f"vips: port of {ip} must be 1..65535 or None, not {port!r}")
+
+
+def check_hash_seed(seed: int) -> None:
+    """The seed is shifted left 8 bits and or-ed with the IP protocol, inside xxh3's 64 bits."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**56:
+        raise ConfigError(f"hash_seed: must be an integer 0 <= seed < 2**56, not {seed!r}")
+
+
+def check_conn(capacity: int, idle_timeout: float) -> None:
+    if capacity < 2:
+        raise ConfigError(f"conn_capacity: must be >= 2, not {capacity}")
+    if not idle_timeout > 0:
+        raise ConfigError(f"conn_idle_timeout: must be > 0, not {idle_timeout}")
+
+
 def check_backends(backends: tuple[tuple[str, int], ...]) -> None:
     """Raise ConfigError unless every backend is (IPv4 text, weight >= 0), each IP once."""
     seen: set[str] = set()
@@ -52,7 +58,7 @@ def check_backends(backends: tuple[tuple[str, int], ...]) -> None:
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise ConfigError(f"backends: {entry!r} is not an (ip, weight) pair")
         ip, weight = entry
-        _ipv4("backends", ip)
+        parse_ipv4("backends", ip)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise ConfigError(f"backends: weight of {ip} must be an integer >= 0, not {weight!r}")
         if ip in seen:
@@ -77,7 +83,7 @@ class BalancerConfig:
     hash_seed: int = 2026
     """Seed of the flow hash; every LB instance must share it to agree on backends."""
     table_size: int = 65537
-    """Maglev lookup table size; a prime well over 100 x the number of backends."""
+    """Lookup table size (fastpath.lookup_table); a prime well over 100 x the backends."""
     conn_capacity: int = 1_000_000
     """Most flows the connection table holds (bounds its memory)."""
     conn_idle_timeout: float = 60.0
@@ -88,28 +94,96 @@ class BalancerConfig:
     """Drop inner packets whose IPv4 header checksum is wrong (the backend checks it anyway)."""
 
     def __post_init__(self) -> None:
-        if not self.vips:
-            raise ConfigError("vips: at least one VIP is needed")
-        for entry in self.vips:
-            if not (isinstance(entry, tuple) and len(entry) == 2):
-                raise ConfigError(f"vips: {entry!r} is not an (ip, port or None) pair")
-            ip, port = entry
-            _ipv4("vips", ip)
-            if port is not None and not (isinstance(port, int) and 0 < port < 65536):
-                raise ConfigError(f"vips: port of {ip} must be 1..65535 or None, not {port!r}")
+        check_vips(self.vips)
         check_backends(self.backends)
-        _ipv4("local_ip", self.local_ip)
+        parse_ipv4("local_ip", self.local_ip)
         for name in ("local_mac", "next_hop_mac"):
             mac = getattr(self, name)
             if not isinstance(mac, bytes | bytearray) or len(mac) != 6:
                 raise ConfigError(f"{name}: must be 6 bytes, not {mac!r}")
-        if not 0 <= self.hash_seed < 2**56:
-            raise ConfigError(f"hash_seed: must be 0 <= seed < 2**56, not {self.hash_seed}")
+        check_hash_seed(self.hash_seed)
         if not _is_prime(self.table_size):
             raise ConfigError(f"table_size: must be a prime, not {self.table_size}")
-        if self.conn_capacity < 2:
-            raise ConfigError(f"conn_capacity: must be >= 2, not {self.conn_capacity}")
-        if not self.conn_idle_timeout > 0:
-            raise ConfigError(f"conn_idle_timeout: must be > 0, not {self.conn_idle_timeout}")
+        check_conn(self.conn_capacity, self.conn_idle_timeout)
         if not 68 + 20 <= self.mtu <= 65535:
             raise ConfigError(f"mtu: must be 88..65535, not {self.mtu}")
+
+
+BATCH_MAX = 256  # the sender's and the loop's largest batch
+
+
+@dataclass(frozen=True)
+class LbConfig:
+    """What one `python -m fastpath.lb` process runs with.
+
+    The controller renders it per load balancer from the deployment into
+    `<state dir>/config/lb-<iface>.json` (controller.render); `--config FILE` reads it, and
+    command-line options override single fields. Values learned from the interface at start
+    (its MAC, address, MTU, the next hop) are not here: see BalancerConfig."""
+
+    iface: str
+    """The interface tapped and sent on, e.g. h1-eth0."""
+    vips: tuple[tuple[str, int | None], ...]
+    """Virtual services: (IPv4, TCP/UDP port or None for every port)."""
+    backends: tuple[tuple[str, int], ...]
+    """Real servers at start: (IPv4, weight); weight 0 drains."""
+    hash_seed: int = 2026
+    """Seed of the flow hash; every LB instance must share it to agree on backends."""
+    names: tuple[tuple[str, str], ...] = ()
+    """(IPv4, host name) of known hosts, for messages and for `--backend h3`."""
+    local_ip: str | None = None
+    """Outer source address (default: the interface's)."""
+    next_hop_mac: str | None = None
+    """Ethernet destination (default: learned from the neighbour table and refreshed)."""
+    conn_capacity: int = 1_000_000
+    """Most tracked flows."""
+    conn_idle_timeout: float = 60.0
+    """Idle seconds before a tracked flow may be forgotten."""
+    stats_file: str | None = None
+    """Latest counters as JSON (default /run/l4lb/lb-IFACE.json; "" for none)."""
+    stats_interval: float = 1.0
+    """Seconds between JSON counter lines on stdout and stats-file rewrites."""
+    control_socket: str | None = None
+    """The control channel (l4lb.control; default /run/l4lb/lb-IFACE.ctl; "" for none)."""
+    cpu: int | None = None
+    """Pin the forwarding loop to this CPU."""
+    rps_cpus: str = "auto"
+    """RPS CPUs for IFACE's receive softirq: auto, off or a hex mask (l4lb.rps)."""
+    batch: int = BATCH_MAX
+    """Frames per receive/send batch."""
+    busy_poll_us: int = 0
+    """After traffic, spin this long for the next frame before sleeping."""
+    ring_frames: int = 16384
+    """Receive ring size in frames (2 KiB each)."""
+    keep_offloads: bool = False
+    """Leave IFACE's offloads as they are (GRO/LRO/TSO/GSO are turned off otherwise)."""
+    nft: bool = True
+    """Install the nftables ingress drop of VIP traffic on IFACE."""
+
+    def __post_init__(self) -> None:
+        if not self.iface or "/" in self.iface or len(self.iface) > 15:
+            raise ConfigError(f"iface: {self.iface!r} is not an interface name")
+        check_vips(self.vips)
+        check_backends(self.backends)
+        check_hash_seed(self.hash_seed)
+        for ip, name in self.names:
+            parse_ipv4("names", ip)
+            if not name:
+                raise ConfigError(f"names: empty host name for {ip}")
+        if self.local_ip is not None:
+            parse_ipv4("local_ip", self.local_ip)
+        if self.next_hop_mac is not None:
+            parse_mac(self.next_hop_mac)
+        check_conn(self.conn_capacity, self.conn_idle_timeout)
+        if not self.stats_interval > 0:
+            raise ConfigError(f"stats_interval: must be > 0, not {self.stats_interval}")
+        if not 1 <= self.batch <= BATCH_MAX:
+            raise ConfigError(f"batch: must be 1..{BATCH_MAX}, not {self.batch}")
+        if why := busy_poll_error(self.busy_poll_us):
+            raise ConfigError(f"busy_poll_us: {why}")
+        if self.ring_frames < 16:
+            raise ConfigError(f"ring_frames: must be >= 16, not {self.ring_frames}")
+
+    def name_of(self, ip: str) -> str | None:
+        """The host name of an address, if the configuration knows it."""
+        return dict(self.names).get(ip)

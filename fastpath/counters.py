@@ -47,7 +47,7 @@ _REASONS = tuple(DropReason)
 
 
 class Counters:
-    """Counts per drop reason and per backend id; `as_dict()` gives the JSON view."""
+    """Counts per drop reason and per backend id (fastpath.stats.CoreStats is their view)."""
 
     __slots__ = ("backend_names", "drops", "forwarded")
 
@@ -71,12 +71,3 @@ class Counters:
     def total(self) -> int:
         """Frames seen: forwarded + every drop (FRAG_NEEDED included)."""
         return sum(self.forwarded) + sum(self.drops)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "frames": self.total,
-            "forwarded": sum(self.forwarded),
-            "icmp_frag_needed_sent": self.drops[DropReason.FRAG_NEEDED],
-            "drops": {r.name.lower(): self.drops[r] for r in _REASONS},
-            "backends": dict(zip(self.backend_names, self.forwarded, strict=True)),
-        }

@@ -1,15 +1,29 @@
-"""The per-packet code of the Balancer, built as closures over its tables.
+"""The per-packet code of the Balancer: one ring path, built as closures over its tables.
+
+`make_kernel(...)` returns `bind_ring(slots) -> ring_batch`; `ring_batch(first, end, now) -> n`
+handles the ready frames of ring slots first..end-1 in place (l4lb.ring.Slots: the kernel's
+ring in production, a FakeRing in tests and benchmarks) and stops at the first slot not ready.
+For each slot it handles it writes the frame to send at the slot's `out` offset and its length
+in out_len, or appends the slot to `unsent` (a drop, counted by reason). The common frame takes
+the fast path inlined in the loop: a non-fragmented TCP/UDP packet in IPv4 without options to a
+VIP port, that fits once encapsulated, and is tracked or gets a backend. Every other frame
+takes `general()`, all checks in the documented order (fastpath.balancer); both give the same
+verdicts and bytes (the golden table runs with the fast path on and off).
 
 Why closures: every name the hot path touches is a local or a closure cell (no attribute
 lookups, no method calls on the common path), which halves the cost per packet in CPython.
 The control plane (fastpath.balancer) changes the tables *in place* (list slice assignment),
-so closures handed out once stay valid. The rules applied are documented in
-fastpath/balancer.py.
+so closures handed out once stay valid.
+
+Where the next checks go: the fast path reads the frame's fields in one unpack (`_FAST_FIELDS`,
+through the destination port); a field further on (the TCP flags byte, frame[47] with IHL 5)
+is one index away, and a new counter is one more list slot in fastpath.counters. A flow the
+connection table does not know goes through `miss()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from struct import Struct
 
@@ -17,9 +31,10 @@ import xxhash
 
 from fastpath.conntrack import ConnTable
 from fastpath.counters import Counters, DropReason
-from fastpath.packet import (
+from l4lb.checksum import checksum, complete_l4_checksum, ipv4_header_ok
+from l4lb.ring import CSUM_NOT_READY, READY, Slots
+from l4lb.wire import (
     ETH_HLEN,
-    ETH_IPV4_FIELDS,
     ETH_P_IP,
     ICMP,
     ICMP_DEST_UNREACH,
@@ -30,24 +45,22 @@ from fastpath.packet import (
     ICMP_TIME_EXCEEDED,
     IP_DF,
     IP_MF_OFFSET,
+    IP_OFFSET,
+    IPIP,
     IPPROTO_ICMP,
     IPPROTO_IPIP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4,
-    OUTER_LEN,
-    OUTER_TTL,
+    IPV4_HLEN,
+    IPV4_VIHL,
     PORTS,
     TCP_HLEN,
     UDP_HLEN,
-    checksum,
-    ipv4_header_ok,
 )
 
-ProcessFn = Callable[[memoryview, memoryview, float], int]
-BatchFn = Callable[[Sequence[memoryview], Sequence[memoryview], list[int], int, float], int]
-RingBatchFn = Callable[[int, int, float, list[tuple[int, int]]], int]
-BindRingFn = Callable[..., RingBatchFn]
+RingBatchFn = Callable[[int, int, float], int]
+BindRingFn = Callable[[Slots], RingBatchFn]
 
 NO_BACKEND = -1
 
@@ -68,20 +81,35 @@ _TOO_BIG = DropReason.TOO_BIG.value
 _FRAG_NEEDED = DropReason.FRAG_NEEDED.value
 _INTERNAL_ERROR = DropReason.INTERNAL_ERROR.value
 
-_MIN_FRAME = ETH_HLEN + 20
+_MIN_FRAME = ETH_HLEN + IPV4_HLEN
 _TCP_UDP = frozenset((IPPROTO_TCP, IPPROTO_UDP))
 _ICMP_ERRORS = frozenset((ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED))
 _SUPPORTED = frozenset((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP))
-# The outer IPv4 header from its byte 1: TOS, total length, ID, flags/offset, TTL, protocol,
-# checksum (the template holds the rest).
-_IPV4_VAR = Struct("!BHHHBBH")
-# ETH_IPV4_FIELDS plus the destination port where it is when IHL is 5 (frames >= 38 bytes).
+# The frame's fields the general path decides on, in one unpack from the Ethernet header:
+# EtherType, version/IHL, TOS, total length, (ID skipped), flags/fragment offset, TTL,
+# protocol, (checksum, source skipped), destination as an int.
+_FIELDS = Struct("!12xHBBH2xHBB2x4xI")
+# _FIELDS plus the destination port where it is when IHL is 5 (frames of >= 38 bytes).
 _FAST_FIELDS = Struct("!12xHBBH2xHBB2x4xI2xH")
+_FAST_MIN = _FAST_FIELDS.size
+# The outer header from its IPv4 byte 1: TOS, total length, ID, flags/offset, TTL and
+# protocol, checksum (the template holds the rest).
+_IPV4_VAR = Struct("!BHHHHH")
 # The whole outer header in one go: Ethernet + version/IHL (template bytes 0..14), TOS, total
 # length, ID, flags, TTL and protocol (one word), checksum, source + destination (template
 # bytes 26..33).
 _OUTER = Struct("!15sBHHHHH8s")
-_TTL_PROTO = (OUTER_TTL << 8) | IPPROTO_IPIP
+_ENCAP = IPIP
+_OUTER_LEN = _ENCAP.header_len
+_ADDED = _ENCAP.headroom  # what encapsulation adds to the inner packet's length
+assert _OUTER.size == _OUTER_LEN
+# The fast path below spells these as literals (a constant costs less than a cell): IPv4 with
+# IHL 5 (0x45), EtherType IPv4 (0x0800), MF + offset (0x3FFF), DF (0x4000), TCP (6) at >= 40
+# bytes and UDP (17) at >= 28, Ethernet (14), and the encapsulation's 20 and 34 bytes.
+assert (IPV4_VIHL, ETH_P_IP, IP_MF_OFFSET, IP_DF, _ADDED, _OUTER_LEN) == (
+    0x45, 0x0800, 0x3FFF, 0x4000, 20, 34
+)  # fmt: skip
+_ICMP_LEN = ETH_HLEN + IPV4_HLEN + ICMP_HLEN  # an ICMP error up to its quote
 
 
 @dataclass
@@ -98,20 +126,16 @@ class Tables:
     table: list[int] = field(default_factory=list)
     """Lookup table: slot -> backend id, NO_BACKEND when no backend has weight > 0."""
     templates: list[bytes] = field(default_factory=list)
-    """Per backend id: Ethernet + outer IPv4 header (TOS, length, ID, flags, checksum zero);
-    b"" once the backend left the set."""
+    """Per backend id: the encapsulation's header template (l4lb.wire.Encap.template); b""
+    once the backend left the set."""
     sums: list[int] = field(default_factory=list)
-    """Per backend id: 16-bit word sum of the template's IPv4 header plus 19 (the outer
-    length is inner + 20, and the checksum fold below takes the sum minus one)."""
+    """Per backend id: the template's checksum base (l4lb.wire.Encap.checksum_base)."""
     eth: bytearray = field(default_factory=lambda: bytearray(ETH_HLEN))
     """Ethernet header of ICMP replies (next hop, local MAC, IPv4)."""
 
 
-def make_kernel(
-    t: Tables, counters: Counters, ct: ConnTable
-) -> tuple[ProcessFn, BatchFn, BindRingFn]:
-    """Build `process(frame, out, now) -> int`, `process_batch(...)` and `bind_ring(...)`
-    over `t`."""
+def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
+    """Build `bind_ring(slots) -> ring_batch` over `t` (see the module docstring)."""
     drops = counters.drops
     forwarded = counters.forwarded
     vips_get = t.vips.get
@@ -121,9 +145,9 @@ def make_kernel(
     sums = t.sums
     eth = t.eth
     mtu = t.mtu
-    max_inner = mtu - 20
+    max_inner = mtu - _ADDED
     verify = t.verify_checksum
-    unpack_fields = ETH_IPV4_FIELDS.unpack_from
+    unpack_fields = _FIELDS.unpack_from
     unpack_fast = _FAST_FIELDS.unpack_from
     pack_ipv4 = IPV4.pack_into
     pack_icmp = ICMP.pack_into
@@ -132,21 +156,19 @@ def make_kernel(
     pack_ports = PORTS.pack
     pack_ipv4_var = _IPV4_VAR.pack_into
     h3 = xxhash.xxh3_64_intdigest
+    ttl_proto = _ENCAP.ttl_proto
     ident = 0  # outer IPv4 ID counter
 
-    def encap(frame: memoryview, out: memoryview, tl: int, tos: int, frag: int, bid: int) -> int:
-        # General-path twin of the encapsulation inlined in process and process_batch.
+    def encap(out: memoryview, tl: int, tos: int, frag: int, bid: int) -> int:
+        """The outer header in front of the inner packet, which is in place at out[34:]."""
         nonlocal ident
         ident = (ident + 1) & 0xFFFF
         df = frag & IP_DF
-        otl = tl + 20
-        # Ones' complement sum of the header words, folded by `% 0xFFFF` (see packet.checksum).
         csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
-        out[0:OUTER_LEN] = templates[bid]
-        pack_ipv4_var(out, 15, tos, otl, ident, df, OUTER_TTL, IPPROTO_IPIP, csum)
-        out[OUTER_LEN : OUTER_LEN + tl] = frame[ETH_HLEN : ETH_HLEN + tl]
+        out[0:_OUTER_LEN] = templates[bid]
+        pack_ipv4_var(out, 15, tos, tl + _ADDED, ident, df, ttl_proto, csum)
         forwarded[bid] += 1
-        return OUTER_LEN + tl
+        return _OUTER_LEN + tl
 
     def choose(key: int, track: bool, now: float) -> int:
         """Backend id for a flow hash: tracked (refreshed if `track`), else from the table."""
@@ -175,22 +197,26 @@ def make_kernel(
         return bid
 
     def too_big(frame: memoryview, out: memoryview, hl: int, tl: int, frag: int) -> int:
-        """Inner + 20 > mtu: ICMP frag-needed from the VIP back to the sender if DF is set."""
+        """Inner + 20 > mtu: ICMP frag-needed from the VIP back to the sender if DF is set.
+        `out` overlaps `frame` (it starts `_ADDED` bytes before it): the quote and the
+        addresses are read before anything is written."""
         nonlocal ident
         if not frag & IP_DF:
             drops[_TOO_BIG] += 1
             return 0
-        quote = min(hl + 8, tl)
-        icmp_len = ICMP_HLEN + quote
-        otl = 20 + icmp_len
+        quote_len = min(hl + 8, tl)
+        quote = bytes(frame[ETH_HLEN : ETH_HLEN + quote_len])
+        src, dst = quote[12:16], quote[16:20]
+        icmp_len = ICMP_HLEN + quote_len
+        otl = IPV4_HLEN + icmp_len
         ident = (ident + 1) & 0xFFFF
         out[0:ETH_HLEN] = eth
         pack_ipv4(
-            out, 14, 0x45, ICMP_ERROR_TOS, otl, ident, 0, OUTER_TTL, IPPROTO_ICMP, 0,
-            bytes(frame[30:34]), bytes(frame[26:30]),
+            out, 14, IPV4_VIHL, ICMP_ERROR_TOS, otl, ident, 0, _ENCAP.ttl, IPPROTO_ICMP, 0,
+            dst, src,
         )  # fmt: skip
-        pack_icmp(out, 34, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED_CODE, 0, 0, mtu - 20)
-        out[42 : 42 + quote] = frame[ETH_HLEN : ETH_HLEN + quote]
+        pack_icmp(out, 34, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED_CODE, 0, 0, max_inner)
+        out[_ICMP_LEN : _ICMP_LEN + quote_len] = quote
         out[36:38] = checksum(out[34 : 34 + icmp_len]).to_bytes(2, "big")
         out[24:26] = checksum(out[14:34]).to_bytes(2, "big")
         drops[_FRAG_NEEDED] += 1
@@ -212,14 +238,14 @@ def make_kernel(
             # The quoted packet was sent by a VIP to the client: IP header + >= 8 bytes.
             q = l4 + ICMP_HLEN
             end = ETH_HLEN + tl
-            if end - q < 20 or frame[q] >> 4 != 4:
+            if end - q < IPV4_HLEN or frame[q] >> 4 != 4:
                 drops[_ICMP_BAD_QUOTE] += 1
                 return 0
             qhl = (frame[q] & 15) << 2
             _, _, _, _, qfrag, _, qproto, _, qsrc, qdst = unpack_ipv4(frame, q)
             ports = vips_get(int.from_bytes(qsrc, "big"))
             # Cut or malformed, not sent by a VIP, or a non-first fragment (no ports).
-            if qhl < 20 or end - q < qhl + 8 or ports is None or qfrag & 0x1FFF:
+            if qhl < IPV4_HLEN or end - q < qhl + 8 or ports is None or qfrag & IP_OFFSET:
                 drops[_ICMP_BAD_QUOTE] += 1
                 return 0
             if qproto in _TCP_UDP:
@@ -242,10 +268,12 @@ def make_kernel(
         if bid == NO_BACKEND:
             drops[_NO_BACKEND] += 1
             return 0
-        return encap(frame, out, tl, tos, frag, bid)
+        return encap(out, tl, tos, frag, bid)
 
     def general(frame: memoryview, out: memoryview, now: float) -> int:
-        """Every frame the fast path does not take: all checks, in the documented order."""
+        """Every frame the fast path does not take: all checks, in the documented order.
+        `frame` is the received frame (its snap length), `out` the same slot from `_ADDED`
+        bytes earlier; returns the length of the frame written to `out`, or 0 for a drop."""
         size = len(frame)
         if size < _MIN_FRAME:
             drops[_TRUNCATED] += 1
@@ -255,7 +283,7 @@ def make_kernel(
             drops[_NOT_IPV4] += 1
             return 0
         hl = (vihl & 15) << 2
-        if hl < 20:
+        if hl < IPV4_HLEN:
             drops[_BAD_IHL] += 1
             return 0
         if size < ETH_HLEN + hl:
@@ -290,7 +318,7 @@ def make_kernel(
                 drops[_WRONG_PORT] += 1
                 return 0
             # Source, destination, source port, destination port.
-            if hl == 20:
+            if hl == IPV4_HLEN:
                 key = h3(frame[26:38], seeds[proto])
             else:
                 key = h3(bytes(frame[26:34]) + bytes(frame[l4 : l4 + 4]), seeds[proto])
@@ -305,149 +333,25 @@ def make_kernel(
         if bid == NO_BACKEND:
             drops[_NO_BACKEND] += 1
             return 0
-        return encap(frame, out, tl, tos, frag, bid)
+        return encap(out, tl, tos, frag, bid)
 
-    def process_batch(
-        frames: Sequence[memoryview],
-        outs: Sequence[memoryview],
-        lens: list[int],
-        n: int,
-        now: float,
-    ) -> int:
-        # Fast path inlined in the loop: a non-fragmented TCP/UDP packet in IPv4 without
-        # options to a VIP port, that fits, is tracked or gets a backend. It must give exactly
-        # what general() gives (tests replay the golden table through both).
-        nonlocal ident
-        k = 0
-        if now >= ct.rotate_at:
-            ct.tick(now)
-        young_get = ct.young.get
-        for i in range(n):
-            frame = frames[i]
-            try:
-                if len(frame) >= 38 and not verify:
-                    # ethertype, version/IHL, TOS, total length, flags/offset, TTL, protocol,
-                    # destination, destination port (if IHL is 5).
-                    et, vihl, tos, tl, frag, ttl, proto, dst, dport = unpack_fast(frame, 0)
-                    if (
-                        vihl == 0x45
-                        and et == 0x0800
-                        and ttl > 1
-                        and not frag & 0x3FFF
-                        and (tl >= 40 if proto == 6 else proto == 17 and tl >= 28)
-                        and tl + 14 <= len(frame)
-                        and tl <= max_inner
-                    ):
-                        ports = vips_get(dst)
-                        if ports is not None and (not ports or dport in ports):
-                            key = h3(frame[26:38], seeds[proto])
-                            bid = young_get(key)
-                            # Not in the young generation, or its backend left the set.
-                            if bid is None or not templates[bid]:
-                                bid = miss(key)
-                                young_get = ct.young.get  # miss() may have rotated it
-                                if bid == NO_BACKEND:
-                                    drops[_NO_BACKEND] += 1
-                                    continue
-                            # Inlined encap(): header from the backend's template, then patch.
-                            ident = (ident + 1) & 0xFFFF
-                            df = frag & 0x4000
-                            csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
-                            out = outs[k]
-                            out[0:34] = templates[bid]
-                            pack_ipv4_var(out, 15, tos, tl + 20, ident, df, 64, 4, csum)
-                            out[34 : 34 + tl] = frame[14 : 14 + tl]
-                            forwarded[bid] += 1
-                            lens[k] = tl + 34
-                            k += 1
-                            continue
-                m = general(frame, outs[k], now)
-                young_get = ct.young.get  # general() may have rotated the generations
-                if m:
-                    lens[k] = m
-                    k += 1
-            except Exception:  # a bug, not an input: count it and keep forwarding
-                drops[_INTERNAL_ERROR] += 1
-        return k
-
-    def process(frame: memoryview, out: memoryview, now: float) -> int:
-        # The fast path of process_batch again, for one frame (a batch of one would cost
-        # ~0.4 us more); the golden table runs through both entry points.
-        nonlocal ident
-        try:
-            if now >= ct.rotate_at:
-                ct.tick(now)
-            if len(frame) >= 38 and not verify:
-                et, vihl, tos, tl, frag, ttl, proto, dst, dport = unpack_fast(frame, 0)
-                if (
-                    vihl == 0x45
-                    and et == 0x0800
-                    and ttl > 1
-                    and not frag & 0x3FFF
-                    and (tl >= 40 if proto == 6 else proto == 17 and tl >= 28)
-                    and tl + 14 <= len(frame)
-                    and tl <= max_inner
-                ):
-                    ports = vips_get(dst)
-                    if ports is not None and (not ports or dport in ports):
-                        key = h3(frame[26:38], seeds[proto])
-                        bid = ct.young.get(key)
-                        if bid is None or not templates[bid]:
-                            bid = miss(key)
-                            if bid == NO_BACKEND:
-                                drops[_NO_BACKEND] += 1
-                                return 0
-                        ident = (ident + 1) & 0xFFFF
-                        df = frag & 0x4000
-                        csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
-                        out[0:34] = templates[bid]
-                        pack_ipv4_var(out, 15, tos, tl + 20, ident, df, 64, 4, csum)
-                        out[34 : 34 + tl] = frame[14 : 14 + tl]
-                        forwarded[bid] += 1
-                        return tl + 34
-            return general(frame, out, now)
-        except Exception:  # a bug, not an input: count it and keep forwarding
-            drops[_INTERNAL_ERROR] += 1
-            return 0
-
-    def bind_ring(
-        slots: Sequence[memoryview],
-        status: memoryview,
-        snaps: memoryview,
-        hdrs: memoryview,
-        hdr_stride: int,
-        flens: memoryview,
-        spare: Sequence[memoryview],
-        fixup: Callable[[memoryview], bool],
-        fixed: list[int],
-    ) -> RingBatchFn:
-        """The zero-copy batch entry over a receive ring (see fastpath.forward): frames are
-        read in place and never copied; for each frame sent from slot i the core writes only
-        the 34-byte outer header at hdrs[i * hdr_stride] and the frame's length (outer header
-        + inner packet) in flens[i]. fastpath.forward lays hdrs over the ring itself, so the
-        header lands right before the inner IP header, over the inner Ethernet header, and
-        the sender's one iovec per slot covers header and packet (fastpath.tx.ZeroCopySender).
-        The header is written after the frame's fields were read.
-
-        slots[i]: slot i's bytes from its Ethernet header; status[i] / snaps[i]: its status
-        word (bit 0: ready for user space, bit 3: TCP/UDP checksum left partial) and snap
-        length. Frames the fast path does not take go through general(), which writes into
-        spare[j] (j = the number of marks so far); each is recorded in `marks` as (i, length
-        written to spare[j], 0 for a drop). `fixup(frame)` completes partial checksums
-        (counted in fixed[0]).
-
-        Returns `ring_batch(first, end, now, marks) -> n`: slots first..n-1 were ready and
-        handled (it stops at the first slot not ready, or at `end`).
-        """
-        # The fast path needs 38 bytes (through the destination port); with checksum
+    def bind_ring(slots: Slots) -> RingBatchFn:
+        """`ring_batch` over `slots` (see the module docstring). The fast path writes the
+        outer header after it read the frame's fields: it overwrites the inner Ethernet
+        header and the headroom before it."""
+        # The fast path needs the fields through the destination port; with checksum
         # verification on, every frame takes the general path.
-        min_fast = 1 << 30 if verify else 38
+        min_fast = 1 << 30 if verify else _FAST_MIN
         pack_outer = _OUTER.pack_into
+        status, snaps, frames, outs = slots.status, slots.snap, slots.frames, slots.outs
+        out_len, unsent = slots.out_len, slots.unsent
+        out_mem, stride = slots.out_mem, slots.layout.stride
+        ready, ready_mask = READY, READY | CSUM_NOT_READY  # the status bits, as cells
         seen: list[bytes] = []
         head = b""
         tails: list[bytes] = []
 
-        def ring_batch(first: int, end: int, now: float, marks: list[tuple[int, int]]) -> int:
+        def ring_batch(first: int, end: int, now: float) -> int:
             nonlocal ident, head, seen
             if seen != templates:  # the control plane changed them: rederive head and tails
                 seen = list(templates)
@@ -457,16 +361,17 @@ def make_kernel(
                 ct.tick(now)
             young_get = ct.young.get
             n = end - first
+            fixed = 0
             for i in range(first, end):
                 try:
                     st = status[i]
-                    if st & 9 != 1:
-                        if not st & 1:
+                    if st & ready_mask != ready:
+                        if not st & ready:
                             n = i - first
                             break
-                        if fixup(slots[i][: snaps[i]]):
-                            fixed[0] += 1
-                    frame = slots[i]
+                        if complete_l4_checksum(frames[i][: snaps[i]]):
+                            fixed += 1
+                    frame = frames[i]
                     snap = snaps[i]
                     if snap >= min_fast:
                         et, vihl, tos, tl, frag, ttl, proto, dst, dport = unpack_fast(frame, 0)
@@ -488,26 +393,33 @@ def make_kernel(
                                     young_get = ct.young.get  # miss() may have rotated it
                                     if bid == NO_BACKEND:
                                         drops[_NO_BACKEND] += 1
-                                        marks.append((i, 0))
+                                        unsent.append(i)
                                         continue
+                                # encap(), inlined: the template's head and tail, then patch.
                                 ident = (ident + 1) & 0xFFFF
                                 df = frag & 0x4000
                                 csum = 0xFFFE - (sums[bid] + tos + tl + ident + df) % 0xFFFF
                                 pack_outer(
-                                    hdrs, i * hdr_stride, head, tos, tl + 20, ident, df,
-                                    _TTL_PROTO, csum, tails[bid],
+                                    out_mem, i * stride, head, tos, tl + 20, ident, df,
+                                    ttl_proto, csum, tails[bid],
                                 )  # fmt: skip
-                                flens[i] = tl + OUTER_LEN
+                                out_len[i] = tl + 34
                                 forwarded[bid] += 1
                                 continue
-                    marks.append((i, general(frame[:snap], spare[len(marks)], now)))
+                    m = general(frame[:snap], outs[i], now)
                     young_get = ct.young.get  # general() may have rotated the generations
+                    if m:
+                        out_len[i] = m
+                    else:
+                        unsent.append(i)
                 except Exception:  # a bug, not an input: count it and keep forwarding
                     drops[_INTERNAL_ERROR] += 1
-                    if not marks or marks[-1][0] != i:
-                        marks.append((i, 0))
+                    if not unsent or unsent[-1] != i:
+                        unsent.append(i)
+            if fixed:
+                slots.csum_completed += fixed
             return n
 
         return ring_batch
 
-    return process, process_batch, bind_ring
+    return bind_ring

@@ -1,58 +1,43 @@
-"""The load balancer process: `python -m fastpath.lb IFACE [options]`.
+"""The load balancer's command line: `python -m fastpath.lb IFACE [--config FILE] [options]`.
 
 Taps IPv4 to the VIPs on IFACE (AF_PACKET, TPACKET_V2 ring, classic BPF filter), lets
 fastpath.balancer choose the backend and encapsulate, and sends the IP-in-IP frames back out of
-IFACE to the next hop with sendmmsg. Defaults come from the deployment configuration
-(controller/deployment.json: VIP 20.0.0.1:80, backends h3 h7 h11 h15, hash seed).
+IFACE to the next hop with sendmmsg (fastpath.runner runs the process).
 
-While it runs it owns, and at exit (also on SIGINT/SIGTERM) restores:
-- IFACE's offloads (GRO/LRO/TSO/GSO off: fastpath.offload);
-- an nftables netdev ingress table dropping VIP traffic on IFACE, so the LB host's own stack
-  never answers it (fastpath.nft; the tap still sees the frames);
-- RPS of IFACE's receive queue (--rps-cpus; by default, when the process is pinned, the CPUs
-  it may not run on, so the receive softirq never shares the LB's core: receive livelock).
-Refuses to start (exit 2) when IPv4 forwarding is on in its namespace: the host would route
-the VIP packets back into the fabric as well.
+Settings: the configuration file the controller renders for each LB (`--config`, by default
+/run/l4lb/config/lb-IFACE.json when it exists; fastpath.config.LbConfig lists every field),
+each command-line option replacing one field. Without a file, --vip and --backend are needed.
+The data plane reads no deployment or topology itself: the controller renders them.
 
 Counters: one JSON line on stdout every --stats-interval seconds and at exit; the latest
-snapshot is in --stats-file (default /run/l4lb/lb-IFACE.json), see fastpath.stats.
+snapshot is in --stats-file (default /run/l4lb/lb-IFACE.json); fields in fastpath.stats. The
+control channel (default /run/l4lb/lb-IFACE.ctl, root only; l4lb.control) answers `show`.
 Exit status: 0 after a signal, 1 on a runtime failure, 2 on bad arguments or refusal.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
-import os
-import signal
-import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from fastpath import bpf
-from fastpath.balancer import Balancer
-from fastpath.config import BalancerConfig, ConfigError, format_mac, parse_mac
-from fastpath.forward import Forwarder
-from fastpath.neigh import NeighError, NextHop, interface_info
-from fastpath.nft import NftError, VipDrop
-from fastpath.offload import OffloadError, Offloads
-from fastpath.ring import RxRing, add_busy_poll_option, busy_poll_error, kernel_drops
-from fastpath.stats import StatsWriter, default_stats_path
-from fastpath.tx import MmsgSender, open_tx_socket
+from fastpath.config import BATCH_MAX, LbConfig
+from fastpath.runner import run
+from l4lb import cfgfile
+from l4lb.busypoll import add_busy_poll_option
+from l4lb.errors import ConfigError, L4lbError, UsageError
+from l4lb.statsfile import STATS_DIR
 
-IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+CONFIG_DIR = STATS_DIR / "config"
+"""Where the controller renders each process's configuration (controller.render)."""
 
 
-class UsageError(Exception):
-    """Bad arguments or a refusal to start: exit status 2 with the message."""
-
-
-class Stop(Exception):
-    """SIGINT/SIGTERM arrived before the forwarding loop started."""
+def default_config_path(ifname: str) -> Path:
+    return CONFIG_DIR / f"lb-{ifname}.json"
 
 
 def parse_vip(text: str) -> tuple[str, int | None]:
@@ -109,32 +94,34 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastpath.lb",
-        description="L4 load balancer on an AF_PACKET ring: IP-in-IP to Maglev-chosen backends.",
+        description="L4 load balancer on an AF_PACKET ring: IP-in-IP to backends chosen by a "
+        "flow hash into a rendezvous-hashed lookup table. Settings come from --config (the "
+        "file `python -m controller up` renders for each LB); options override them.",
     )
     p.add_argument("iface", metavar="IFACE", help="interface to tap and send on, e.g. h1-eth0")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"configuration file (default {CONFIG_DIR}/lb-IFACE.json when it exists)",
+    )
     p.add_argument(
         "--vip",
         action="append",
         type=parse_vip,
         metavar="IP[:PORT]",
-        help="virtual service (repeatable; no port: every port). "
-        "Default: the deployment's VIP and ports",
+        help="virtual service (repeatable; no port: every port); replaces the file's",
     )
     p.add_argument(
         "--backend",
         action="append",
         type=parse_backend,
         metavar="IP[=WEIGHT]",
-        help="real server (repeatable; an IP or a deployment host name such as h3; "
-        "weight 0 drains). Default: the deployment's backends",
-    )
-    p.add_argument(
-        "--config", metavar="FILE", help="deployment JSON (default: controller/deployment.json)"
+        help="real server (repeatable; an IP, or a host name the configuration knows such as "
+        "h3; weight 0 drains); replaces the file's",
     )
     p.add_argument(
         "--stats-interval",
         type=positive_float,
-        default=1.0,
         metavar="S",
         help="seconds between JSON counter lines on stdout (default 1)",
     )
@@ -143,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="latest counters as JSON (default /run/l4lb/lb-IFACE.json; '-' for none)",
     )
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="control channel, root only (default /run/l4lb/lb-IFACE.ctl; '-' for none)",
+    )
     p.add_argument("--cpu", type=int, metavar="N", help="pin the forwarding loop to CPU N")
     p.add_argument(
         "--rps-cpus",
         metavar="auto|off|HEXMASK",
-        default="auto",
         help="steer IFACE's receive softirq to these CPUs (RPS), restored at exit; auto "
         "(default): the CPUs this process may not run on, when it is pinned (--cpu or "
         "taskset), else left alone; off: left alone; e.g. 2 for CPU 1",
@@ -161,15 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=positive_int,
-        default=256,
         metavar="N",
-        help="frames per receive/send batch (default 256, at most 256)",
+        help=f"frames per receive/send batch (default {BATCH_MAX}, at most {BATCH_MAX})",
     )
-    add_busy_poll_option(p)
+    add_busy_poll_option(p, default=None)
     p.add_argument(
         "--ring-frames",
         type=positive_int,
-        default=16384,
         metavar="N",
         help="receive ring size in frames, 2 KiB each (default 16384: 32 MiB, about 55 ms of "
         "traffic at 300,000 frames/s to ride out a pause of the loop)",
@@ -187,296 +176,100 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle seconds before a tracked flow may be forgotten (default 60)",
     )
     p.add_argument(
-        "--keep-offloads", action="store_true", help="leave IFACE's offloads as they are"
+        "--keep-offloads",
+        action="store_true",
+        default=None,
+        help="leave IFACE's offloads as they are",
     )
     p.add_argument(
         "--no-nft",
-        action="store_true",
+        dest="nft",
+        action="store_false",
+        default=None,
         help="do not install the nftables ingress drop of VIP traffic",
     )
     return p
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """VIPs, backends and hash seed from the arguments over the deployment defaults."""
-    from controller.deployment import load_deployment
-
-    try:
-        dep = load_deployment(args.config)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load deployment {args.config or '(default)'}: {exc}") from None
-    vips = args.vip or (
-        [(dep.vip, port) for port in dep.vip_ports] if dep.vip_ports else [(dep.vip, None)]
-    )
-    backends = []
-    for name, weight in args.backend or dep.backend_ips():
+def resolve_config(args: argparse.Namespace) -> LbConfig:
+    """The configuration file (if any) with the command line's options over it."""
+    path = args.config
+    if path is None and default_config_path(args.iface).exists():
+        path = str(default_config_path(args.iface))
+    base: LbConfig | None = None
+    if path is not None:
         try:
-            ipaddress.IPv4Address(name)
-            ip = name
-        except ValueError:
+            base = cfgfile.load(LbConfig, path)
+        except ConfigError as exc:
+            raise UsageError(f"--config: {exc}") from None
+        if base.iface != args.iface:
+            raise UsageError(f"--config {path} is for {base.iface}, not {args.iface}")
+    names = dict((name, ip) for ip, name in base.names) if base else {}
+    given: dict[str, Any] = {}
+    if args.vip:
+        given["vips"] = tuple(args.vip)
+    if args.backend:
+        backends = []
+        for name, weight in args.backend:
             try:
-                ip = dep.topology.host_ip(name)
-            except (KeyError, ValueError):
-                raise UsageError(
-                    f"--backend {name!r} is neither an IPv4 address nor a host of the topology"
-                ) from None
-        backends.append((ip, weight))
-    return {"vips": tuple(vips), "backends": tuple(backends), "hash_seed": dep.hash_seed}
-
-
-def check_forwarding_off() -> None:
+                ipaddress.IPv4Address(name)
+                ip = name
+            except ValueError:
+                if name not in names:
+                    known = ", ".join(sorted(names)) or "none: give IPv4 addresses"
+                    raise UsageError(
+                        f"--backend {name!r} is neither an IPv4 address nor a host the "
+                        f"configuration knows ({known})"
+                    ) from None
+                ip = names[name]
+            backends.append((ip, weight))
+        given["backends"] = tuple(backends)
+    for option, field in (
+        ("stats_interval", "stats_interval"),
+        ("cpu", "cpu"),
+        ("rps_cpus", "rps_cpus"),
+        ("local_ip", "local_ip"),
+        ("next_hop_mac", "next_hop_mac"),
+        ("batch", "batch"),
+        ("busy_poll_us", "busy_poll_us"),
+        ("ring_frames", "ring_frames"),
+        ("conn_capacity", "conn_capacity"),
+        ("conn_timeout", "conn_idle_timeout"),
+        ("keep_offloads", "keep_offloads"),
+        ("nft", "nft"),
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            given[field] = value
+    for option, field in (("stats_file", "stats_file"), ("control_socket", "control_socket")):
+        value = getattr(args, option)
+        if value is not None:
+            given[field] = "" if value == "-" else value
     try:
-        on = IP_FORWARD.read_text().strip() != "0"
-    except OSError:
-        return
-    if on:
-        raise UsageError(
-            "refusing to start: net.ipv4.ip_forward is 1 in this namespace, so the host would "
-            "also route VIP packets back into the fabric (run `sysctl -w net.ipv4.ip_forward=0`)"
-        )
-
-
-def auto_rps_mask() -> int:
-    """The online CPUs outside this process's affinity, or 0 when it may run on all of them
-    (then there is no core to spare)."""
-    mine = os.sched_getaffinity(0)
-    online = set(range(os.cpu_count() or 1))
-    return sum(1 << c for c in online - mine) if mine < online else 0
-
-
-def sys_matches(ifname: str, ifindex: int) -> bool:
-    """Whether /sys/class/net/IFNAME is this namespace's interface (mininet hosts share the
-    root mount namespace, so /sys may show another namespace's devices)."""
-    idx = Path(f"/sys/class/net/{ifname}/ifindex")
-    try:
-        return int(idx.read_text()) == ifindex
-    except (OSError, ValueError):
-        return False
-
-
-class Rps:
-    """Set rx-0's rps_cpus of an interface of this namespace; restore the old mask."""
-
-    def __init__(self, ifname: str, mask: str, ifindex: int) -> None:
-        self.path = Path(f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus")
-        if not sys_matches(ifname, ifindex):
+        if base is not None:
+            return dataclasses.replace(base, **given)
+        if "vips" not in given or "backends" not in given:
             raise UsageError(
-                f"--rps-cpus: /sys/class/net/{ifname} is not this namespace's {ifname} "
-                "(run under `ip netns exec`, which mounts a matching /sys)"
+                f"no configuration for {args.iface}: give --config FILE (`python -m controller "
+                f"up` renders one per LB in {CONFIG_DIR}) or --vip and --backend"
             )
-        try:
-            int(mask, 16)
-        except ValueError:
-            raise UsageError(f"--rps-cpus: {mask!r} is not a hex CPU mask") from None
-        self.old = self.path.read_text().strip()
-        self.path.write_text(mask)
-        self.mask = mask
-
-    def restore(self) -> None:
-        self.path.write_text(self.old)
-
-
-def socket_if_nametoindex(ifname: str) -> int:
-    try:
-        return socket.if_nametoindex(ifname)
-    except OSError:
-        raise UsageError(f"no interface {ifname!r} in this namespace") from None
+        return LbConfig(iface=args.iface, **given)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        cfg = resolve_config(args)
+        return run(cfg)
     except UsageError as exc:
         print(f"fastpath.lb: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, NeighError, NftError, OffloadError, RuntimeError) as exc:
+    except (OSError, L4lbError, RuntimeError) as exc:
         print(f"fastpath.lb: {exc}", file=sys.stderr)
         return 1
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.batch > 256:
-        raise UsageError(f"--batch {args.batch}: at most 256")
-    if why := busy_poll_error(args.busy_poll_us):
-        raise UsageError(why)
-    ifname = args.iface
-    ifindex = socket_if_nametoindex(ifname)
-    settings = resolve_settings(args)
-    check_forwarding_off()
-    local_mac, if_ip, mtu = interface_info(ifname)
-    local_ip = args.local_ip or if_ip
-    if local_ip is None:
-        raise UsageError(f"{ifname} has no IPv4 address; give --local-ip")
-    next_hop: NextHop | None = None
-    if args.next_hop_mac:
-        try:
-            nh_mac = parse_mac(args.next_hop_mac)
-        except ConfigError as exc:
-            raise UsageError(f"--next-hop-mac: {exc}") from None
-    else:
-        if not settings["backends"]:
-            raise UsageError("no backends: give --next-hop-mac or at least one --backend")
-        next_hop = NextHop(settings["backends"][0][0], ifname)
-        nh_mac = next_hop.resolve()
-    extra: dict[str, Any] = {}
-    if args.conn_capacity:
-        extra["conn_capacity"] = args.conn_capacity
-    if args.conn_timeout:
-        extra["conn_idle_timeout"] = args.conn_timeout
-    try:
-        cfg = BalancerConfig(
-            vips=settings["vips"],
-            backends=settings["backends"],
-            local_ip=local_ip,
-            local_mac=local_mac,
-            next_hop_mac=nh_mac,
-            hash_seed=settings["hash_seed"],
-            mtu=mtu,
-            **extra,
-        )
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    balancer = Balancer(cfg)
-    if args.stats_file == "-":
-        stats_path = None
-    else:
-        stats_path = Path(args.stats_file) if args.stats_file else default_stats_path(ifname)
-    writer = StatsWriter(stats_path)
-
-    forwarder: Forwarder | None = None
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if forwarder is not None:
-            forwarder.stop()
-        else:
-            raise Stop
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    if args.cpu is not None:
-        try:
-            os.sched_setaffinity(0, {args.cpu})
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--cpu {args.cpu}: {exc}") from None
-
-    offloads = Offloads(ifname)
-    vip_drop = VipDrop(ifname, [ip for ip, _ in cfg.vips])
-    rps: Rps | None = None
-    ring = RxRing(args.ring_frames, 2048)
-    sock = txsock = None
-    started = time.monotonic()
-    kdrops = 0
-    try:
-        if args.rps_cpus == "auto":
-            # Only where it can be done: pinned, and /sys showing this namespace.
-            auto = auto_rps_mask()
-            if auto and sys_matches(ifname, ifindex):
-                rps = Rps(ifname, f"{auto:x}", ifindex)
-        elif args.rps_cpus != "off":
-            rps = Rps(ifname, args.rps_cpus, ifindex)
-        if not args.keep_offloads:
-            offloads.apply()
-        if not args.no_nft:
-            vip_drop.install()
-        sock = bpf.open_filtered(ifname, bpf.ipv4_dst_filter(cfg.vips), setup=ring.setup)
-        txsock = open_tx_socket(ifname)
-        sender = MmsgSender(txsock, 256, 2048)
-        forwarder = Forwarder(ring, sock, sender, balancer, args.batch, args.busy_poll_us)
-        last = [started, 0, 0]
-
-        def snapshot(now: float, final: bool = False) -> dict[str, Any]:
-            nonlocal kdrops
-            assert forwarder is not None and sock is not None
-            io = forwarder.io
-            io.tx_frames, io.tx_errors = sender.sent, sender.errors
-            kdrops += kernel_drops(sock)[1]
-            dt = max(now - last[0], 1e-9)
-            snap = {
-                "time": round(time.time(), 3),
-                "iface": ifname,
-                "pid": os.getpid(),
-                "uptime_s": round(now - started, 3),
-                "final": final,
-                "rx_pps": round((io.rx_frames - last[1]) / dt),
-                "tx_pps": round((io.tx_frames - last[2]) / dt),
-                "core": balancer.counters.as_dict(),
-                "io": io.as_dict(),
-                "kernel_drops": kdrops,
-                "tracked_flows": len(balancer.conntrack),
-                "next_hop_mac": format_mac(next_hop.mac if next_hop else nh_mac),
-                "rps_cpus": rps.mask if rps is not None else None,
-                "nft_dropped": vip_drop.dropped() if vip_drop.installed and final else None,
-            }
-            last[:] = [now, io.rx_frames, io.tx_frames]
-            return snap
-
-        warned = False
-
-        def tick(now: float) -> None:
-            nonlocal warned
-            if next_hop is not None:
-                mac = next_hop.refresh(now)
-                if mac is not None:
-                    balancer.set_next_hop_mac(mac)
-            writer.emit(snapshot(now))
-            if forwarder is not None and forwarder.io.rx_truncated and not warned:
-                warned = True  # once: the counter keeps the count
-                print(
-                    f"fastpath.lb: warning: {forwarder.io.rx_truncated} frames larger than a "
-                    f"ring slot arrived on {ifname} (dropped, counted as io.rx_truncated). "
-                    "Segmentation offload upstream hands the tap unsegmented TCP super-frames: "
-                    f"turn off tso and gso on the interface at the other end of {ifname}.",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        vip_text = ", ".join(f"{ip}:{p or '*'}" for ip, p in cfg.vips)
-        backend_text = ", ".join(f"{ip}={w}" for ip, w in cfg.backends)
-        print(
-            f"fastpath.lb: {ifname} {local_ip} -> next hop {format_mac(nh_mac)}; "
-            f"VIPs {vip_text}; backends {backend_text}",
-            file=sys.stderr,
-            flush=True,
-        )
-        writer.emit(snapshot(time.monotonic()))
-        forwarder.run(tick, args.stats_interval)
-        writer.emit(snapshot(time.monotonic(), final=True))
-    except Stop:
-        pass
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, rps)
-    for err in errors:
-        print(f"fastpath.lb: cleanup: {err}", file=sys.stderr)
-    return 1 if errors else 0
-
-
-def _cleanup(
-    ring: RxRing,
-    sock: Any,
-    txsock: Any,
-    vip_drop: VipDrop,
-    offloads: Offloads,
-    rps: Rps | None,
-) -> list[str]:
-    """Undo everything, each step even if an earlier one failed; returns the failures."""
-    errors: list[str] = []
-    steps = [
-        ring.close,
-        *(s.close for s in (sock, txsock) if s is not None),
-        vip_drop.remove,
-        offloads.restore,
-        *((rps.restore,) if rps is not None else ()),
-    ]
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:
-            errors.append(str(exc))
-    return errors
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from l4lb.errors import L4lbError
+from l4lb.wire import parse_mac
+
 # Neighbour states whose lladdr can be used (FAILED/INCOMPLETE carry none that is valid).
 USABLE_STATES = frozenset({"REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"})
 
 
-class NeighError(RuntimeError):
+class NeighError(L4lbError, RuntimeError):
     """No route or no MAC for the next hop; the message says which and what was tried."""
 
 
@@ -33,13 +36,6 @@ def _ip_json(args: list[str]) -> list[dict[str, Any]]:
         raise NeighError(f"ip {' '.join(args)}: {res.stderr.strip()}")
     data = json.loads(res.stdout or "[]")
     return data if isinstance(data, list) else []
-
-
-def parse_mac(text: str) -> bytes:
-    parts = text.split(":")
-    if len(parts) != 6:
-        raise ValueError(f"bad MAC {text!r}")
-    return bytes(int(p, 16) for p in parts)
 
 
 def route_to(dst: str) -> tuple[str, str]:

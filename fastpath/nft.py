@@ -13,8 +13,10 @@ import re
 import subprocess
 from collections.abc import Sequence
 
+from l4lb.errors import L4lbError
 
-class NftError(RuntimeError):
+
+class NftError(L4lbError, RuntimeError):
     """nft is missing or refused the rules; the message carries its output."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Mapping, Sequence
 
+from l4lb.errors import L4lbError
+
 # ethtool -K short name -> the feature name `ethtool -k` prints.
 FEATURES: Mapping[str, str] = {
     "gro": "generic-receive-offload",
@@ -20,7 +22,7 @@ FEATURES: Mapping[str, str] = {
 DEFAULT_OFF: tuple[str, ...] = ("gro", "lro", "tso", "gso")
 
 
-class OffloadError(RuntimeError):
+class OffloadError(L4lbError, RuntimeError):
     """ethtool is missing or refused a change; the message carries its output."""
 
 
@@ -45,12 +47,6 @@ def parse_features(text: str) -> dict[str, tuple[bool, bool]]:
             continue
         out[name] = (words[0] == "on", "[fixed]" in rest)
     return out
-
-
-def read_offloads(ifname: str) -> dict[str, bool]:
-    """{short name: on} for the features in FEATURES that the interface reports."""
-    feats = parse_features(_ethtool(["-k", ifname]))
-    return {short: feats[long][0] for short, long in FEATURES.items() if long in feats}
 
 
 class Offloads:

@@ -1,65 +1,95 @@
-"""Counters out: one JSON line on stdout per interval and at exit, plus a stats file.
-
-The stats file (default /run/l4lb/lb-<iface>.json) always holds the latest snapshot as one JSON
-object; it is replaced atomically (write to a temporary file in the same directory, then
-rename), so a reader never sees a partial file. Fields: `time` (Unix seconds), `iface`, `pid`,
-`uptime_s`, `final` (true in the line written at exit), `rx_pps`/`tx_pps` (rates since the
-previous snapshot), `core` (the balancer's verdict counters: frames, forwarded, drops by
-reason, per backend), `io` (ring and send counters), `kernel_drops` (frames the kernel could
-not put in the ring because it was full), `tracked_flows`, `next_hop_mac`.
-The file stays after exit with the final snapshot (`final: true`), so the last counters of a
-run remain readable; the next run on the same interface replaces it.
-"""
+"""The load balancer's stats schema: every field once, typed, with what it means. The JSON line
+on stdout and the stats file (l4lb.statsfile; default /run/l4lb/lb-IFACE.json) render
+`LbStats.as_dict()`; whatever reports counters next (a control channel, an exporter) renders
+the same object."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any, TextIO
+from dataclasses import asdict, dataclass
+from typing import Any
 
-STATS_DIR = Path("/run/l4lb")
+from fastpath.counters import Counters, DropReason
 
 
-def default_stats_path(ifname: str) -> Path:
-    return STATS_DIR / f"lb-{ifname}.json"
+@dataclass
+class CoreStats:
+    """The packet core's verdicts: every frame is counted once, forwarded or in one drop."""
+
+    frames: int
+    """Frames seen: forwarded + every drop (frag_needed included)."""
+    forwarded: int
+    """Frames sent IP-in-IP to a backend."""
+    icmp_frag_needed_sent: int
+    """ICMP frag-needed replies sent to senders (the same count as drops.frag_needed)."""
+    drops: dict[str, int]
+    """Frames not forwarded, by reason (fastpath.counters.DropReason, in lower case)."""
+    backends: dict[str, int]
+    """Frames forwarded per backend IP (backends that left the set included)."""
+
+    @classmethod
+    def of(cls, c: Counters) -> CoreStats:
+        return cls(
+            frames=c.total,
+            forwarded=sum(c.forwarded),
+            icmp_frag_needed_sent=c.drops[DropReason.FRAG_NEEDED],
+            drops={r.name.lower(): c.drops[r] for r in DropReason},
+            backends=dict(zip(c.backend_names, c.forwarded, strict=True)),
+        )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename (readers see the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+@dataclass
+class IoStats:
+    """What the I/O edge saw (fastpath.forward)."""
+
+    rx_frames: int = 0
+    """Frames taken from the ring."""
+    rx_truncated: int = 0
+    """Frames longer than a ring slot (cut by the kernel) that the core dropped for it."""
+    rx_csum_completed: int = 0
+    """Frames whose TCP/UDP checksum a local sender's offload left partial, completed before
+    forwarding (l4lb.checksum.complete_l4_checksum)."""
+    tx_frames: int = 0
+    """Frames handed to the kernel by sendmmsg."""
+    tx_errors: int = 0
+    """Frames sendmmsg refused (e.g. ENOBUFS): lost, counted."""
+    batches: int = 0
+    """Non-empty receive batches (rx_frames / batches is the mean batch size)."""
+    wakeups: int = 0
+    """poll() calls on an empty ring."""
 
 
-def read_stats(path: Path) -> dict[str, Any]:
-    """The latest snapshot in a stats file."""
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
+@dataclass
+class LbStats:
+    """One snapshot of a running `fastpath.lb`."""
 
+    time: float
+    """Unix time of the snapshot."""
+    iface: str
+    """The interface tapped and sent on."""
+    pid: int
+    """The process id."""
+    uptime_s: float
+    """Seconds since start."""
+    final: bool
+    """True in the snapshot written at exit (the stats file keeps it)."""
+    rx_pps: int
+    """Frames per second taken from the ring since the previous snapshot."""
+    tx_pps: int
+    """Frames per second sent since the previous snapshot."""
+    core: CoreStats
+    """The packet core's verdicts."""
+    io: IoStats
+    """Ring and send counters."""
+    kernel_drops: int
+    """Frames the kernel could not put in the ring because it was full."""
+    tracked_flows: int
+    """Flows in the connection table."""
+    next_hop_mac: str
+    """Ethernet destination of the frames sent (learned and refreshed, or given)."""
+    rps_cpus: str | None
+    """The interface's RPS mask while the LB runs (hex), None when left alone."""
+    nft_dropped: int | None
+    """Frames the nftables ingress drop counted (final snapshot only; None before or without)."""
 
-class StatsWriter:
-    """Prints snapshots as JSON lines and keeps the stats file current."""
-
-    def __init__(self, path: Path | None, stream: TextIO | None = None) -> None:
-        self.path = path
-        self.stream = stream if stream is not None else sys.stdout
-
-    def emit(self, snapshot: dict[str, Any]) -> None:
-        line = json.dumps(snapshot, sort_keys=True)
-        if self.path is not None:  # the file first: whoever saw the line can read the file
-            write_atomic(self.path, line + "\n")
-        print(line, file=self.stream, flush=True)
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -19,26 +19,18 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 
-ETH_P_IP = 0x0800
-PACKET_OUTGOING = 4
-IPV4 = struct.Struct("!BBHHHBBH4s4s")  # IPv4 header without options
-TCP = struct.Struct("!HHIIBBHHH")  # TCP header without options
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script in a node
+from l4lb.bpf import PACKET_OUTGOING
+from l4lb.checksum import checksum
+from l4lb.ring import PACKET_STATISTICS, SOL_PACKET, TPACKET_STATS
+from l4lb.wire import ETH_P_IP, IPV4, TCP
+
 PSEUDO = struct.Struct("!4s4sBBH")  # TCP checksum pseudo-header
 SYN = 0x02
-SOL_PACKET, PACKET_STATISTICS = 263, 6
-TPACKET_STATS = struct.Struct("II")  # struct tpacket_stats: packets, drops (since last read)
 SO_RCVBUFFORCE = 33  # root may exceed net.core.rmem_max
 RCVBUF = 16 << 20
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def listen(iface: str, dst: str, max_seconds: float) -> int:

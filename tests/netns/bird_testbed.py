@@ -4,56 +4,39 @@ BIRD running the configuration controller.bgp renders for it, and the announceme
 
 Interface names and addresses are the fat tree's (h1-eth0 10.1.1.2 <-> t1-eth1 10.1.1.1, h2-eth0
 10.1.2.2 <-> t1-eth2 10.1.2.1), which is what the rendered configurations name; they live in
-namespaces made here, so a fat tree up at the same time is not touched. `close()` stops every
-process by PID and deletes the namespaces (and their veths), also after a failure.
+namespaces of the project's testbed module (bench.netns), so a fat tree up at the same time is
+not touched. `close()` stops every process by PID and deletes the namespaces (and their veths),
+also after a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.netns import PY, REPO, Netns, list_netns, missing, sh
 from controller import bgp, birdctl, fib
 from controller.deployment import Deployment, load_deployment
 from controller.drivers import linux
 from controller.routes import compute_routes
 
 LBS = ("h1", "h2")
-REPO = Path(__file__).resolve().parents[2]
-PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
-
-
-def suffix() -> str:
-    """A short tag unique to this run, for namespace names."""
-    return f"{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
 
 
 def require_bird() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces, TUN devices")
-    for tool in ("bird", "ip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (./install.sh installs bird2)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("/dev/net/tun missing: no TUN support")
-
-
-def sh(*argv: str, timeout: float = 20) -> str:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
-    return res.stdout
+    why = missing(tun=True)
+    if why is None and shutil.which("bird") is None:
+        why = "bird not installed (./install.sh installs bird2)"
+    if why:
+        pytest.skip(why)
 
 
 class BirdBed:
@@ -62,25 +45,18 @@ class BirdBed:
     def __init__(self, workdir: Path, dep: Deployment | None = None) -> None:
         self.dep = dep or load_deployment()
         self.dir = workdir
-        self.tag = suffix()
+        self.netns = Netns()
         self.ns: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.logs: dict[str, Path] = {}
         try:
             for node in ("t1", *LBS):
-                name = f"bgp{node}{self.tag}"
-                sh("ip", "netns", "add", name)
-                self.ns[node] = name
-                sh("ip", "-n", name, "link", "set", "lo", "up")
+                self.ns[node] = self.netns.add(node)
             topo = self.dep.topology
             for h in LBS:
                 hi, gw = topo.host_interface(h), topo.gateway(h)
-                sh("ip", "link", "add", hi.name, "netns", self.ns[h], "type", "veth",
-                   "peer", "name", gw.name, "netns", self.ns["t1"])  # fmt: skip
-                for node, iface in ((h, hi), ("t1", gw)):
-                    assert iface.ip is not None
-                    sh("ip", "-n", self.ns[node], "addr", "add", iface.ip, "dev", iface.name)
-                    sh("ip", "-n", self.ns[node], "link", "set", iface.name, "up")
+                assert hi.ip is not None and gw.ip is not None
+                self.netns.veth(self.ns[h], hi.name, self.ns["t1"], gw.name, ip_a=hi.ip, ip_b=gw.ip)
             # t1's routes to h1's and h2's /24 as the Linux driver makes them: via the host,
             # onlink, in place of the connected routes (BIRD must cope with that). Not its
             # neighbour entries: the veths here have MACs of their own.
@@ -160,9 +136,10 @@ class BirdBed:
     def close(self) -> None:
         for name in [n for n in self.procs if n.startswith("holder")] + list(self.procs):
             self.stop(name)
-        for ns in reversed(list(self.ns.values())):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        made = list(self.netns.made)
+        self.netns.close()
         self.ns.clear()
+        assert not set(made) & set(list_netns()), "a namespace was left behind"
 
     # -- observing ----------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_testbed import PY, AgentProc, NetnsBed, py, require_root_tools, sh
 
-pytestmark = pytest.mark.netns
+from bench.netns import PY, Netns, NsProc, py, sh
+
+pytestmark = [pytest.mark.netns, pytest.mark.needs(tun=True)]
 
 VIP = "20.0.0.1"
 LB_IP, BK_IP, SPOOF_IP = "10.77.0.1", "10.77.0.2", "10.77.0.66"
@@ -75,31 +76,24 @@ print(json.dumps(got))
 
 
 @pytest.fixture
-def bed() -> Iterator[dict[str, str]]:
-    require_root_tools()
-    tb = NetnsBed()
-    try:
-        lb, bk = tb.ns("l"), tb.ns("b")
-        lb_if, bk_if = f"al{tb.tag}", f"ab{tb.tag}"
-        tb.link(lb, lb_if, f"{LB_IP}/24", bk, bk_if, f"{BK_IP}/24")
-        sh("ip", "route", "add", "default", "via", LB_IP, ns=bk)
-        mac = sh("cat", f"/sys/class/net/{bk_if}/address", ns=bk).strip()
-        yield {"lb": lb, "bk": bk, "lb_if": lb_if, "bk_if": bk_if, "bk_mac": mac}
-    finally:
-        tb.close()
+def bed(netns: Netns) -> dict[str, str]:
+    lb, bk = netns.add("l"), netns.add("b")
+    lb_if, bk_if = f"al{netns.tag}", f"ab{netns.tag}"
+    netns.veth(lb, lb_if, bk, bk_if, ip_a=f"{LB_IP}/24", ip_b=f"{BK_IP}/24")
+    sh("ip", "route", "add", "default", "via", LB_IP, ns=bk)
+    mac = sh("cat", f"/sys/class/net/{bk_if}/address", ns=bk).strip()
+    return {"lb": lb, "bk": bk, "lb_if": lb_if, "bk_if": bk_if, "bk_mac": mac}
 
 
-def start_agent(bed: dict[str, str], stats: Path, *extra: str) -> AgentProc:
+def start_agent(bed: dict[str, str], stats: Path, *extra: str) -> NsProc:
     argv = [PY, "-m", "agent.decap", "--iface", bed["bk_if"], "--vip", VIP]
     argv += ["--allow-lb", LB_IP, "--server-mss", str(MSS), "--stats-interval", "0.2"]
     argv += ["--stats-file", str(stats), *extra]
-    return AgentProc(bed["bk"], argv)
+    return NsProc(bed["bk"], argv)
 
 
 @pytest.fixture
-def agent(
-    bed: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[AgentProc]:
+def agent(bed: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NsProc]:
     proc = start_agent(bed, tmp_path / "agent.json", *getattr(request, "param", ()))
     try:
         proc.wait_event("ready")
@@ -126,7 +120,7 @@ def tunnel(osrc: str, data: str, l4: str = "udp", dport: int = 9999) -> dict[str
     }
 
 
-def stats_with(proc: AgentProc, frames: int, timeout: float = 10) -> dict[str, Any]:
+def stats_with(proc: NsProc, frames: int, timeout: float = 10) -> dict[str, Any]:
     """The first stats event counting at least `frames` frames."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -151,7 +145,7 @@ def host_state(bed: dict[str, str], tun: str) -> dict[str, Any]:
     }
 
 
-def test_installs_vip_table_and_arp_settings(bed: dict[str, str], agent: AgentProc) -> None:
+def test_installs_vip_table_and_arp_settings(bed: dict[str, str], agent: NsProc) -> None:
     ready = agent.wait_event("stats")  # the first stats line follows "ready"
     assert ready["frames"] == 0
     tun = f"l4a-{bed['bk_if']}"[:15]
@@ -173,7 +167,7 @@ def test_installs_vip_table_and_arp_settings(bed: dict[str, str], agent: AgentPr
     "agent", [(), ("--busy-poll-us", "5000")], ids=["sleeping", "busy-polling"], indirect=True
 )
 def test_delivers_allowed_tunnels_and_drops_spoofed_ones(
-    bed: dict[str, str], agent: AgentProc
+    bed: dict[str, str], agent: NsProc
 ) -> None:
     sink = subprocess.Popen(
         ["ip", "netns", "exec", bed["bk"], PY, "-c", UDP_SINK, VIP, "9999", "20", "1.5"],
@@ -203,7 +197,7 @@ def test_without_agent_kernel_answers_protocol_unreachable(bed: dict[str, str]) 
     assert out["icmp_proto_unreach"] == 1
 
 
-def test_synack_from_vip_advertises_server_mss(bed: dict[str, str], agent: AgentProc) -> None:
+def test_synack_from_vip_advertises_server_mss(bed: dict[str, str], agent: NsProc) -> None:
     # Software checksums on the backend's veth, so the capture sees the checksum nft left.
     sh("ethtool", "-K", bed["bk_if"], "tx", "off", ns=bed["bk"])
     listener = subprocess.Popen(
@@ -285,9 +279,9 @@ def test_after_sigkill_the_vip_is_gone_and_a_restart_replaces_the_stale_table(
     [
         (["--iface", "nosuchif0"], "no interface"),
         (["--vip", "20.0.0.x"], "not an IPv4 address"),
-        (["--allow-lb", "10.77.0.1/33"], "allow-lb"),
-        (["--stats-interval", "-1"], "stats-interval"),
-        (["--server-mss", "9000"], "server-mss"),
+        (["--allow-lb", "10.77.0.1/33"], "allowed_lbs: '10.77.0.1/33'"),
+        (["--stats-interval", "-1"], "stats_interval: must be >= 0"),
+        (["--server-mss", "9000"], "server_mss: must be 536..1440"),
         (["--rps", "zz"], "rps"),
     ],
 )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import frames
+from bench import frames, netns
 from bench import testbed as tbm
 
 pytestmark = pytest.mark.netns
@@ -25,17 +24,14 @@ PY = sys.executable
 
 @pytest.fixture
 def bed() -> Iterator[tbm.Testbed]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces and AF_PACKET")
-    for tool in ("ip", "tcpdump"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (./install.sh installs it)")
+    if why := netns.missing("tcpdump"):
+        pytest.skip(why)
     tb = tbm.Testbed(tag="t" + secrets.token_hex(2)).up()
     try:
         yield tb
     finally:
         tb.down()
-    assert not {tb.gen, tb.dut, tb.sink, tb.cli} & set(tbm.list_netns())
+    assert not {tb.gen, tb.dut, tb.sink, tb.cli} & set(netns.list_netns())
 
 
 def blast(tb: tbm.Testbed, blob: Path, count: int) -> None:

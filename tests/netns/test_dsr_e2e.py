@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_testbed import PY, AgentProc, NetnsBed, py, require_root_tools, sh
 
-pytestmark = pytest.mark.netns
+from bench.netns import PY, Netns, NsProc, py, sh
+
+pytestmark = [pytest.mark.netns, pytest.mark.needs("tcpdump", "ethtool", tun=True)]
 
 VIP = "20.0.0.1"
 CLIENT, LB, BACKEND = "10.81.1.2", "10.81.2.2", "10.81.3.2"
@@ -76,58 +77,53 @@ def mac_of(ns: str, ifname: str) -> str:
 
 
 @pytest.fixture(params=["client-offloads-off", "client-offloads-on"])
-def net(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    require_root_tools("tcpdump", "ethtool")
-    bed = NetnsBed()
-    try:
-        t = bed.tag
-        c, r, lb, b = bed.ns("c"), bed.ns("r"), bed.ns("l"), bed.ns("b")
-        names = {"c0": f"ec{t}", "l0": f"el{t}", "b0": f"eb{t}"}
-        names |= {"r1": f"rc{t}", "r2": f"rl{t}", "r3": f"rb{t}"}
-        bed.link(c, names["c0"], f"{CLIENT}/24", r, names["r1"], "10.81.1.1/24")
-        bed.link(lb, names["l0"], f"{LB}/24", r, names["r2"], "10.81.2.1/24")
-        bed.link(b, names["b0"], f"{BACKEND}/24", r, names["r3"], "10.81.3.1/24")
-        for ns, gw in ((c, "10.81.1.1"), (lb, "10.81.2.1"), (b, "10.81.3.1")):
-            sh("ip", "route", "add", "default", "via", gw, ns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
-        # Replies from the VIP enter the router from the backend, not from where the VIP is
-        # routed (the LB): strict reverse-path filtering would drop them.
-        for key in ("all", "default", names["r3"]):
-            sh("sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0", ns=r)
-        sh("ip", "route", "add", f"{VIP}/32", "via", LB, ns=r)
-        # The LB taps frames of at most one MTU (fastpath.lb asks for this at the other end of
-        # its interface): a router port facing it must segment on the way out, as a NIC does
-        # on the wire. A veth keeps a forwarded GSO frame whole, so a client's TSO burst would
-        # reach the LB as one frame of several segments (up to 64 KB), be dropped
-        # (io.rx_truncated) and be resent segment by segment after RTOs: the 300 KB upload
-        # then crawls and, on a loaded machine, outlasts its 20 s timeout.
-        sh("ethtool", "-K", names["r2"], "tso", "off", "gso", "off", ns=r)
-        if request.param == "client-offloads-off":
-            # Like a client behind a real NIC: complete checksums on the wire.
-            sh("ethtool", "-K", names["c0"], "tx", "off", "tso", "off", "gso", "off", ns=c)
-        # Else a veth's default: the client's kernel leaves TCP checksums partial and 64 KB
-        # GSO frames; the whole path must still deliver byte-exact data.
-        yield {
-            "c": c,
-            "r": r,
-            "lb": lb,
-            "b": b,
-            **names,
-            "r2_mac": mac_of(r, names["r2"]),
-            "mode": request.param,
-        }
-    finally:
-        bed.close()
+def net(request: pytest.FixtureRequest, netns: Netns) -> dict[str, str]:
+    t = netns.tag
+    c, r, lb, b = netns.add("c"), netns.add("r"), netns.add("l"), netns.add("b")
+    names = {"c0": f"ec{t}", "l0": f"el{t}", "b0": f"eb{t}"}
+    names |= {"r1": f"rc{t}", "r2": f"rl{t}", "r3": f"rb{t}"}
+    netns.veth(c, names["c0"], r, names["r1"], ip_a=f"{CLIENT}/24", ip_b="10.81.1.1/24")
+    netns.veth(lb, names["l0"], r, names["r2"], ip_a=f"{LB}/24", ip_b="10.81.2.1/24")
+    netns.veth(b, names["b0"], r, names["r3"], ip_a=f"{BACKEND}/24", ip_b="10.81.3.1/24")
+    for ns, gw in ((c, "10.81.1.1"), (lb, "10.81.2.1"), (b, "10.81.3.1")):
+        sh("ip", "route", "add", "default", "via", gw, ns=ns)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
+    # Replies from the VIP enter the router from the backend, not from where the VIP is
+    # routed (the LB): strict reverse-path filtering would drop them.
+    for key in ("all", "default", names["r3"]):
+        sh("sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0", ns=r)
+    sh("ip", "route", "add", f"{VIP}/32", "via", LB, ns=r)
+    # The LB taps frames of at most one MTU (fastpath.lb asks for this at the other end of
+    # its interface): a router port facing it must segment on the way out, as a NIC does
+    # on the wire. A veth keeps a forwarded GSO frame whole, so a client's TSO burst would
+    # reach the LB as one frame of several segments (up to 64 KB), be dropped
+    # (io.rx_truncated) and be resent segment by segment after RTOs: the 300 KB upload
+    # then crawls and, on a loaded machine, outlasts its 20 s timeout.
+    sh("ethtool", "-K", names["r2"], "tso", "off", "gso", "off", ns=r)
+    if request.param == "client-offloads-off":
+        # Like a client behind a real NIC: complete checksums on the wire.
+        sh("ethtool", "-K", names["c0"], "tx", "off", "tso", "off", "gso", "off", ns=c)
+    # Else a veth's default: the client's kernel leaves TCP checksums partial and 64 KB
+    # GSO frames; the whole path must still deliver byte-exact data.
+    return {
+        "c": c,
+        "r": r,
+        "lb": lb,
+        "b": b,
+        **names,
+        "r2_mac": mac_of(r, names["r2"]),
+        "mode": request.param,
+    }
 
 
 class Procs:
     """Processes started by the test, each stopped by PID in reverse order."""
 
     def __init__(self) -> None:
-        self.items: list[AgentProc] = []
+        self.items: list[NsProc] = []
 
-    def start(self, ns: str, argv: list[str]) -> AgentProc:
-        p = AgentProc(ns, argv)
+    def start(self, ns: str, argv: list[str]) -> NsProc:
+        p = NsProc(ns, argv)
         self.items.append(p)
         return p
 
@@ -263,8 +259,9 @@ def test_client_fetches_from_vip_and_replies_bypass_the_lb(
     assert stats["drops"]["spoofed_source"] == before["drops"]["spoofed_source"] + 1
     assert stats["last_spoofed_source"] == CLIENT
     assert stats["delivered"] > 0 and stats["drops"]["inner_not_vip"] == 0
-    # With client offloads on, the LB completes the partial checksums it taps (fastpath
-    # csum_fixup); the agent's own repair (partial_checksums) is for tunnels from LBs that do not.
+    # With client offloads on, the LB completes the partial checksums it taps
+    # (l4lb.checksum.complete_l4_checksum); the agent's own repair (partial_checksums) is for
+    # tunnels from LBs that do not.
 
     lb_stats = json.loads((tmp_path / "lb.json").read_text())
     lb_drops = {k: v for k, v in lb_stats["core"]["drops"].items() if v}

@@ -16,25 +16,18 @@ import ipaddress
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.netns import PY, Capture, Netns, NsProc, capture, sh
 from tests.fixtures import cases
-from tests.netns.lb_testbed import PY, Bed, Capture, LbProc, capture, require_root_tools, sh
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("ethtool")]
 
 
-@pytest.fixture
-def bed() -> Iterator[Bed]:
-    require_root_tools()
-    b = Bed()
-    try:
-        yield b
-    finally:
-        b.close()
+def lb_proc(ns: str, args: list[str]) -> NsProc:
+    return NsProc(ns, [PY, "-m", "fastpath.lb", *args])
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -67,18 +60,18 @@ def _golden_args(ifname: str, stats: Path) -> list[str]:
     return args
 
 
-def test_golden_pcaps_on_the_wire_and_clean_exit(bed: Bed, tmp_path: Path) -> None:
-    peer, lbns = bed.ns("P"), bed.ns("L")
-    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
-    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+def test_golden_pcaps_on_the_wire_and_clean_exit(netns: Netns, tmp_path: Path) -> None:
+    peer, lbns = netns.add("P"), netns.add("L")
+    p_if, l_if = f"p{netns.tag}", f"l{netns.tag}"
+    netns.veth(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
     sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
     sh("ethtool", "-K", l_if, "gro", "on", ns=lbns)  # so the LB has an offload to restore
     offloads_before = sh("ethtool", "-k", l_if, ns=lbns)
     stats = tmp_path / "lb.json"
 
-    lb = LbProc(lbns, _golden_args(l_if, stats))
+    lb = lb_proc(lbns, _golden_args(l_if, stats))
     try:
-        first = lb.wait_ready()
+        first = lb.wait_event(timeout=20)
         assert first["final"] is False and first["iface"] == l_if
         assert json.loads(stats.read_text())["final"] is False  # readable while running
         during = sh("ethtool", "-k", l_if, ns=lbns)
@@ -104,7 +97,7 @@ def test_golden_pcaps_on_the_wire_and_clean_exit(bed: Bed, tmp_path: Path) -> No
 
     final = json.loads(stats.read_text())
     assert final["final"] is True
-    assert lb.last_line() == final  # the last stdout line is the final snapshot
+    assert lb.latest_event() == final  # the last stdout line is the final snapshot
     core = final["core"]
     ipip = [f for f in expected if f[23] == 4]
     icmp = [f for f in expected if f[23] == 1]
@@ -140,12 +133,12 @@ print("[]")
 """
 
 
-def test_routed_udp_reaches_backend_encapsulated(bed: Bed, tmp_path: Path) -> None:
-    c, r, lbns, b = bed.ns("C"), bed.ns("R"), bed.ns("L"), bed.ns("B")
-    t = bed.tag
-    bed.link(c, f"c{t}", r, f"rc{t}")
-    bed.link(r, f"rl{t}", lbns, f"l{t}")
-    bed.link(r, f"rb{t}", b, f"b{t}")
+def test_routed_udp_reaches_backend_encapsulated(netns: Netns, tmp_path: Path) -> None:
+    c, r, lbns, b = netns.add("C"), netns.add("R"), netns.add("L"), netns.add("B")
+    t = netns.tag
+    netns.veth(c, f"c{t}", r, f"rc{t}")
+    netns.veth(r, f"rl{t}", lbns, f"l{t}")
+    netns.veth(r, f"rb{t}", b, f"b{t}")
     sh("ip", "addr", "add", "10.100.1.2/24", "dev", f"c{t}", ns=c)
     sh("ethtool", "-K", f"c{t}", "tx", "on", ns=c)  # partial checksums leave the client
     sh("ip", "route", "add", "default", "via", "10.100.1.1", ns=c)
@@ -165,10 +158,10 @@ def test_routed_udp_reaches_backend_encapsulated(bed: Bed, tmp_path: Path) -> No
     stats = tmp_path / "lb.json"
     args = [f"l{t}", "--vip", "20.0.0.1:80", "--backend", "10.100.3.2", "--backend"]
     args += ["10.100.3.3", "--stats-file", str(stats), "--stats-interval", "0.2"]
-    lb = LbProc(lbns, args)
+    lb = lb_proc(lbns, args)
     caps: list[Capture] = []
     try:
-        ready = lb.wait_ready()
+        ready = lb.wait_event(timeout=20)
         assert ready["next_hop_mac"] == r_mac  # learned from the neighbour table
         at_backend = Capture(b, f"b{t}", 4.0)
         from_lb = Capture(r, f"rl{t}", 4.0)  # everything the LB host sends
@@ -222,32 +215,33 @@ def test_routed_udp_reaches_backend_encapsulated(bed: Bed, tmp_path: Path) -> No
     assert final["core"]["drops"]["wrong_port"] == 0  # port 81 never reached Python
 
 
-def test_refuses_to_start_when_the_host_forwards(bed: Bed, tmp_path: Path) -> None:
-    lbns = bed.ns("L")
-    other = bed.ns("P")
-    bed.link(lbns, f"l{bed.tag}", other, f"p{bed.tag}")
-    sh("ip", "addr", "add", "10.1.1.2/24", "dev", f"l{bed.tag}", ns=lbns)
+def test_refuses_to_start_when_the_host_forwards(netns: Netns, tmp_path: Path) -> None:
+    lbns = netns.add("L")
+    other = netns.add("P")
+    netns.veth(lbns, f"l{netns.tag}", other, f"p{netns.tag}")
+    sh("ip", "addr", "add", "10.1.1.2/24", "dev", f"l{netns.tag}", ns=lbns)
     sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lbns)
-    lb = LbProc(lbns, [f"l{bed.tag}", "--next-hop-mac", "02:00:00:00:00:01"])
+    args = [f"l{netns.tag}", "--next-hop-mac", "02:00:00:00:00:01"]
+    lb = lb_proc(lbns, [*args, "--vip", "20.0.0.1", "--backend", "10.2.3.2"])
     rc = lb.stop(timeout=20) if lb.proc.wait(20) is not None else -1
     assert rc == 2
     assert "net.ipv4.ip_forward is 1" in lb.stderr
     assert "l4lb_" not in sh("nft", "list", "tables", ns=lbns)  # nothing was installed
 
 
-def test_frame_larger_than_a_ring_slot_is_counted_and_warned(bed: Bed, tmp_path: Path) -> None:
+def test_frame_larger_than_a_ring_slot_is_counted_and_warned(netns: Netns, tmp_path: Path) -> None:
     # What an unsegmented TCP super-frame (TSO upstream) looks like to the LB: more bytes than
     # a ring slot holds. Jumbo MTUs let one through the veth.
-    peer, lbns = bed.ns("P"), bed.ns("L")
-    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
-    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+    peer, lbns = netns.add("P"), netns.add("L")
+    p_if, l_if = f"p{netns.tag}", f"l{netns.tag}"
+    netns.veth(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
     for ns, dev in ((peer, p_if), (lbns, l_if)):
         sh("ip", "link", "set", dev, "mtu", "9000", ns=ns)
     sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
     stats = tmp_path / "lb.json"
-    lb = LbProc(lbns, _golden_args(l_if, stats))
+    lb = lb_proc(lbns, _golden_args(l_if, stats))
     try:
-        lb.wait_ready()
+        lb.wait_event(timeout=20)
         big = bytes.fromhex(cases.GW_MAC.replace(":", "") + cases.LB_MAC.replace(":", ""))
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 4000, 1, 0x4000, 64, 17, 0,
                          bytes([10, 8, 16, 2]), bytes([20, 0, 0, 1]))  # fmt: skip
@@ -264,21 +258,23 @@ def test_frame_larger_than_a_ring_slot_is_counted_and_warned(bed: Bed, tmp_path:
     assert "turn off tso and gso" in lb.stderr
 
 
-def test_pinned_lb_steers_its_receive_softirq_to_the_other_cpus(bed: Bed, tmp_path: Path) -> None:
+def test_pinned_lb_steers_its_receive_softirq_to_the_other_cpus(
+    netns: Netns, tmp_path: Path
+) -> None:
     """--rps-cpus auto (the default) with --cpu 0: IFACE's RPS mask is every other CPU while
     it runs (its receive work never shares the LB's core), the old mask after it exits."""
     ncpu = os.cpu_count() or 1
     if ncpu < 2:
         pytest.skip("one CPU: no other core to steer the receive softirq to")
-    peer, lbns = bed.ns("P"), bed.ns("L")
-    p_if, l_if = f"p{bed.tag}", f"l{bed.tag}"
-    bed.link(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
+    peer, lbns = netns.add("P"), netns.add("L")
+    p_if, l_if = f"p{netns.tag}", f"l{netns.tag}"
+    netns.veth(peer, p_if, lbns, l_if, mac_a=cases.GW_MAC, mac_b=cases.LB_MAC)
     sh("ip", "addr", "add", f"{cases.LB_IP}/24", "dev", l_if, ns=lbns)
     path = f"/sys/class/net/{l_if}/queues/rx-0/rps_cpus"
     before = int(sh("cat", path, ns=lbns).strip().replace(",", ""), 16)
-    lb = LbProc(lbns, [*_golden_args(l_if, tmp_path / "lb.json"), "--cpu", "0"])
+    lb = lb_proc(lbns, [*_golden_args(l_if, tmp_path / "lb.json"), "--cpu", "0"])
     try:
-        first = lb.wait_ready()
+        first = lb.wait_event(timeout=20)
         during = int(sh("cat", path, ns=lbns).strip().replace(",", ""), 16)
     finally:
         rc = lb.stop()

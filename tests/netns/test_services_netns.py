@@ -9,50 +9,34 @@ when start returns, are recorded by PID, and that stop leaves nothing behind.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.netns import Netns, sh
 from controller import services
 from controller.deployment import load_deployment
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(shutil.which("php") is None, reason="php-cli not installed"),
-]
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=10)
+pytestmark = [pytest.mark.netns, pytest.mark.needs("php")]
 
 
 @pytest.fixture()
-def nodes() -> Iterator[dict[str, int]]:
+def nodes(netns: Netns) -> Iterator[dict[str, int]]:
     dep = load_deployment()
-    tag = uuid.uuid4().hex[:6]
-    made: list[str] = []
     sleepers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for host in dep.topology.hosts():
-            ns = f"svc{tag}{host}"
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
+            ns = netns.add(host)
             # The host's address on lo (no dummy module on this kernel): enough to bind and serve.
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{dep.topology.host_ip(host)}/32", "dev", "lo")
+            sh("ip", "addr", "add", f"{dep.topology.host_ip(host)}/32", "dev", "lo", ns=ns)
             sleepers[host] = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "120"])
         yield {h: p.pid for h, p in sleepers.items()}
     finally:
         for p in sleepers.values():
             p.kill()
             p.wait()
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def test_none_mode_servers_answer_in_their_namespace_and_stop_by_pid(nodes, tmp_path) -> None:
@@ -115,7 +99,7 @@ def test_failing_service_stops_the_others_and_shows_its_log(nodes, tmp_path) -> 
     assert not (tmp_path / services.STATE_FILE).exists()
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
+@pytest.mark.needs("php", "haproxy")
 def test_haproxy_mode_binds_vip_on_lb_hosts_and_undoes_it(nodes, tmp_path) -> None:
     dep = load_deployment()
     recs = services.start(nodes.__getitem__, dep, "haproxy", state_dir=tmp_path, timeout=10)

@@ -6,7 +6,8 @@ import random
 
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig
-from fastpath.packet import IPV4, TCP, checksum
+from l4lb.checksum import checksum
+from l4lb.wire import IPV4, TCP
 
 FOUR = (("10.2.3.2", 1), ("10.4.7.2", 1), ("10.6.11.2", 1), ("10.8.15.2", 1))
 FIFTH = ("10.8.16.2", 1)

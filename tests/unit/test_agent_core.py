@@ -1,4 +1,5 @@
-"""agent.core: golden frames (crafted with scapy here) in, inner packet or a counted drop out."""
+"""agent.core: golden frames (crafted with scapy here) in, inner packet or a counted drop out,
+through the ring path that runs (over a FakeRing) and the full-check path it falls back on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from scapy.packet import Packet, Raw
 from agent.config import ConfigError, DecapConfig
 from agent.core import VNET_HDR, VNET_HDR_LEN, Decapsulator
 from agent.counters import DecapDrop
+from agent.stats import AgentStats
+from l4lb.ring import KERNEL, FakeRing
 
 LOCAL = "10.2.3.2"
 LB1, LB2 = "10.1.1.2", "10.1.2.2"
@@ -157,17 +160,19 @@ def test_golden(
     desc: str, build: Callable[[], Packet | bytes], expected: Packet | DecapDrop
 ) -> None:
     core = Decapsulator(CFG)
-    frame = frame_bytes(build)
-    off, length = core.process(memoryview(frame), 1.0)
+    ring = FakeRing(1)
+    ring.put(0, frame_bytes(build))
+    sent: list[bytes] = []
+    assert core.bind_ring(ring.slots, lambda p: sent.append(bytes(p)), False)(0, 1, 1.0) == 1
     c = core.counters
     if isinstance(expected, DecapDrop):
-        assert (off, length) == (0, 0)
-        assert c.drops[expected] == 1, c.as_dict()
+        assert sent == []
+        assert c.drops[expected] == 1, c.drops
         assert c.delivered == 0
     else:
-        assert frame[off : off + length] == bytes(expected)
+        assert sent == [bytes(expected)]
         assert c.delivered == 1
-        assert sum(c.drops) == 0, c.as_dict()
+        assert sum(c.drops) == 0, c.drops
     assert c.total == 1
 
 
@@ -206,9 +211,9 @@ def test_delivery_failed_moves_a_frame_from_delivered() -> None:
     core = Decapsulator(CFG)
     core.process(memoryview(bytes(tunnel(UDP_IN))), 0.0)
     core.counters.delivery_failed()
-    d = core.counters.as_dict()
-    assert d["delivered"] == 0 and d["frames"] == 1
-    assert d["drops"]["delivery_failed"] == 1  # type: ignore[index]
+    d = AgentStats.of(core.counters, "stats", "x", 0.0, 0.0, 0, None)
+    assert d.delivered == 0 and d.frames == 1 and d.dropped == 1
+    assert d.drops["delivery_failed"] == 1
 
 
 @pytest.mark.parametrize(
@@ -289,22 +294,11 @@ def test_vnet_header_marks_partial_checksums_only(
     core = Decapsulator(CFG)
     frame = bytearray(bytes(Ether(**MACS) / IP(src=LB1, dst=LOCAL, proto=4) / Raw(inner())))
     off, length = core.process(memoryview(frame), 0.0)
-    assert length, core.counters.as_dict()
+    assert length, core.counters.drops
     core.vnet_header_into(memoryview(frame), off, length)
     assert VNET_HDR.unpack_from(frame, off - VNET_HDR_LEN) == header
     assert core.counters.partial_checksums == (1 if header[0] else 0)
     assert bytes(frame[off : off + length]) == inner()  # the packet itself is untouched
-
-
-def fake_ring(frames: list[bytes], slot: int = 2048, mac: int = 66) -> tuple[bytearray, list[int]]:
-    """A TPACKET_V2-like ring: slot i holds frames[i] at i * slot + mac, its status word
-    (ready) at i * slot and its snap length at i * slot + 8."""
-    ring = bytearray(slot * len(frames))
-    for i, f in enumerate(frames):
-        ring[i * slot : i * slot + 4] = (1).to_bytes(4, "little")
-        ring[i * slot + 8 : i * slot + 12] = len(f).to_bytes(4, "little")
-        ring[i * slot + mac : i * slot + mac + len(f)] = f
-    return ring, [i * slot + mac for i in range(len(frames))]
 
 
 def test_bind_ring_agrees_with_process_and_vnet_header() -> None:
@@ -315,39 +309,38 @@ def test_bind_ring_agrees_with_process_and_vnet_header() -> None:
         bytes(Ether(**MACS) / IP(src=LB1, dst=LOCAL, proto=4) / Raw(inner()))
         for _, inner, _ in VNET_CASES
     ]
-    frames.append(frames[0])  # a slot that is not ready ends the batch before it
-    ring, starts = fake_ring(frames)
-    ring[starts[-1] - 66 : starts[-1] - 62] = bytes(4)
-    words = memoryview(ring).cast("I")
+    ring = FakeRing(len(frames) + 1)  # the last slot is not ready: the batch ends before it
+    ring.load(frames)
+    assert ring.slots.status[len(frames)] == KERNEL
     sent: list[bytes] = []
     core = Decapsulator(CFG)
-    batch = core.bind_ring(
-        memoryview(ring), words[0 :: 2048 // 4], words[2 :: 2048 // 4], starts,
-        lambda p: sent.append(bytes(p)), True,
-    )  # fmt: skip
-    assert batch(0, len(frames), 0.0) == len(frames) - 1
+    batch = core.bind_ring(ring.slots, lambda p: sent.append(bytes(p)), True)
+    assert batch(0, len(frames) + 1, 0.0) == len(frames)
 
     ref = Decapsulator(CFG)
     expected = []
-    for f in frames[:-1]:
+    for f in frames:
         buf = bytearray(f)
         off, length = ref.process(memoryview(buf), 0.0)
         if length:
             ref.vnet_header_into(memoryview(buf), off, length)
             expected.append(bytes(buf[off - VNET_HDR_LEN : off + length]))
     assert sent == expected
-    assert core.counters.as_dict() == ref.counters.as_dict()
+    snapshot = {"event": "stats", "iface": "x", "time": 0.0, "uptime": 0.0, "ring_drops": 0}
+    assert AgentStats.of(core.counters, last_spoofed_source=None, **snapshot) == AgentStats.of(
+        ref.counters, last_spoofed_source=None, **snapshot
+    )
 
 
 def test_bind_ring_counts_a_refused_delivery() -> None:
-    ring, starts = fake_ring([bytes(tunnel(UDP_IN))])
-    words = memoryview(ring).cast("I")
+    ring = FakeRing(1)
+    ring.put(0, bytes(tunnel(UDP_IN)))
 
     def refuse(_packet: memoryview) -> int:
         raise OSError("no buffer space")
 
     core = Decapsulator(CFG)
-    batch = core.bind_ring(memoryview(ring), words[0::512], words[2::512], starts, refuse, False)
+    batch = core.bind_ring(ring.slots, refuse, False)
     assert batch(0, 1, 0.0) == 1
     assert core.counters.delivered == 0
     assert core.counters.drops[DecapDrop.DELIVERY_FAILED] == 1

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from agent import decap, host
+from agent.config import AgentConfig
 from agent.host import HostError, HostPlan, HostSetup
+from l4lb import cfgfile, rps
+from l4lb.wire import IPPROTO_UDP, Encap
 
 PLAN = HostPlan("h3-eth0", "10.2.3.2", ("20.0.0.1", "20.0.0.2"), "l4a-h3-eth0", 1440)
 
@@ -29,6 +31,12 @@ def test_ruleset_replaces_a_stale_table_then_installs_both_chains() -> None:
     assert "ip daddr 10.2.3.2 ip protocol 4 counter drop" in text
     assert "ip saddr { 20.0.0.1, 20.0.0.2 }" in text
     assert "tcp option maxseg size > 1440 tcp option maxseg size set 1440" in text
+
+
+def test_ruleset_drops_the_encapsulation_it_is_given() -> None:
+    udp_tunnel = Encap("udp-test", IPPROTO_UDP, 42)
+    plan = HostPlan("h3-eth0", "10.2.3.2", ("20.0.0.1",), "", 1440, encap=udp_tunnel)
+    assert "ip daddr 10.2.3.2 ip protocol 17 counter drop" in plan.nft_ruleset()
 
 
 def test_sysctl_path_keeps_dotted_interface_names() -> None:
@@ -102,12 +110,14 @@ def test_a_failed_step_undoes_the_earlier_ones(fake_proc: Path) -> None:
     assert setup.undo_steps == []
 
 
-def test_rps_mask() -> None:
+def test_rps_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     assert decap.rps_mask("off") == 0
     assert decap.rps_mask("6") == 6
-    mine = os.sched_getaffinity(0)
-    spare = set(range(os.cpu_count() or 1)) - mine
-    assert decap.rps_mask("auto") == sum(1 << c for c in spare)
+    monkeypatch.setattr(rps.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(rps.os, "sched_getaffinity", lambda pid: {1})  # pinned to CPU 1
+    assert decap.rps_mask("auto") == 0b1101
+    monkeypatch.setattr(rps.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert decap.rps_mask("auto") == 0  # may run anywhere: no core to spare
     with pytest.raises(decap.UsageError, match="--rps"):
         decap.rps_mask("cpu1")
 
@@ -115,32 +125,44 @@ def test_rps_mask() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--vip", "20.0.0.300"], "--vip"),
-        (["--allow-lb", "10.1.1.2/40"], "--allow-lb"),
-        (["--allow-lb", "10.1.1.2/16"], "--allow-lb"),
-        (["--stats-interval", "-2"], "--stats-interval"),
-        (["--server-mss", "100"], "--server-mss"),
-        (["--ring-frames", "2"], "--ring-frames"),
-        (["--busy-poll-us", "-1"], "--busy-poll-us"),
+        (["--vip", "20.0.0.300"], "vips: '20.0.0.300' is not an IPv4 address"),
+        (["--allow-lb", "10.1.1.2/40"], "allowed_lbs: '10.1.1.2/40'"),
+        (["--allow-lb", "10.1.1.2/16"], "allowed_lbs: '10.1.1.2/16'"),
+        (["--stats-interval", "-2"], "stats_interval: must be >= 0"),
+        (["--server-mss", "100"], "server_mss: must be 536..1440"),
+        (["--server-mss", "1460"], "MSS + 60 <= MTU 1500"),
+        (["--ring-frames", "2"], "ring_frames: must be >= 16"),
+        (["--busy-poll-us", "-1"], "busy_poll_us:"),
+        (["--rps", "cpu1"], "--rps"),
         (["--iface", "no-such-if9"], "no interface"),
-        (["--deployment", "/nonexistent/deployment.json"], "deployment"),
+        (["--config", "/nonexistent/agent.json"], "--config: /nonexistent/agent.json: cannot read"),
     ],
 )
 def test_bad_cli_input_exits_2(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = ["--vip", "20.0.0.1", "--allow-lb", "10.1.1.2", "--server-mss", "1440"]
-    if argv[0] == "--deployment":
-        base = ["--vip", "20.0.0.1"]  # the deployment must fill the rest
+    base = ["--iface", "lo", "--vip", "20.0.0.1", "--allow-lb", "10.1.1.2", "--server-mss", "1440"]
     assert decap.main([*base, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "agent.decap:" in err
 
 
-def test_defaults_come_from_the_deployment() -> None:
-    args = decap.parse_args(["--iface", "lo"])
-    vips, lbs, mss = decap._from_deployment(None, (), (), None)
-    assert vips == ("20.0.0.1",)
-    assert lbs == ("10.1.1.2", "10.1.2.2")  # h1, h2 by the l3 addressing
-    assert mss == 1440
-    assert args.stats_interval == 5.0
+def test_without_a_configuration_vips_and_lbs_are_needed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert decap.main(["--iface", "lo", "--vip", "20.0.0.1"]) == 2
+    assert "no configuration: give --config FILE" in capsys.readouterr().err
+
+
+def test_options_override_the_configuration_file(tmp_path: Path) -> None:
+    cfg = AgentConfig(vips=("20.0.0.1",), allowed_lbs=("10.1.1.2", "10.1.2.2"), iface="h3-eth0")
+    path = tmp_path / "agent-h3-eth0.json"
+    path.write_text(cfgfile.dump(cfg))
+    got = decap.resolve_config(decap.parse_args(["--config", str(path)]))
+    assert got == cfg
+    got = decap.resolve_config(
+        decap.parse_args(["--config", str(path), "--allow-lb", "10.9.0.0/16", "--stats-file", "-"])
+    )
+    assert (got.allowed_lbs, got.stats_file, got.vips) == (("10.9.0.0/16",), "", ("20.0.0.1",))
+    with pytest.raises(decap.UsageError, match="is for h3-eth0, not h7-eth0"):
+        decap.resolve_config(decap.parse_args(["--config", str(path), "--iface", "h7-eth0"]))

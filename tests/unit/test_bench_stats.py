@@ -8,6 +8,8 @@ import pytest
 
 from bench import frames, stats
 from bench.scapy_lb import five_tuple_backend
+from l4lb.checksum import checksum
+from l4lb.wire import IPPROTO_IPIP, parse_mac
 
 
 def rnd(fast: float, kernel: float, scapy: float, **extra: object) -> dict[str, object]:
@@ -72,7 +74,7 @@ def test_udp_frames_are_64_bytes_distinct_flows_valid_checksums() -> None:
     tuples = {(f[26:30], f[34:36]) for f in out}
     assert len(tuples) == 1000
     for f in out[:50]:
-        assert frames.ipv4_checksum(f[14:34]) == 0  # a valid header sums to 0xffff
+        assert checksum(f[14:34]) == 0  # a valid header sums to 0xffff
         assert f[23] == 17 and f[30:34] == bytes([20, 0, 0, 1])
         assert struct.unpack("!H", f[36:38])[0] == 9
 
@@ -81,8 +83,8 @@ def test_ipip_frames_wrap_the_same_flows() -> None:
     out = frames.ipip_frames(300, "02:00:00:00:00:01", "02:00:00:00:00:02", "10.0.0.2",
                              "10.0.0.1", "20.0.0.1")  # fmt: skip
     f = out[0]
-    assert f[23] == frames.PROTO_IPIP and len(f) == 14 + 20 + 46
-    assert frames.ipv4_checksum(f[14:34]) == 0 and frames.ipv4_checksum(f[34:54]) == 0
+    assert f[23] == IPPROTO_IPIP and len(f) == 14 + 20 + 46
+    assert checksum(f[14:34]) == 0 and checksum(f[34:54]) == 0
     assert f[50:54] == bytes([20, 0, 0, 1])
 
 
@@ -94,7 +96,7 @@ def test_trafgen_config_one_block_per_frame() -> None:
 
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError):
-        frames.mac_bytes("02:00:00")
+        parse_mac("02:00:00")
     with pytest.raises(ValueError):
         list(frames.flows(0))
 

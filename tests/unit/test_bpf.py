@@ -11,8 +11,9 @@ import struct
 
 import pytest
 
-from fastpath import bpf
-from fastpath.bpf import BpfError, Insn, Label
+from l4lb import bpf
+from l4lb.bpf import BpfError, Insn, Label
+from l4lb.wire import IPIP, IPPROTO_UDP, Encap
 
 PKTTYPE_HOST = 0
 PKTTYPE_OUTGOING = 4
@@ -175,9 +176,9 @@ def test_vip_filter_bad_input() -> None:
         bpf.ipv4_dst_filter(["20.0.0.300"])
 
 
-def test_ipip_filter_sources() -> None:
+def test_tunnel_filter_sources() -> None:
     local = "10.2.3.2"
-    prog = bpf.ipip_filter(local, ["10.1.1.2", ("10.1.2.0", 24)])
+    prog = bpf.tunnel_filter(IPIP, local, ["10.1.1.2", ("10.1.2.0", 24)])
     code = bpf.assemble(prog)
     assert run(code, frame(dst=local, src="10.1.1.2", proto=4)) == bpf.ACCEPT_LEN
     assert run(code, frame(dst=local, src="10.1.2.77", proto=4)) == bpf.ACCEPT_LEN
@@ -187,11 +188,20 @@ def test_ipip_filter_sources() -> None:
     assert run(code, frame(dst=local, src="10.1.1.2", proto=4), PKTTYPE_OUTGOING) == 0
 
 
-def test_ipip_filter_any_source_and_none_allowed() -> None:
+def test_tunnel_filter_any_source_and_none_allowed() -> None:
     local = "10.2.3.2"
-    code = bpf.assemble(bpf.ipip_filter(local))
+    code = bpf.assemble(bpf.tunnel_filter(IPIP, local))
     assert run(code, frame(dst=local, src="1.2.3.4", proto=4)) == bpf.ACCEPT_LEN
-    code = bpf.assemble(bpf.ipip_filter(local, ["10.1.0.0/16"]))
+    code = bpf.assemble(bpf.tunnel_filter(IPIP, local, ["10.1.0.0/16"]))
     assert run(code, frame(dst=local, src="10.1.200.1", proto=4)) == bpf.ACCEPT_LEN
-    code = bpf.assemble(bpf.ipip_filter(local, []))
+    code = bpf.assemble(bpf.tunnel_filter(IPIP, local, []))
+    assert run(code, frame(dst=local, src="10.1.1.2", proto=4)) == 0
+
+
+def test_tunnel_filter_reads_the_encapsulation() -> None:
+    """Another encapsulation (a UDP-based one, as GUE would be) changes what passes."""
+    local = "10.2.3.2"
+    udp_tunnel = Encap("udp-test", IPPROTO_UDP, IPIP.header_len + 8)
+    code = bpf.assemble(bpf.tunnel_filter(udp_tunnel, local, ["10.1.1.2"]))
+    assert run(code, frame(dst=local, src="10.1.1.2", proto=17)) == bpf.ACCEPT_LEN
     assert run(code, frame(dst=local, src="10.1.1.2", proto=4)) == 0

@@ -52,16 +52,49 @@ def _write(tmp_path: Path, **changes: Any) -> Path:
         ({"backends": {"h1": 1}}, r"\['h1'\] both load balancer and backend"),
         ({"backends": {"h3": -1}}, "weight must be an integer"),
         ({"backends": {"h3": 0}}, "every backend weight is 0"),
-        ({"server_mss": 9000}, "server_mss 9000 not in"),
+        ({"server_mss": 9000}, r"server_mss: must be 536..1440 \(MSS \+ 60 <= MTU 1500"),
+        ({"server_mss": 1460}, r"server_mss: must be 536..1440"),
+        ({"server_mss": 1460, "mtu": 1520}, None),
+        ({"mtu": 100}, "mtu must be an integer 576..65535"),
         ({"hash_seed": "x"}, "'hash_seed' must be int"),
+        ({"hash_seed": 2**56}, r"hash_seed: must be an integer 0 <= seed < 2\*\*56"),
+        ({"hash_seed": 2**56 - 1}, None),
+        ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, bgp, hash_seed,"),
         ({"topology": "nope.json"}, "topology: .*nope.json: cannot read"),
     ],
 )
 def test_bad_deployment(tmp_path, changes, message):
     path = _write(tmp_path, **changes)
+    if message is None:  # the edge of a range: accepted
+        load_deployment(path)
+        return
     with pytest.raises(DeploymentError, match=message) as info:
         load_deployment(path)
     assert str(path) in str(info.value)
+
+
+def test_a_backend_listed_twice_is_named(tmp_path):
+    path = _write(tmp_path)
+    text = path.read_text().replace('"h3": 1', '"h3": 1, "h3": 2')
+    path.write_text(text)
+    with pytest.raises(DeploymentError, match=f"{path}: 'h3' listed twice"):
+        load_deployment(path)
+
+
+def test_every_process_configuration_renders_from_it():
+    from controller import render
+
+    d = load_deployment()
+    lb = render.lb_config(d, "h1")
+    assert (lb.iface, lb.vips, lb.hash_seed) == ("h1-eth0", (("20.0.0.1", 80),), 2026)
+    assert lb.backends == d.backend_ips() and ("10.2.3.2", "h3") in lb.names
+    agent = render.agent_config(d, "h7")
+    assert (agent.iface, agent.vips, agent.allowed_lbs) == (
+        "h7-eth0",
+        ("20.0.0.1",),
+        ("10.1.1.2", "10.1.2.2"),
+    )
+    assert agent.server_mss == 1440 and agent.mtu == 1500
 
 
 def test_missing_key(tmp_path):

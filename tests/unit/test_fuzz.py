@@ -1,5 +1,6 @@
-"""Random frames and random mutations of valid frames: the core never raises, never reports an
-internal error, counts each frame exactly once, and what it sends is well formed."""
+"""Random frames and random mutations of valid frames through the core's ring path (over a
+FakeRing): it never raises, never reports an internal error, counts each frame exactly once,
+and what it sends is well formed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_balancer_golden import make_config
 
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig
 from fastpath.counters import DropReason
-from fastpath.packet import checksum
+from l4lb.checksum import checksum
+from l4lb.ring import FakeRing
 from tests.fixtures import cases
 
 VALID = [c.frame for config in cases.CONFIGS for c in cases.load(config)]
@@ -21,12 +22,11 @@ VIPS = [bytes([20, 0, 0, 1]), bytes([20, 0, 0, 3])]
 
 def balancers() -> list[Balancer]:
     """The default fixture config, a small MTU (too-big paths) and checksum verification."""
-    base = make_config("default")
-    kw = {f: getattr(base, f) for f in BalancerConfig.__dataclass_fields__}
+    kw = cases.config_kwargs("default")
     return [
-        Balancer(base),
-        Balancer(BalancerConfig(**{**kw, "mtu": 120})),
-        Balancer(BalancerConfig(**{**kw, "verify_checksum": True, "conn_capacity": 8})),
+        Balancer(BalancerConfig(**kw)),  # type: ignore[arg-type]
+        Balancer(BalancerConfig(**{**kw, "mtu": 120})),  # type: ignore[arg-type]
+        Balancer(BalancerConfig(**{**kw, "verify_checksum": True, "conn_capacity": 8})),  # type: ignore[arg-type]
     ]
 
 
@@ -35,7 +35,7 @@ def check_one(bal: Balancer, frame: bytes, now: float) -> None:
     before_total = bal.counters.total
     before_fwd = sum(bal.counters.forwarded)
     before_icmp = bal.counters.drops[DropReason.FRAG_NEEDED]
-    n = bal.process(memoryview(frame), out, now)
+    n = bal.process(frame, out, now)  # a FakeRing slot of its own
     assert bal.counters.total == before_total + 1  # exactly one verdict
     assert bal.counters.drops[DropReason.INTERNAL_ERROR] == 0
     forwarded = sum(bal.counters.forwarded) - before_fwd
@@ -122,16 +122,25 @@ def test_structured_ipv4(frame: bytes, now: float) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.one_of(mutated(), ipv4_frames(), st.binary(max_size=80)), max_size=40))
-def test_batches_count_every_frame(frames: list[bytes]) -> None:
+@given(
+    st.lists(
+        st.tuples(st.one_of(mutated(), ipv4_frames(), st.binary(max_size=80)), st.booleans()),
+        max_size=40,
+    )
+)
+def test_batches_count_every_frame(frames: list[tuple[bytes, bool]]) -> None:
+    """A batch of slots (some flagged CSUM_NOT_READY): each frame counted once, the slots not
+    listed as unsent are exactly the ones sent, each a whole frame."""
     bal = BALANCERS[1]
-    outs = [memoryview(bytearray(bal.cfg.mtu + 34)) for _ in frames]
-    lens = [0] * len(frames)
+    ring = FakeRing(len(frames) + 1)
+    for i, (frame, flagged) in enumerate(frames):
+        ring.put(i, frame, csum_not_ready=flagged)
     before_total = bal.counters.total
     before_sent = sum(bal.counters.forwarded) + bal.counters.drops[DropReason.FRAG_NEEDED]
-    k = bal.process_batch([memoryview(f) for f in frames], outs, lens, len(frames), 5.0)
+    assert bal.bind_ring(ring.slots)(0, len(frames) + 1, 5.0) == len(frames)
     assert bal.counters.total == before_total + len(frames)
     sent = sum(bal.counters.forwarded) + bal.counters.drops[DropReason.FRAG_NEEDED]
-    assert k == sent - before_sent
-    assert all(lens[i] > 34 for i in range(k))
+    unsent = ring.slots.unsent
+    assert len(frames) - len(unsent) == sent - before_sent
+    assert all(ring.slots.out_len[i] > 34 for i in range(len(frames)) if i not in unsent)
     assert bal.counters.drops[DropReason.INTERNAL_ERROR] == 0

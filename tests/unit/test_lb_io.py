@@ -1,14 +1,18 @@
-"""fastpath I/O edge without root: CLI argument errors, ethtool/nft/ip parsing, stats file."""
+"""The LB's I/O edge without root: CLI argument errors, ethtool/nft/ip parsing, stats file, RPS
+masks, ring geometry and slot layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
 
 import pytest
 
-from fastpath import lb, neigh, nft, offload, ring, stats
+from fastpath import lb, neigh, nft, offload
+from fastpath.config import LbConfig
+from l4lb import cfgfile, ring, rps, statsfile
 
 
 @pytest.mark.parametrize(
@@ -32,25 +36,77 @@ def test_bad_arguments_exit_2_with_a_reason(
     assert message in capsys.readouterr().err
 
 
+BASE = ["--vip", "20.0.0.1:80", "--backend", "10.2.3.2"]
+
+
 def test_unknown_interface_and_batch_limit_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lb.main(["nosuchif0x"]) == 2
+    assert lb.main(["nosuchif0x", *BASE]) == 2
     assert "no interface 'nosuchif0x'" in capsys.readouterr().err
-    assert lb.main(["lo", "--batch", "1000"]) == 2
-    assert "--batch 1000: at most 256" in capsys.readouterr().err
+    assert lb.main(["lo", *BASE, "--batch", "1000"]) == 2
+    assert "batch: must be 1..256, not 1000" in capsys.readouterr().err
 
 
-def test_unknown_backend_host_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert lb.main(["lo", "--backend", "h99"]) == 2
+def test_without_a_configuration_vips_and_backends_are_needed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert lb.main(["lo", "--config", "/nonexistent/lb.json"]) == 2
+    assert "--config: /nonexistent/lb.json: cannot read" in capsys.readouterr().err
+    assert lb.main(["lo9x"]) == 2
+    err = capsys.readouterr().err
+    assert "no configuration for lo9x: give --config FILE" in err and "--vip and --backend" in err
+
+
+def write_config(tmp_path: Path, **fields: object) -> Path:
+    cfg = LbConfig(
+        iface="h1-eth0",
+        vips=(("20.0.0.1", 80),),
+        backends=(("10.2.3.2", 1), ("10.4.7.2", 1)),
+        names=(("10.2.3.2", "h3"), ("10.4.7.2", "h7")),
+        hash_seed=77,
+    )
+    path = tmp_path / "lb-h1-eth0.json"
+    path.write_text(cfgfile.dump(dataclasses.replace(cfg, **fields)))
+    return path
+
+
+def test_options_override_the_configuration_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    args = lb.build_parser().parse_args(["h1-eth0", "--config", str(path), "--backend", "h7=3"])
+    cfg = lb.resolve_config(args)
+    assert cfg.backends == (("10.4.7.2", 3),)  # by the name the file knows
+    assert (cfg.vips, cfg.hash_seed, cfg.batch) == ((("20.0.0.1", 80),), 77, 256)
+    args = lb.build_parser().parse_args(
+        ["h1-eth0", "--config", str(path), "--batch", "64", "--stats-file", "-", "--no-nft"]
+    )
+    cfg = lb.resolve_config(args)
+    assert (cfg.batch, cfg.stats_file, cfg.nft, cfg.backends[0]) == (64, "", False, ("10.2.3.2", 1))
+
+
+def test_a_bad_configuration_file_names_the_file_and_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    data = json.loads(path.read_text())
+    data["hash_seed"] = 2**60
+    path.write_text(json.dumps(data))
+    assert lb.main(["h1-eth0", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: hash_seed: must be an integer 0 <= seed < 2**56" in err
+    data["hash_seed"] = 1
+    data["backlog"] = 5
+    path.write_text(json.dumps(data))
+    assert lb.main(["h1-eth0", "--config", str(path)]) == 2
+    assert "unknown key(s) 'backlog'" in capsys.readouterr().err
+    assert lb.main(["h2-eth0", "--config", str(write_config(tmp_path))]) == 2
+    assert "is for h1-eth0, not h2-eth0" in capsys.readouterr().err
+
+
+def test_unknown_backend_host_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lb.main(["lo", "--vip", "20.0.0.1", "--backend", "h99"]) == 2
     assert "'h99' is neither an IPv4 address nor a host" in capsys.readouterr().err
-
-
-def test_defaults_come_from_the_deployment() -> None:
-    args = lb.build_parser().parse_args(["h1-eth0", "--backend", "h3=2"])
-    s = lb.resolve_settings(args)
-    assert s["vips"] == (("20.0.0.1", 80),)
-    assert s["backends"] == (("10.2.3.2", 2),)
-    s = lb.resolve_settings(lb.build_parser().parse_args(["h1-eth0"]))
-    assert [ip for ip, _ in s["backends"]] == ["10.2.3.2", "10.4.7.2", "10.6.11.2", "10.8.15.2"]
+    path = write_config(tmp_path)
+    assert lb.main(["h1-eth0", "--config", str(path), "--backend", "h99"]) == 2
+    assert "(h3, h7)" in capsys.readouterr().err
 
 
 def test_parse_vip_and_backend() -> None:
@@ -129,14 +185,29 @@ def test_neighbour_lookup_uses_usable_states(monkeypatch: pytest.MonkeyPatch) ->
 def test_stats_line_and_atomic_file(tmp_path: Path) -> None:
     out = io.StringIO()
     path = tmp_path / "sub" / "lb-x.json"
-    w = stats.StatsWriter(path, out)
+    w = statsfile.StatsWriter(path, "test", out)
     w.emit({"a": 1})
     w.emit({"a": 2, "final": True})
     lines = out.getvalue().splitlines()
     assert [json.loads(x)["a"] for x in lines] == [1, 2]
-    assert stats.read_stats(path) == {"a": 2, "final": True}
+    assert statsfile.read_stats(path) == {"a": 2, "final": True}
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
-    assert stats.default_stats_path("h1-eth0") == Path("/run/l4lb/lb-h1-eth0.json")
+    assert statsfile.default_path("lb", "h1-eth0") == Path("/run/l4lb/lb-h1-eth0.json")
+
+
+def test_an_unwritable_stats_file_is_reported_once_and_the_lines_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = io.StringIO()
+    w = statsfile.StatsWriter(blocker / "lb.json", "test", out)  # a file as its directory
+    for a in (1, 2):
+        w.emit({"a": a})
+    assert [json.loads(x)["a"] for x in out.getvalue().splitlines()] == [1, 2]
+    assert capsys.readouterr().err.count("test: stats file") == 1
+    with pytest.raises(OSError):
+        statsfile.write_atomic(blocker / "lb.json", "{}")
 
 
 def test_ring_geometry() -> None:
@@ -147,11 +218,39 @@ def test_ring_geometry() -> None:
         ring.ring_geometry(10, 1000)
 
 
-def test_auto_rps_mask_is_the_cpus_outside_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lb.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0})
-    assert lb.auto_rps_mask() == 0b1110
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {1, 2})
-    assert lb.auto_rps_mask() == 0b1001
-    monkeypatch.setattr(lb.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert lb.auto_rps_mask() == 0  # may run anywhere: no core to spare
+def test_spare_cpus_are_the_online_cpus_outside_the_affinity() -> None:
+    four = {0, 1, 2, 3}
+    assert rps.spare_cpus({0}, four) == 0b1110
+    assert rps.spare_cpus({1, 2}, four) == 0b1001
+    assert rps.spare_cpus(four, four) == 0  # may run anywhere: no core to spare
+    assert rps.spare_cpus({0}, {0, 2}) == 0b100  # CPU 1 offline
+
+
+def test_rps_option_values() -> None:
+    assert rps.parse_mask("off", "--rps-cpus") is None
+    assert rps.parse_mask("6", "--rps-cpus") == 6
+    with pytest.raises(rps.UsageError, match="--rps-cpus 'cpu1': auto, off or a hex"):
+        rps.parse_mask("cpu1", "--rps-cpus")
+
+
+def test_slot_layout_keeps_the_header_off_the_status_words() -> None:
+    lay = ring.SlotLayout()
+    assert (lay.stride, lay.mac, lay.headroom, lay.out) == (2048, 66, 20, 46)
+    assert lay.out >= ring.TPACKET2_HDR.size  # the outer header never reaches tp_status
+    with pytest.raises(ValueError, match="headroom 40"):
+        ring.SlotLayout(headroom=40)
+    with pytest.raises(ValueError, match="stride 1000"):
+        ring.SlotLayout(stride=1000)
+
+
+def test_fake_ring_slots_are_laid_out_as_the_kernel_lays_them() -> None:
+    """A FakeRing slot, read through the kernel's struct tpacket2_hdr."""
+    fake = ring.FakeRing(3)
+    fake.put(1, b"x" * 3000, csum_not_ready=True)  # longer than a slot: cut, as the kernel cuts
+    status, wire_len, snap, mac, net = ring.TPACKET2_HDR.unpack_from(fake.mem, 2048)[:5]
+    assert status == ring.READY | ring.CSUM_NOT_READY
+    assert (wire_len, snap, mac, net) == (3000, 2048 - 66, 66, 80)
+    slots = fake.slots
+    assert (slots.status[1], slots.wire_len[1], slots.snap[1]) == (status, 3000, 2048 - 66)
+    assert bytes(slots.frames[1][:4]) == b"xxxx" and slots.starts[1] == 2048 + 66
+    assert slots.status[0] == slots.status[2] == ring.KERNEL

@@ -37,8 +37,11 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
         assert nodes[h] == ["agent", "www"]
     lb = next(s for s in p.services if s.name == "lb-h1")
     assert lb.argv == (
-        "/py", "-m", "fastpath.lb", "h1-eth0", "--stats-file", str(STATE / "lb-h1.json"),
-        "--stats-interval", "0.5",
+        "/py", "-m", "fastpath.lb", "h1-eth0", "--config", str(STATE / "config/lb-h1-eth0.json"),
+    )  # fmt: skip
+    agent = next(s for s in p.services if s.name == "agent-h7")
+    assert agent.argv == (
+        "/py", "-m", "agent.decap", "--config", str(STATE / "config/agent-h7-eth0.json"),
     )  # fmt: skip
     assert lb.ready_file == str(services.lb_stats_path(STATE, "h1"))
     www = next(s for s in p.services if s.name == "www-h3")

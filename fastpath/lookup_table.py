@@ -1,14 +1,14 @@
-"""Backend lookup tables: a hash picks slot `hash % size`, the slot names a backend.
+"""Backend lookup tables: a flow hash picks slot `hash % size`, the slot names a backend.
 
-`build_table` fills the table by weighted rendezvous hashing per slot (each slot goes to the
-backend with the best score for it). That keeps Maglev's shape (a prime-sized table, O(1)
-lookup, a pure function of the backend set, so every LB instance builds the same table) and
-gives the property the issue asks of it exactly: removing a backend moves only its own slots,
-adding one moves only the slots it wins (~1/(N+1)). Maglev's permutation fill
-(`permutation_table`, kept for comparison) balances to +-1 slot but is only *nearly* minimal:
-measured here with 4 backends and 65537 slots, a removal also moved 46 slots (0.07%) between
-surviving backends. Rendezvous balance is binomial: +-0.2% of the table for 4 backends.
-"""
+`rendezvous_table`, the one in use, fills the table by weighted rendezvous hashing per slot
+(each slot goes to the backend with the best score for it). That keeps Maglev's shape (a
+prime-sized table, O(1) lookup, a pure function of the backend set, so every LB instance builds
+the same table) and gives the property the issue asks of it exactly: removing a backend moves
+only its own slots, adding one moves only the slots it wins (~1/(N+1)). Maglev's permutation
+fill (`maglev_permutation_table`, kept for comparison) balances to +-1 slot but is only
+*nearly* minimal: measured here with 4 backends and 65537 slots, a removal also moved 46 slots
+(0.07%) between surviving backends. Rendezvous balance is binomial: +-0.2% of the table for 4
+backends."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _ip_seed(ip: str) -> int:
     return int(ipaddress.IPv4Address(ip))
 
 
-def build_table(backends: Sequence[tuple[str, int]], size: int = 65537) -> list[int]:
+def rendezvous_table(backends: Sequence[tuple[str, int]], size: int = 65537) -> list[int]:
     """table[slot] = index into `backends` of the slot's owner; all NO_BACKEND if no weight > 0.
 
     Slot s goes to the backend minimising -ln(u(s, b)) / weight(b), u uniform in (0, 1] from
@@ -52,7 +52,7 @@ def build_table(backends: Sequence[tuple[str, int]], size: int = 65537) -> list[
     return table
 
 
-def permutation_table(backends: Sequence[tuple[str, int]], size: int = 65537) -> list[int]:
+def maglev_permutation_table(backends: Sequence[tuple[str, int]], size: int = 65537) -> list[int]:
     """Maglev's own fill (Eisenbud et al., NSDI 2016, with weighted turns): each backend walks
     its permutation (offset + j * skip) % size and takes the next free slot on its turn; per
     round a backend earns `weight` credit and takes a slot per max-weight of credit. Backends

@@ -8,7 +8,7 @@ Opening order (`open_filtered`): a socket made with protocol 0 receives nothing;
 filter goes on before `bind` gives it a protocol and an interface, the queue is drained, and only
 then the real filter replaces drop-all, so no unfiltered packet ever reaches user space.
 
-Used by fastpath.lb (`ipv4_dst_filter`) and agent.decap (`ipip_filter`).
+Used by fastpath.lb (`ipv4_dst_filter`) and agent.decap (`tunnel_filter`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,23 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from l4lb.errors import L4lbError
+from l4lb.ring import PACKET_IGNORE_OUTGOING, SOL_PACKET
+from l4lb.wire import (
+    ETH_P_ALL,
+    ETH_P_IP,
+    IP_OFFSET,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    OFF_ETHERTYPE,
+    OFF_IP,
+    OFF_IP_DST,
+    OFF_IP_FRAG,
+    OFF_IP_PROTO,
+    OFF_IP_SRC,
+    Encap,
+)
 
 # Instruction classes.
 LD = 0x00
@@ -68,25 +85,8 @@ PACKET_OUTGOING = 4  # skb->pkt_type of a frame this host transmits (tapped on t
 
 ACCEPT_LEN = 0x40000  # returned snap length: the whole frame (256 KiB is far above any frame)
 
-ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26
-SO_DETACH_FILTER = 27
-SOL_PACKET = 263
-PACKET_IGNORE_OUTGOING = 23
 BPF_MAXINSNS = 4096
-
-# Frame offsets (untagged Ethernet, IPv4 after it).
-OFF_ETHERTYPE = 12
-OFF_IP = 14
-OFF_IP_FRAG = OFF_IP + 6  # flags(3 bits) + fragment offset(13 bits)
-OFF_IP_PROTO = OFF_IP + 9
-OFF_IP_SRC = OFF_IP + 12
-OFF_IP_DST = OFF_IP + 16
-
-IPPROTO_IPIP = 4
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
 
 SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}
 SOCK_FPROG = struct.Struct("@HP")  # struct sock_fprog {unsigned short len; filter *}
@@ -112,7 +112,7 @@ class Label:
 Program = Sequence[Insn | Label]
 
 
-class BpfError(ValueError):
+class BpfError(L4lbError, ValueError):
     """A program that the kernel would reject (bad label, jump too far, too long)."""
 
 
@@ -235,7 +235,7 @@ def ipv4_dst_filter(
             Insn(JMP | JA, k="accept"),  # other protocols: let the core count them
             Label(f"l4_{i}"),
             Insn(LD | H | ABS, k=OFF_IP_FRAG),  # A = flags + fragment offset
-            Insn(JMP | JSET | K, jt="accept", k=0x1FFF),  # non-first fragment: no port to see
+            Insn(JMP | JSET | K, jt="accept", k=IP_OFFSET),  # non-first fragment: no port to see
             Insn(LDX | B | MSH, k=OFF_IP),  # X = IPv4 header length (4 * IHL)
             Insn(LD | H | IND, k=OFF_IP + 2),  # A = destination port
         ]
@@ -244,10 +244,10 @@ def ipv4_dst_filter(
     return prog + _epilogue()
 
 
-def ipip_filter(
-    local_ip: str, allowed_srcs: Sequence[str | tuple[str, int]] | None = None
+def tunnel_filter(
+    encap: Encap, local_ip: str, allowed_srcs: Sequence[str | tuple[str, int]] | None = None
 ) -> list[Insn | Label]:
-    """IP-in-IP (protocol 4) frames to `local_ip`, arriving on the interface.
+    """Tunnel frames of `encap` (its outer IP protocol) to `local_ip`, arriving on the interface.
 
     `allowed_srcs` are addresses or (network, prefix length) pairs ("10.1.1.2", ("10.1.0.0", 16),
     "10.1.0.0/16" also works); None passes every source (the caller then checks and counts
@@ -256,7 +256,7 @@ def ipip_filter(
     prog = _ipv4_prologue()
     prog += [
         Insn(LD | B | ABS, k=OFF_IP_PROTO),  # A = IP protocol
-        Insn(JMP | JEQ | K, jf="reject", k=IPPROTO_IPIP),  # not IP-in-IP: drop
+        Insn(JMP | JEQ | K, jf="reject", k=encap.ip_proto),  # not the tunnel's protocol: drop
         Insn(LD | W | ABS, k=OFF_IP_DST),  # A = outer destination
         Insn(JMP | JEQ | K, jf="reject", k=_ip(local_ip)),  # not addressed to this host: drop
     ]

@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from fastpath.csum_fixup import complete_l4_checksum
+from l4lb.checksum import complete_l4_checksum
 
 
 def _fold(data: bytes) -> int:

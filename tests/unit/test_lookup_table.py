@@ -6,11 +6,11 @@ import pytest
 from core_flows import FIFTH, FOUR, SIZE, backends_of, cfg, random_flows
 
 from fastpath.balancer import Balancer
-from fastpath.maglev import NO_BACKEND, build_table, permutation_table
+from fastpath.lookup_table import NO_BACKEND, maglev_permutation_table, rendezvous_table
 
 
 def test_table_is_full_and_balanced() -> None:
-    table = build_table(FOUR, SIZE)
+    table = rendezvous_table(FOUR, SIZE)
     assert len(table) == SIZE
     counts = [table.count(i) for i in range(4)]
     assert sum(counts) == SIZE
@@ -20,23 +20,23 @@ def test_table_is_full_and_balanced() -> None:
 
 def test_table_ignores_backend_order() -> None:
     shuffled = (FOUR[2], FOUR[0], FOUR[3], FOUR[1])
-    a = [FOUR[i][0] for i in build_table(FOUR, SIZE)]
-    b = [shuffled[i][0] for i in build_table(shuffled, SIZE)]
+    a = [FOUR[i][0] for i in rendezvous_table(FOUR, SIZE)]
+    b = [shuffled[i][0] for i in rendezvous_table(shuffled, SIZE)]
     assert a == b
 
 
 def test_removing_one_of_four_moves_only_its_flows() -> None:
-    before = [FOUR[i][0] for i in build_table(FOUR, SIZE)]
-    after = [FOUR[i][0] for i in build_table(FOUR[:3], SIZE)]
+    before = [FOUR[i][0] for i in rendezvous_table(FOUR, SIZE)]
+    after = [FOUR[i][0] for i in rendezvous_table(FOUR[:3], SIZE)]
     moved_elsewhere = [s for s in range(SIZE) if before[s] != after[s] and before[s] != FOUR[3][0]]
     assert moved_elsewhere == []  # every slot, so every flow
     assert FOUR[3][0] not in after
 
 
 def test_adding_a_fifth_moves_at_most_a_quarter() -> None:
-    before = [FOUR[i][0] for i in build_table(FOUR, SIZE)]
+    before = [FOUR[i][0] for i in rendezvous_table(FOUR, SIZE)]
     five = (*FOUR, FIFTH)
-    after = [five[i][0] for i in build_table(five, SIZE)]
+    after = [five[i][0] for i in rendezvous_table(five, SIZE)]
     moved = [s for s in range(SIZE) if before[s] != after[s]]
     assert all(after[s] == FIFTH[0] for s in moved)  # only to the new backend
     assert len(moved) / SIZE <= 0.25
@@ -72,16 +72,16 @@ def test_seed_changes_the_choice() -> None:
 @pytest.mark.parametrize("weights", [(2, 1, 1, 1), (3, 1, 0, 2), (1, 1, 1, 4)])
 def test_weights_scale_shares(weights: tuple[int, ...]) -> None:
     backends = tuple((ip, w) for (ip, _), w in zip(FOUR, weights, strict=True))
-    table = build_table(backends, SIZE)
+    table = rendezvous_table(backends, SIZE)
     total = sum(weights)
     for i, w in enumerate(weights):
         assert abs(table.count(i) / SIZE - w / total) < 0.015
 
 
 def test_all_weights_zero_gives_no_backend() -> None:
-    table = build_table(tuple((ip, 0) for ip, _ in FOUR), SIZE)
+    table = rendezvous_table(tuple((ip, 0) for ip, _ in FOUR), SIZE)
     assert set(table) == {NO_BACKEND}
-    assert set(permutation_table(tuple((ip, 0) for ip, _ in FOUR), 251)) == {NO_BACKEND}
+    assert set(maglev_permutation_table(tuple((ip, 0) for ip, _ in FOUR), 251)) == {NO_BACKEND}
 
 
 def test_weight_zero_drains_new_flows() -> None:
@@ -92,11 +92,11 @@ def test_weight_zero_drains_new_flows() -> None:
 
 def test_permutation_table_reference() -> None:
     """Maglev's own fill, kept for comparison: exact balance, weights honoured, and nearly
-    (not exactly) minimal disruption on removal (why build_table uses rendezvous)."""
-    four = permutation_table(FOUR, SIZE)
+    (not exactly) minimal disruption on removal (why rendezvous_table is the one in use)."""
+    four = maglev_permutation_table(FOUR, SIZE)
     assert max(four.count(i) for i in range(4)) - min(four.count(i) for i in range(4)) <= 1
-    weighted = permutation_table((("10.2.3.2", 2), *FOUR[1:]), SIZE)
+    weighted = maglev_permutation_table((("10.2.3.2", 2), *FOUR[1:]), SIZE)
     assert abs(weighted.count(0) / SIZE - 0.4) < 0.001
-    three = permutation_table(FOUR[:3], SIZE)
+    three = maglev_permutation_table(FOUR[:3], SIZE)
     collateral = sum(1 for s in range(SIZE) if four[s] != 3 and four[s] != three[s])
     assert collateral / SIZE < 0.005
