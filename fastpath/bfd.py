@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from l4lb.checksum import checksum
+
 VERSION = 1
 CONTROL_PORT = 3784  # RFC 5881 4: single-hop control packets
 SOURCE_PORT_MIN = 49152  # RFC 5881 4: source port range 49152..65535
@@ -221,25 +223,16 @@ class Datagram:
     payload: bytes
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def datagram(src: str, dst: str, sport: int, payload: bytes, dport: int = CONTROL_PORT) -> bytes:
     """An IPv4/UDP datagram carrying `payload`, TTL 255, both checksums filled in."""
     s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
     ulen = UDP.size + len(payload)
     pseudo = s + d + struct.pack("!BBH", 0, IPPROTO_UDP, ulen)
-    ucsum = _checksum(pseudo + UDP.pack(sport, dport, ulen, 0) + payload) or 0xFFFF
+    ucsum = checksum(pseudo + UDP.pack(sport, dport, ulen, 0) + payload) or 0xFFFF
     total = IPV4.size + ulen
     header = IPV4.pack(0x45, 0xC0, total, 0, 0x4000, TTL, IPPROTO_UDP, 0, s, d)
     # TOS 0xC0: precedence Internetwork Control, as routing protocols (and BIRD's BFD) send.
-    header = header[:10] + _checksum(header).to_bytes(2, "big") + header[12:]
+    header = header[:10] + checksum(header).to_bytes(2, "big") + header[12:]
     return header + UDP.pack(sport, dport, ulen, ucsum) + payload
 
 

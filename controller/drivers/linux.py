@@ -214,32 +214,11 @@ def guard_ruleset(program: SwitchProgram, topo: Topology) -> str | None:
 
 def run_nft(scripts: Mapping[str, tuple[int, str]], timeout: float = 30.0) -> None:
     """Apply one nft script per node, all at once: {label: (pid, script)}."""
-    procs = {
-        label: (
-            subprocess.Popen(
-                ["mnexec", "-a", str(pid), "nft", "-f", "-"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            ),
-            script,
-        )
+    jobs = {
+        label: (["mnexec", "-a", str(pid), "nft", "-f", "-"], script)
         for label, (pid, script) in scripts.items()
     }
-    errors = []
-    for label, (p, script) in procs.items():
-        try:
-            out, _ = p.communicate(script, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            errors.append(f"{label}: nft timed out after {timeout:.0f} s")
-            continue
-        if p.returncode != 0:
-            errors.append(f"{label}: {out.strip()}".replace("\n", "; "))
-    if errors:
-        raise DriverError("nft failed: " + " | ".join(errors))
+    _run_fed(jobs, "nft", timeout)
 
 
 def batch_text(commands: Sequence[Sequence[str]]) -> str:
@@ -269,31 +248,42 @@ def run_batches(
     batches: Mapping[str, tuple[int, Sequence[Sequence[str]]]], timeout: float = 30.0
 ) -> None:
     """Run one `ip -batch` per node, all at once: {label: (pid, commands)}."""
-    procs = {}
-    for label, (pid, commands) in batches.items():
-        if commands:
-            text = batch_text(commands)
-            p = subprocess.Popen(
-                _batch_argv(pid),
+    jobs = {
+        label: (_batch_argv(pid), batch_text(commands))
+        for label, (pid, commands) in batches.items()
+        if commands
+    }
+    _run_fed(jobs, "ip -batch", timeout)
+
+
+def _run_fed(jobs: Mapping[str, tuple[list[str], str]], what: str, timeout: float) -> None:
+    """Run every {label: (argv, stdin text)} at once; one DriverError naming each failure."""
+    procs = {
+        label: (
+            subprocess.Popen(
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-            )
-            procs[label] = (p, text)
+            ),
+            text,
+        )
+        for label, (argv, text) in jobs.items()
+    }
     errors = []
     for label, (p, text) in procs.items():
         try:
             out, _ = p.communicate(text, timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-            errors.append(f"{label}: ip -batch timed out after {timeout:.0f} s")
+            p.communicate()
+            errors.append(f"{label}: {what} timed out after {timeout:.0f} s")
             continue
         if p.returncode != 0:
             errors.append(f"{label}: {out.strip()}".replace("\n", "; "))
     if errors:
-        raise DriverError("ip -batch failed: " + " | ".join(errors))
+        raise DriverError(f"{what} failed: " + " | ".join(errors))
 
 
 def apply_program(pid: int, program: SwitchProgram, topo: Topology) -> int:

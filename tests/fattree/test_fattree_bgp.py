@@ -14,12 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, in_node, wait_for_lock
+from fatnet import in_node
 
 from controller import bgp, fib, netstate, services
 from controller.deployment import REPO_ROOT as REPO
@@ -36,17 +35,8 @@ STATE = netstate.STATE_DIR
 
 
 @pytest.fixture(scope="module")
-def net() -> Iterator[NetState]:
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", services=True, wait=LOCK_WAIT) == 0
-    st = network.running()
-    try:
-        assert st is not None and st.ready
-        yield st
-    finally:
-        down_if_ours([st.owner_pid] if st else [])
+def net(fattree_services: NetState) -> NetState:
+    return fattree_services
 
 
 def controller(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

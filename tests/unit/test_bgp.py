@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_deployment import _write
 
 from controller import bgp, birdctl, fib, services
 from controller.deployment import DEFAULT_DEPLOYMENT, DeploymentError, load_deployment
@@ -20,15 +21,6 @@ STATE = Path("/tmp/l4lb-test-state")
 @pytest.fixture(scope="module")
 def dep():
     return load_deployment()
-
-
-def _write(tmp_path: Path, **changes: Any) -> Path:
-    data = json.loads(DEFAULT_DEPLOYMENT.read_text())
-    data["topology"] = str(DEFAULT_DEPLOYMENT.parent / data["topology"])
-    data.update(changes)
-    path = tmp_path / "dep.json"
-    path.write_text(json.dumps(data))
-    return path
 
 
 # --- deployment keys ------------------------------------------------------------------------
