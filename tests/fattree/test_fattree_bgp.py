@@ -207,7 +207,7 @@ def test_a_killed_lb_is_withdrawn_at_once(net: NetState) -> None:
         assert fetch(net, "h16") == (DEP.www_root / "1k.bin").read_bytes()
 
 
-def test_down_stops_every_bird_and_removes_their_files(net: NetState) -> None:
+def test_stop_gives_t1_its_static_route_back_and_down_leaves_no_bird(net: NetState) -> None:
     from controller import network
 
     birds = [r for r in json.loads((STATE / services.STATE_FILE).read_text())["services"]
@@ -215,7 +215,10 @@ def test_down_stops_every_bird_and_removes_their_files(net: NetState) -> None:
     assert sorted(r["name"] for r in birds) == [
         "announce-h1", "announce-h2", "bird-h1", "bird-h2", "bird-t1"
     ]  # fmt: skip
-    assert network.down(owner=net.owner_pid) == 0
+    services.stop(STATE)  # (from here, not their parent: they stay zombies until it reaps)
     for r in birds:
-        assert services.proc_start_time(r["pid"]) != r["start_time"], f"{r['name']} survived"
+        assert not netstate.is_running(r["pid"], r["start_time"]), f"{r['name']} survived"
     assert not (STATE / bgp.BIRD_DIR).exists(), "bird/ (configs, sockets, pid files) left"
+    route = fib.read_route(f"{VIP}/32", ["mnexec", "-a", str(net.nodes["t1"].pid)])
+    assert route is not None and route.protocol != "bird" and route.live_gateways() == [H1, H2]
+    assert network.down(owner=net.owner_pid) == 0
