@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 BIRD_DIR = "bird"
 STATIC_PROTOCOL = "vip"  # the LB host's static protocol holding the VIP route (drain: disable)
-HEALTH_MAX_AGE = 1.5  # s: the interim announcer withdraws when the LB's stats file is older
 SUN_PATH_MAX = 107  # a unix socket path's limit (sockaddr_un.sun_path, less the NUL)
 
 
@@ -66,10 +65,6 @@ def bird_files(state_dir: Path, node: str) -> BirdFiles:
     if len(str(files.ctl)) > SUN_PATH_MAX:
         raise BgpError(f"{files.ctl}: too long for a unix socket path ({SUN_PATH_MAX} bytes)")
     return files
-
-
-def announce_status_path(state_dir: Path, host: str) -> Path:
-    return Path(state_dir) / BIRD_DIR / f"{host}-announce.json"
 
 
 def lb_tors(dep: Deployment) -> dict[str, list[str]]:
@@ -194,9 +189,8 @@ class BgpPlan:
     setup: tuple[Command, ...]
     """Run before the services start: each ToR's static VIP route goes (undo: back)."""
     daemons: tuple[Service, ...]
-    """The BIRDs: start them first, BGP needs a second to connect."""
-    announcers: tuple[Service, ...]
-    """The interim announcement holders, after the LBs they follow."""
+    """The BIRDs: start them first, BGP needs a second to connect (each LB process announces
+    through its host's BIRD itself: fastpath.runner, LbConfig.announce)."""
     settle: tuple[Command, ...]
     """Checks run last: each ToR's kernel has the VIP over every LB."""
     files: dict[str, str]
@@ -204,14 +198,13 @@ class BgpPlan:
 
 def plan(dep: Deployment, state_dir: Path, python: str) -> BgpPlan:
     """The BGP part of the `fastpath` services. Pure."""
-    from controller.services import Command, Service, lb_stats_path  # (services imports us)
+    from controller.services import Command, Service  # (services imports us)
 
     state_dir = Path(state_dir)
     logs = state_dir / "logs"
-    topo, bgp = dep.topology, dep.bgp
+    topo = dep.topology
     setup: list[Command] = []
     daemons: list[Service] = []
-    announcers: list[Service] = []
     settle: list[Command] = []
     files: dict[str, str] = {}
 
@@ -241,23 +234,4 @@ def plan(dep: Deployment, state_dir: Path, python: str) -> BgpPlan:
         )
     for host in sorted(dep.load_balancers, key=natural_key):
         daemons.append(bird(host, lb_config(dep, host)))
-        status = announce_status_path(state_dir, host)
-        announcers.append(
-            Service(
-                name=f"announce-{host}",
-                node=host,
-                role="announce",
-                argv=(
-                    *(python, "-m", "fastpath.announce_cli", topo.host_interface(host).name),
-                    *("--health-file", str(lb_stats_path(state_dir, host))),
-                    *("--max-age", str(HEALTH_MAX_AGE)),
-                    *("--interval-ms", str(bgp.bfd_interval_ms)),
-                    *("--multiplier", str(bgp.bfd_multiplier)),
-                    *("--status-file", str(status)),
-                ),
-                log=str(logs / f"announce-{host}.log"),
-                ready_file=str(status),
-                stats=str(status),
-            )
-        )
-    return BgpPlan(tuple(setup), tuple(daemons), tuple(announcers), tuple(settle), files)
+    return BgpPlan(tuple(setup), tuple(daemons), tuple(settle), files)

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.config import check_mss
 from controller.topology import Topology, TopologyError, load_topology
-from fastpath.config import check_hash_seed
+from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER, check_hash_seed
 from l4lb.errors import ConfigError
 
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
@@ -47,8 +47,8 @@ class BgpSettings:
 _BGP_LIMITS = {
     "tor_asn": (1, 4294967294),
     "lb_asn": (1, 4294967294),
-    "bfd_interval_ms": (10, 10000),
-    "bfd_multiplier": (1, 255),
+    "bfd_interval_ms": BFD_INTERVAL_MS,  # the LB's own rule (fastpath.config.check_bfd)
+    "bfd_multiplier": BFD_MULTIPLIER,
 }
 
 

@@ -55,6 +55,10 @@ def lb_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> LbConf
         stats_file=str(stats_path(state_dir, "lb", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "lb", host)),
+        # the LB holds its announcement: BIRD on its host exports the VIP while it answers
+        announce=True,
+        bfd_interval_ms=dep.bgp.bfd_interval_ms,
+        bfd_multiplier=dep.bgp.bfd_multiplier,
     )
 
 

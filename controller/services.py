@@ -6,10 +6,9 @@ node's shell, through `nsenter`), what a mode needs:
 - `fastpath`: `python -m fastpath.lb hN-eth0` on every load-balancer host; on every backend
   `python -m agent.decap` and `php -S <vip>:80 -t <wwwroot>`; and the VIP announced by BGP
   (controller.bgp): BIRD on each LB host and on their ToR, whose static VIP route gives way to
-  BIRD's multipath route while the services run, and beside each LB the process holding its
-  announcement (`python -m fastpath.announce_cli`, following the LB's stats file until
-  fastpath.lb announces by itself). The start ends once each ToR's kernel routes the VIP over
-  every LB.
+  BIRD's multipath route while the services run; each fastpath.lb holds its own announcement
+  (its rendered configuration says `announce`). The start ends once each ToR's kernel routes
+  the VIP over every LB.
 - `scapy`: the same with the course-style `bench/scapy_lb.py` in place of fastpath.
 - `haproxy`: haproxy in TCP mode on the load-balancer hosts (the VIP on their `lo`), proxying to
   the backends' own addresses, where `php -S` listens (a full proxy, no DSR).
@@ -73,7 +72,7 @@ class Service:
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
     node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy", "bgp", "announce"]
+    role: Literal["lb", "agent", "www", "haproxy", "bgp"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
@@ -285,7 +284,7 @@ def plan(
 
         b = bgp.plan(deployment, state_dir, py)
         setup += b.setup
-        services = [*b.daemons, *services, *b.announcers]
+        services = [*b.daemons, *services]
         files.update(b.files)
         settle += b.settle
     return Plan(
@@ -572,9 +571,10 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state = _read_state(state_dir)
     recs = state.get("services", [])
     live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
-    # Load balancers (and their announcements) first, so no new flow reaches a server that is
-    # going away; BGP last, so an announcement sees its withdraw acknowledged.
-    order = {"lb": 0, "haproxy": 0, "announce": 0, "www": 1, "agent": 1, "bgp": 2}
+    # Load balancers first (each withdraws its announcement and drains: fastpath.drain), so
+    # no new flow reaches a server that is going away; BGP last, so an LB sees its withdraw
+    # acknowledged.
+    order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 1, "bgp": 2}
     for level in sorted({order.get(r["role"], 1) for r in live}):
         wave = [r for r in live if order.get(r["role"], 1) == level]
         for rec in wave:

@@ -19,9 +19,11 @@ come from there), the far side 169.254.0.2 (ours: we read the datagrams addresse
 the TUN and write our answers back into it, from 169.254.0.2 to 169.254.0.1:3784).
 
 For a host loop: `fds()` to poll for reading, `service(now)` whenever one is readable or the
-returned deadline has passed; nothing here blocks. `python -m fastpath.announce` runs one on its
-own (a stand-in for the LB process in tests, and beside fastpath.lb until the LB calls it
-itself; see `--health-file`).
+returned deadline has passed; nothing here blocks: an Announcer is a `l4lb.plane` service.
+fastpath.lb holds one in its receive loop (fastpath.runner: made once it forwards, withdrawn
+and drained on SIGTERM, fastpath.drain); `python -m fastpath.announce_cli` holds one in a
+process of its own (the netns tests' stand-in for the LB, which they can kill, stop and
+signal).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastpath import bfd
+from fastpath.stats import AnnounceStats
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -97,6 +100,9 @@ class Status:
     discarded: dict[str, int]
     """Packets read from the TUN and dropped, by reason (fastpath.bfd.Discard names, lower
     case; `not_bfd` for other traffic on the device, such as IPv6 router solicitations)."""
+    tx_gap_max: float = 0.0
+    """The longest time between two packets we sent while Up (seconds): BIRD declares us dead
+    once it exceeds multiplier x interval, so this says how close the holder's loop came."""
 
 
 def _run_ip(*args: str) -> None:
@@ -172,6 +178,8 @@ class Announcer:
         self.source_port = random.randrange(bfd.SOURCE_PORT_MIN, 65536)
         self.not_bfd = 0
         self.send_errors = 0
+        self.tx_gap_max = 0.0
+        self._last_up_tx: float | None = None  # when we last sent while Up
         self._withdrawn_at: float | None = None if config.announced else now
 
     def fds(self) -> list[int]:
@@ -189,6 +197,12 @@ class Announcer:
             self._handle(packet, now)
         self.session.handle_timer(now)
         for pkt in self.session.packets_to_send(now):
+            if pkt.state == bfd.State.UP:
+                if self._last_up_tx is not None:
+                    self.tx_gap_max = max(self.tx_gap_max, now - self._last_up_tx)
+                self._last_up_tx = now
+            else:
+                self._last_up_tx = None
             dgram = bfd.datagram(
                 self.config.lb_addr, self.config.host_addr, self.source_port, pkt.encode()
             )
@@ -248,6 +262,25 @@ class Announcer:
                 **{r.name.lower(): n for r, n in sorted(s.discards.items())},
                 **({"not_bfd": self.not_bfd} if self.not_bfd else {}),
             },
+            tx_gap_max=self.tx_gap_max,
+        )
+
+    def stats(self, mono_to_wall: float) -> AnnounceStats:
+        """The status for the LB's stats (`mono_to_wall`: the caller's clock to Unix time)."""
+        st = self.status()
+        return AnnounceStats(
+            tun=self.tun,
+            wanted=st.wanted,
+            announced=st.announced,
+            since=round(st.since + mono_to_wall, 3),
+            bfd_state=st.bfd_state,
+            peer_state=st.peer_state,
+            withdraw_confirmed=st.withdraw_confirmed,
+            sent=st.sent,
+            received=st.received,
+            discarded=st.discarded,
+            tx_gap_max_ms=round(st.tx_gap_max * 1000, 1),
+            send_errors=self.send_errors,
         )
 
     def close(self) -> None:

@@ -1,12 +1,8 @@
 """`python -m fastpath.announce_cli IFACE`: hold the VIP announcement in a process of its own.
 
-A stand-in for the LB process wherever the announcement must live outside fastpath.lb's loop:
-the netns tests (a harness that can be killed, stopped and signalled) and, until fastpath.lb
-calls fastpath.announce itself, the emulation (`controller up --services`), where it follows
-the LB's health through its stats file (`--health-file`): announced while the file is
-rewritten (fastpath.lb does so every --stats-interval) and not marked final (written at exit),
-withdrawn otherwise; and the moment the process that wrote it (its `pid`) dies, watched through
-a pidfd, so a killed LB is withdrawn in milliseconds, not after --max-age.
+fastpath.lb holds its announcement in its own loop (fastpath.runner); this command is the
+stand-in for it where a test needs only the announcement, in a harness that can be killed,
+stopped and signalled: the BIRD testbed of the netns tests (tests/netns/bird_testbed.py).
 
 Signals: SIGUSR1 withdraws, SIGUSR2 announces again; SIGTERM/SIGINT withdraw, wait until BIRD
 has seen it (at most --drain-timeout seconds), then exit 0, the TUN going with the process.
@@ -43,7 +39,6 @@ from fastpath.announce import (
     tun_name,
 )
 
-HEALTH_POLL = 0.05  # seconds between looks at the health file
 STATUS_EVERY = 1.0  # seconds between status-file rewrites when nothing changes
 
 
@@ -76,13 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--multiplier", type=_positive(int, 1), default=3, help="BFD detect multiplier (3)"
     )
     p.add_argument("--withdrawn", action="store_true", help="start withdrawn (BFD AdminDown)")
-    p.add_argument("--health-file", type=Path, help="announce only while this stats file is fresh")
-    p.add_argument(
-        "--max-age",
-        type=_positive(float, 0.05),
-        default=1.5,
-        help="seconds after which --health-file counts as stale (default %(default)s)",
-    )
     p.add_argument("--status-file", type=Path, help="write the status here (JSON)")
     p.add_argument(
         "--drain-timeout",
@@ -100,61 +88,10 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def healthy(path: Path, max_age: float, now_wall: float) -> bool:
-    """An LB stats file rewritten within `max_age` seconds and not the final snapshot."""
-    return _read_health(path, max_age, now_wall)[0]
-
-
-def _read_health(path: Path, max_age: float, now_wall: float) -> tuple[bool, int | None]:
-    try:
-        age = now_wall - path.stat().st_mtime
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False, None
-    if not isinstance(data, dict):
-        return False, None
-    pid = data.get("pid")
-    ok = age <= max_age and not data.get("final", False)
-    return ok, pid if isinstance(pid, int) and not isinstance(pid, bool) else None
-
-
-class LbWatch:
-    """The LB behind a stats file: fresh and not final, and its writer (`pid`) alive. The
-    writer is watched through a pidfd, readable the moment it exits."""
-
-    def __init__(self, path: Path, max_age: float) -> None:
-        self.path, self.max_age = path, max_age
-        self.pid: int | None = None
-        self.pidfd = -1
-        self.dead: int | None = None  # the writer seen to exit: its file says nothing more
-
-    def check(self, now_wall: float) -> bool:
-        ok, pid = _read_health(self.path, self.max_age, now_wall)
-        if pid is not None and pid != self.pid and pid != self.dead:
-            self._close()
-            with contextlib.suppress(OSError):  # gone already: the next look sees it stale
-                self.pidfd = os.pidfd_open(pid)
-                self.pid = pid
-        return ok and pid is not None and pid != self.dead
-
-    def fds(self) -> list[int]:
-        return [self.pidfd] if self.pidfd >= 0 else []
-
-    def exited(self) -> None:
-        """The pidfd turned readable: the LB process is gone."""
-        self.dead = self.pid
-        self._close()
-
-    def _close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-        self.pidfd, self.pid = -1, None
-
-
-def status_json(st: Status, tun: str, healthy_now: bool | None, mono_to_wall: float) -> str:
+def status_json(st: Status, tun: str, mono_to_wall: float) -> str:
     d = asdict(st)
     d["since"] = round(st.since + mono_to_wall, 3)
-    d.update(time=round(time.time(), 3), pid=os.getpid(), tun=tun, healthy=healthy_now)
+    d.update(time=round(time.time(), 3), pid=os.getpid(), tun=tun)
     return json.dumps(d, sort_keys=True) + "\n"
 
 
@@ -170,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 required_min_rx=args.interval_ms / 1000,
                 detect_mult=args.multiplier,
             ),
-            announced=not args.withdrawn and args.health_file is None,
+            announced=not args.withdrawn,
         )
     except ValueError as e:
         print(f"fastpath.announce_cli: error: {e}", file=sys.stderr)
@@ -202,11 +139,8 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
         f"{'withdrawn' if not config.announced else 'announcing'}",
         flush=True,
     )
-    wanted = not args.withdrawn  # the operator's (signals') wish; health may overrule it
-    watch = LbWatch(args.health_file, args.max_age) if args.health_file is not None else None
-    is_healthy: bool | None = None
+    wanted = not args.withdrawn  # the signals' wish
     last_written, last_status = 0.0, None
-    next_health = 0.0
     stopping_since: float | None = None
     try:
         while True:
@@ -219,10 +153,7 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
                 elif stopping_since is None:
                     stopping_since = now
             requests.clear()
-            if watch is not None and now >= next_health:
-                is_healthy = watch.check(time.time())
-                next_health = now + HEALTH_POLL
-            want = wanted and stopping_since is None and is_healthy is not False
+            want = wanted and stopping_since is None
             if want and not ann.status().wanted:
                 ann.announce(now)
             elif not want and ann.status().wanted:
@@ -233,7 +164,7 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
                 if last_status is None or st.bfd_state != last_status.bfd_state:
                     print(f"fastpath.announce_cli: BFD {st.bfd_state}", flush=True)
                 if args.status_file is not None:
-                    text = status_json(st, ann.tun, is_healthy, mono_to_wall)
+                    text = status_json(st, ann.tun, mono_to_wall)
                     write_atomic(args.status_file, text)
                 last_written, last_status = now, st
             if stopping_since is not None and (
@@ -241,23 +172,13 @@ def run(args: argparse.Namespace, config: AnnounceConfig) -> int:
             ):
                 return 0
             timeout = min(max(deadline - now, 0.0), STATUS_EVERY)
-            if watch is not None:
-                timeout = min(timeout, max(next_health - now, 0.0))
-            lb_fds = watch.fds() if watch is not None else []
             with contextlib.suppress(InterruptedError):
-                readable, _, _ = select.select(
-                    [*ann.fds(), *lb_fds, wake_r.fileno()], [], [], timeout
-                )
-                if watch is not None and set(lb_fds) & set(readable):
-                    watch.exited()
-                    next_health = 0.0  # withdraw now
+                readable, _, _ = select.select([*ann.fds(), wake_r.fileno()], [], [], timeout)
                 if wake_r.fileno() in readable:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(64)
     finally:
         ann.close()
-        if watch is not None:
-            watch.exited()
         signal.set_wakeup_fd(-1)
         wake_r.close()
         wake_w.close()

@@ -51,6 +51,22 @@ def check_conn(capacity: int, idle_timeout: float) -> None:
         raise ConfigError(f"conn_idle_timeout: must be > 0, not {idle_timeout}")
 
 
+BFD_INTERVAL_MS = (10, 10000)
+"""Bounds of the announcement's BFD interval (ms): BIRD's and the deployment's."""
+BFD_MULTIPLIER = (1, 255)
+"""Bounds of the BFD detect multiplier (RFC 5880 4.1: one byte, not 0)."""
+
+
+def check_bfd(interval_ms: int, multiplier: int) -> None:
+    """Raise ConfigError unless the BFD timers are integers within their bounds."""
+    for name, value, (low, high) in (
+        ("bfd_interval_ms", interval_ms, BFD_INTERVAL_MS),
+        ("bfd_multiplier", multiplier, BFD_MULTIPLIER),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{name}: must be an integer in {low}..{high}, not {value!r}")
+
+
 def check_backends(backends: tuple[tuple[str, int], ...]) -> None:
     """Raise ConfigError unless every backend is (IPv4 text, weight >= 0), each IP once."""
     seen: set[str] = set()
@@ -159,6 +175,13 @@ class LbConfig:
     """Leave IFACE's offloads as they are (GRO/LRO/TSO/GSO are turned off otherwise)."""
     nft: bool = True
     """Install the nftables ingress drop of VIP traffic on IFACE."""
+    announce: bool = False
+    """Announce the VIPs by BGP once forwarding: hold the TUN `l4an-IFACE` and answer the host
+    BIRD's BFD on it (fastpath.announce); SIGTERM withdraws, drains, then stops."""
+    bfd_interval_ms: int = 100
+    """The announcement's BFD interval: BIRD withdraws a hung LB after multiplier x this."""
+    bfd_multiplier: int = 3
+    """The announcement's BFD detect multiplier."""
 
     def __post_init__(self) -> None:
         if not self.iface or "/" in self.iface or len(self.iface) > 15:
@@ -183,6 +206,7 @@ class LbConfig:
             raise ConfigError(f"busy_poll_us: {why}")
         if self.ring_frames < 16:
             raise ConfigError(f"ring_frames: must be >= 16, not {self.ring_frames}")
+        check_bfd(self.bfd_interval_ms, self.bfd_multiplier)
 
     def name_of(self, ip: str) -> str | None:
         """The host name of an address, if the configuration knows it."""

@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="do not install the nftables ingress drop of VIP traffic",
     )
+    p.add_argument(
+        "--announce",
+        dest="announce",
+        action="store_true",
+        default=None,
+        help="announce the VIPs by BGP through this host's BIRD once forwarding (a TUN "
+        "l4an-IFACE and BFD on it; SIGTERM withdraws and drains first)",
+    )
+    p.add_argument("--no-announce", dest="announce", action="store_false", help="do not announce")
     return p
 
 
@@ -237,6 +246,7 @@ def resolve_config(args: argparse.Namespace) -> LbConfig:
         ("conn_timeout", "conn_idle_timeout"),
         ("keep_offloads", "keep_offloads"),
         ("nft", "nft"),
+        ("announce", "announce"),
     ):
         value = getattr(args, option)
         if value is not None:

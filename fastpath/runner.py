@@ -9,8 +9,16 @@ socket. Refuses to start (UsageError) when IPv4 forwarding is on in its namespac
 would route the VIP packets back into the fabric as well.
 
 The receive loop (fastpath.forward over l4lb.rxloop) forwards; the control plane
-(l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), and
-the stats tick (a JSON line and the stats file every `stats_interval`).
+(l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), the
+VIP announcement (`announce`: fastpath.announce, made once forwarding works, just before the
+loop runs, so BIRD exports the VIP only from an LB that forwards; its BFD answers come from
+this loop, so a hung loop is withdrawn), and the stats tick (a JSON line and the stats file
+every `stats_interval`).
+
+Signals: SIGTERM or SIGINT, while announcing, is a graceful stop (fastpath.drain): withdraw,
+keep forwarding until the ToR has moved the traffic away, then stop; a second one stops at
+once. Without the announcement the first one stops at once. At cleanup the announcement goes
+first (its TUN is deleted: BIRD withdraws at once, whatever else is still to undo).
 
 Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `ping`.
 """
@@ -27,8 +35,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fastpath import bfd
+from fastpath.announce import AnnounceConfig, Announcer, tun_name
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
+from fastpath.drain import DrainService
 from fastpath.forward import Forwarder
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
@@ -117,6 +128,17 @@ def balancer_config(cfg: LbConfig) -> tuple[BalancerConfig, NextHop | None]:
     return core, next_hop
 
 
+def announce_config(cfg: LbConfig) -> AnnounceConfig:
+    """The announcement of an LB on cfg.iface, with the configuration's BFD timers."""
+    interval = cfg.bfd_interval_ms / 1000
+    timers = bfd.SessionConfig(interval, interval, cfg.bfd_multiplier)
+    return AnnounceConfig(tun=tun_name(cfg.iface), bfd=timers)
+
+
+def log(message: str) -> None:
+    print(f"fastpath.lb: {message}", file=sys.stderr, flush=True)
+
+
 def run(cfg: LbConfig) -> int:
     """Run the load balancer until SIGINT/SIGTERM; 0, or 1 when the cleanup failed."""
     ifname = cfg.iface
@@ -131,12 +153,15 @@ def run(cfg: LbConfig) -> int:
     writer = StatsWriter(stats_path, "fastpath.lb")
 
     forwarder: Forwarder | None = None
+    announcer: Announcer | None = None
+    drainer: DrainService | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if forwarder is not None:
-            forwarder.stop()
-        else:
+        if forwarder is None:
             raise Stop
+        if drainer is not None and drainer.request():
+            return  # the first: withdraw and drain (the plane's DrainService)
+        forwarder.stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -153,6 +178,7 @@ def run(cfg: LbConfig) -> int:
     sock = txsock = None
     control: ControlServer | None = None
     started = time.monotonic()
+    mono_to_wall = time.time() - started
     kdrops = 0
     try:
         mask = rps.parse_mask(cfg.rps_cpus, "--rps-cpus")
@@ -197,6 +223,8 @@ def run(cfg: LbConfig) -> int:
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
                 rps_cpus=steer.mask if steer is not None else None,
                 nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
+                announce=announcer.stats(mono_to_wall) if announcer is not None else None,
+                drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
             )
             if advance:
                 last[:] = [now, io.rx_frames, io.tx_frames]
@@ -250,6 +278,14 @@ def run(cfg: LbConfig) -> int:
             flush=True,
         )
         writer.emit(snapshot(time.monotonic()))
+        if cfg.announce:  # forwarding works: announce from now on
+            announcer = Announcer(announce_config(cfg), time.monotonic())
+            drainer = DrainService(announcer, lambda: balancer.counters.total, forwarder.stop, log)
+            plane.add(announcer)
+            plane.add(drainer)
+            signal.set_wakeup_fd(drainer.wakeup_fd, warn_on_full_buffer=False)
+            log(f"announcing {vip_text} through {announcer.tun} (BFD {cfg.bfd_interval_ms} ms "
+                f"x {cfg.bfd_multiplier})")  # fmt: skip
         forwarder.run(tick, cfg.stats_interval, plane)
         writer.emit(snapshot(time.monotonic(), final=True))
     except Stop:
@@ -257,7 +293,11 @@ def run(cfg: LbConfig) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control)
+        if drainer is not None:
+            signal.set_wakeup_fd(-1)
+        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control, announcer)
+        if drainer is not None:
+            drainer.close()
     for err in errors:
         print(f"fastpath.lb: cleanup: {err}", file=sys.stderr)
     return 1 if errors else 0
@@ -271,10 +311,12 @@ def _cleanup(
     offloads: Offloads,
     steer: rps.Rps | None,
     control: ControlServer | None,
+    announcer: Announcer | None = None,
 ) -> list[str]:
     """Undo everything, each step even if an earlier one failed; returns the failures."""
     errors: list[str] = []
     steps = [
+        *((announcer.close,) if announcer is not None else ()),
         *((control.close,) if control is not None else ()),
         ring.close,
         *(s.close for s in (sock, txsock) if s is not None),

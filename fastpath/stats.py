@@ -59,6 +59,60 @@ class IoStats:
 
 
 @dataclass
+class AnnounceStats:
+    """The VIP announcement this LB holds (fastpath.announce), as seen from here: BIRD on the
+    host has the last word (`controller lb list` asks it too)."""
+
+    tun: str
+    """The TUN device whose far end is BIRD's next hop for the VIP."""
+    wanted: bool
+    """Announcing is in force (False once withdrawn: SIGTERM)."""
+    announced: bool
+    """The BFD session to BIRD is Up: its static VIP route, and so the VIP, is valid."""
+    since: float
+    """Unix time the BFD session entered its state."""
+    bfd_state: str
+    """Our BFD session: ADMIN_DOWN, DOWN, INIT or UP."""
+    peer_state: str | None
+    """The state in BIRD's last BFD packet (None: nothing heard)."""
+    withdraw_confirmed: bool
+    """Withdrawn, and BIRD has said its session is Down."""
+    sent: int
+    """BFD packets sent."""
+    received: int
+    """BFD packets taken (not discarded)."""
+    discarded: dict[str, int]
+    """Packets read from the TUN and dropped, by reason (fastpath.bfd.Discard, lower case)."""
+    tx_gap_max_ms: float
+    """The longest time between two BFD packets sent while Up: BIRD withdraws us once it
+    exceeds multiplier x interval (300 ms by default), so this is how close the loop came."""
+    send_errors: int
+    """BFD packets the TUN refused."""
+
+
+@dataclass
+class DrainStats:
+    """How the graceful stop went (in the LB's stats from the signal on)."""
+
+    phase: str
+    """running, withdrawing, draining or done."""
+    began: float
+    """Unix time of the signal."""
+    announced: bool
+    """The announcement was up at the signal (else the stop is immediate)."""
+    confirmed_ms: float | None
+    """When BIRD acknowledged the withdraw, after the signal (None: not (yet), or timed out)."""
+    last_frame_ms: float | None
+    """The last VIP frame seen, after the signal (None: none came)."""
+    frames: int
+    """VIP frames handled from the signal on."""
+    stopped_ms: float | None
+    """When the loop was told to stop, after the signal."""
+    reason: str
+    """Why it stopped: quiet, cap, not_announced (or empty while it goes on)."""
+
+
+@dataclass
 class LbStats:
     """One snapshot of a running `fastpath.lb`."""
 
@@ -90,6 +144,10 @@ class LbStats:
     """The interface's RPS mask while the LB runs (hex), None when left alone."""
     nft_dropped: int | None
     """Frames the nftables ingress drop counted (final snapshot only; None before or without)."""
+    announce: AnnounceStats | None = None
+    """The VIP announcement (None when the LB does not announce)."""
+    drain: DrainStats | None = None
+    """The graceful stop, from the first SIGTERM on (None before)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

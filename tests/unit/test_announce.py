@@ -1,78 +1,24 @@
 """fastpath.announce without root: the Announcer over a socket pair standing in for its TUN,
 against a BFD session playing BIRD (datagrams as BIRD sends them: 169.254.0.1 -> .2:3784, TTL
-255), and the CLI's options and health rule. With a real TUN and BIRD: tests/netns."""
+255), and the CLI's options. With a real TUN and BIRD: tests/netns."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bfd_peer import Bird, announcer_pair, run
 
 from fastpath import announce_cli, bfd
-from fastpath.announce import (
-    HOST_ADDR,
-    LB_ADDR,
-    AnnounceConfig,
-    Announcer,
-    Device,
-    tun_name,
-)
-
-CFG = bfd.SessionConfig(desired_min_tx=0.1, required_min_rx=0.1, detect_mult=3)
-
-
-class Bird:
-    """A BFD session on the host's side of the 'TUN' (the other end of the socket pair)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.session = bfd.Session(CFG, 0xB1D, 0.0, random.Random(3).random)
-        self.port = 49200
-        self.seen: list[bfd.ControlPacket] = []
-
-    def step(self, now: float) -> None:
-        while True:
-            try:
-                raw = self.sock.recv(2048)
-            except BlockingIOError:
-                break
-            d = bfd.parse_datagram(raw)
-            assert (d.src, d.dst, d.dport, d.ttl) == (LB_ADDR, HOST_ADDR, 3784, 255)
-            assert 49152 <= d.sport <= 65535
-            p = bfd.decode(d.payload)
-            self.seen.append(p)
-            self.session.receive(p, now)
-        self.session.handle_timer(now)
-        for p in self.session.packets_to_send(now):
-            self.sock.send(bfd.datagram(HOST_ADDR, LB_ADDR, self.port, p.encode()))
+from fastpath.announce import HOST_ADDR, LB_ADDR, AnnounceConfig, Announcer, tun_name
 
 
 @pytest.fixture()
 def pair() -> Iterator[tuple[Announcer, Bird]]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    a.setblocking(False)
-    b.setblocking(False)
-    ann = Announcer(AnnounceConfig(tun="l4an-test", bfd=CFG), 0.0, lambda: 0.5,
-                    discriminator=0xA11, device=Device(a.detach(), "l4an-test"))  # fmt: skip
-    try:
-        yield ann, Bird(b)
-    finally:
-        ann.close()
-        b.close()
-
-
-def run(ann: Announcer, bird: Bird, start: float, end: float, tick: float = 0.005) -> None:
-    t = start
-    while t <= end:
-        ann.service(t)
-        bird.step(t)
-        t = round(t + tick, 6)
+    with announcer_pair() as p:
+        yield p
 
 
 def test_comes_up_with_bird_and_reports_it(pair: tuple[Announcer, Bird]) -> None:
@@ -146,7 +92,8 @@ def test_names_and_config() -> None:
     [
         (["h1-eth0", "--interval-ms", "0"], "expected a number >= 1"),
         (["h1-eth0", "--multiplier", "x"], "expected a number >= 1, not 'x'"),
-        (["h1-eth0", "--max-age", "0"], "expected a number >= 0.05"),
+        (["h1-eth0", "--drain-timeout", "-1"], "expected a number >= 0"),
+        (["h1-eth0", "--health-file", "x"], "unrecognized arguments: --health-file"),
         ([], "the following arguments are required: IFACE"),
     ],
 )
@@ -161,19 +108,6 @@ def test_cli_bad_tun_name_exits_2(capsys) -> None:
     assert "TUN name" in capsys.readouterr().err
 
 
-def test_health_is_a_fresh_stats_file_not_marked_final(tmp_path: Path) -> None:
-    f = tmp_path / "lb-h1.json"
-    now = time.time()
-    assert not announce_cli.healthy(f, 1.5, now)  # missing
-    f.write_text(json.dumps({"final": False}))
-    assert announce_cli.healthy(f, 1.5, time.time())
-    assert not announce_cli.healthy(f, 1.5, time.time() + 2)  # stale
-    f.write_text(json.dumps({"final": True}))
-    assert not announce_cli.healthy(f, 1.5, time.time())
-    f.write_text("{half")
-    assert not announce_cli.healthy(f, 1.5, time.time())
-
-
 def test_status_file_is_replaced_whole(tmp_path: Path) -> None:
     f = tmp_path / "st.json"
     announce_cli.write_atomic(f, "one\n")
@@ -181,26 +115,14 @@ def test_status_file_is_replaced_whole(tmp_path: Path) -> None:
     assert f.read_text() == "two\n" and os.listdir(tmp_path) == ["st.json"]
 
 
-def test_lb_watch_follows_the_writer_of_the_stats_file(tmp_path: Path) -> None:
-    import select
-    import subprocess
-
-    f = tmp_path / "lb-h1.json"
-    lb = subprocess.Popen(["sleep", "30"])
-    try:
-        f.write_text(json.dumps({"final": False, "pid": lb.pid}))
-        watch = announce_cli.LbWatch(f, 1.5)
-        assert watch.check(time.time()) and len(watch.fds()) == 1
-        assert select.select(watch.fds(), [], [], 0)[0] == []
-        lb.kill()
-        lb.wait()
-        assert select.select(watch.fds(), [], [], 2)[0] == watch.fds()  # at once, not stale
-        watch.exited()
-        assert not watch.check(time.time()), "its file is fresh, but its writer is dead"
-        f.write_text(json.dumps({"final": False}))
-        assert not watch.check(time.time()), "a file without a pid is no LB's"
-        f.write_text(json.dumps({"final": False, "pid": os.getpid()}))  # a restarted LB
-        assert watch.check(time.time()) and watch.fds()
-    finally:
-        lb.kill()
-        lb.wait()
+def test_the_longest_gap_between_sends_while_up_is_kept(pair: tuple[Announcer, Bird]) -> None:
+    ann, bird = pair
+    run(ann, bird, 0.0, 2.0)  # serviced every 5 ms: periodic sends 75..100 ms apart
+    assert 0.07 <= ann.status().tx_gap_max <= 0.105
+    run(ann, bird, 2.0, 2.4, tick=0.2)  # a loop that comes by only every 200 ms
+    assert 0.19 <= ann.status().tx_gap_max <= 0.215  # the last send at 2.0 - 0.01 at worst
+    assert bird.session.state == bfd.State.UP, "200 ms is still inside BIRD's 300 ms"
+    st = ann.stats(1000.0)
+    assert st.announced and st.bfd_state == "UP" and st.tun == "l4an-test"
+    assert st.tx_gap_max_ms == round(ann.status().tx_gap_max * 1000, 1)
+    assert st.since == round(ann.status().since + 1000.0, 3) and st.send_errors == 0

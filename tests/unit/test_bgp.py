@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from test_deployment import _write
 
-from controller import bgp, birdctl, fib, services
+from controller import bgp, birdctl, fib, render, services
 from controller.deployment import DEFAULT_DEPLOYMENT, DeploymentError, load_deployment
 
 STATE = Path("/tmp/l4lb-test-state")
@@ -101,6 +101,7 @@ def test_settings_reach_the_configs(tmp_path: Path) -> None:
     assert "local as 64513;" in bgp.lb_config(d, "h1")
     assert "neighbor 10.1.1.1 as 64512;" in bgp.lb_config(d, "h1")
     assert "interval 50 ms; multiplier 3;" in bgp.tor_config(d, "t1")
+    assert render.lb_config(d, "h1").bfd_interval_ms == 50  # the LB answers BFD as fast
 
 
 @pytest.mark.skipif(shutil.which("bird") is None, reason="bird (bird2) not installed")
@@ -132,12 +133,12 @@ def test_socket_paths_too_long_are_refused() -> None:
 # --- the plan -------------------------------------------------------------------------------
 
 
-def test_fastpath_plan_runs_bird_first_announcers_last_and_settles(dep) -> None:
+def test_fastpath_plan_runs_bird_first_the_lbs_announce_themselves_and_settles(dep) -> None:
     p = services.plan(dep, "fastpath", STATE, python="/py")
     names = [s.name for s in p.services]
     assert names[:3] == ["bird-t1", "bird-h1", "bird-h2"]
-    assert names[-2:] == ["announce-h1", "announce-h2"]
-    assert names.index("announce-h1") > names.index("lb-h1")
+    assert names[-2:] == ["lb-h1", "lb-h2"]
+    assert not [s for s in p.services if "announce" in s.name or "announce_cli" in s.argv]
     bird = next(s for s in p.services if s.name == "bird-t1")
     d = STATE / "bird"
     assert bird.node == "t1" and bird.role == "bgp"
@@ -151,10 +152,9 @@ def test_fastpath_plan_runs_bird_first_announcers_last_and_settles(dep) -> None:
     assert bird.log == str(STATE / "logs" / "bird-t1.log")
     assert p.files[str(d / "t1.conf")] == bgp.tor_config(dep, "t1")
     assert p.files[str(d / "h2.conf")] == bgp.lb_config(dep, "h2")
-    ann = next(s for s in p.services if s.name == "announce-h1")
-    assert ann.node == "h1" and ann.argv[:4] == ("/py", "-m", "fastpath.announce_cli", "h1-eth0")
-    assert "--health-file" in ann.argv and str(STATE / "lb-h1.json") in ann.argv
-    assert ann.argv[ann.argv.index("--interval-ms") + 1] == "100"
+    # each LB announces itself, with the deployment's BFD timers (its rendered configuration)
+    lb = render.lb_config(dep, "h1", STATE)
+    assert (lb.announce, lb.bfd_interval_ms, lb.bfd_multiplier) == (True, 100, 3)
     # t1's static VIP route goes while BIRD's is there, and comes back at stop
     route = next(c for c in p.setup if c.argv[:3] == ("ip", "route", "del"))
     assert route.node == "t1" and route.argv == ("ip", "route", "del", "20.0.0.1/32")
@@ -168,7 +168,7 @@ def test_fastpath_plan_runs_bird_first_announcers_last_and_settles(dep) -> None:
 def test_other_modes_keep_the_static_route(dep) -> None:
     for mode in ("scapy", "haproxy", "none"):
         p = services.plan(dep, mode, STATE)
-        assert not [s for s in p.services if s.role in ("bgp", "announce")]
+        assert not [s for s in p.services if s.role == "bgp"]
         assert not [c for c in p.setup if c.argv[:2] == ("ip", "route")] and not p.settle
 
 

@@ -88,6 +88,7 @@ def test_every_process_configuration_renders_from_it():
     lb = render.lb_config(d, "h1")
     assert (lb.iface, lb.vips, lb.hash_seed) == ("h1-eth0", (("20.0.0.1", 80),), 2026)
     assert lb.backends == d.backend_ips() and ("10.2.3.2", "h3") in lb.names
+    assert (lb.announce, lb.bfd_interval_ms, lb.bfd_multiplier) == (True, 100, 3)
     agent = render.agent_config(d, "h7")
     assert (agent.iface, agent.vips, agent.allowed_lbs) == (
         "h7-eth0",

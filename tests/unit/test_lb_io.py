@@ -101,6 +101,28 @@ def test_a_bad_configuration_file_names_the_file_and_the_field(
     assert "is for h1-eth0, not h2-eth0" in capsys.readouterr().err
 
 
+def test_the_announcement_settings_come_from_the_file_and_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, announce=True, bfd_interval_ms=50, bfd_multiplier=5)
+    cfg = lb.resolve_config(lb.build_parser().parse_args(["h1-eth0", "--config", str(path)]))
+    assert (cfg.announce, cfg.bfd_interval_ms, cfg.bfd_multiplier) == (True, 50, 5)
+    args = lb.build_parser().parse_args(["h1-eth0", "--config", str(path), "--no-announce"])
+    assert lb.resolve_config(args).announce is False
+    args = lb.build_parser().parse_args(["lo", "--vip", "20.0.0.1", "--backend", "10.2.3.2"])
+    assert lb.resolve_config(args).announce is False  # by hand, without a file: not announced
+    for field, value, why in (
+        ("bfd_interval_ms", 5, "bfd_interval_ms: must be an integer in 10..10000, not 5"),
+        ("bfd_multiplier", 0, "bfd_multiplier: must be an integer in 1..255, not 0"),
+        ("bfd_multiplier", True, "bfd_multiplier: must be an integer, not True"),  # cfgfile
+    ):
+        data = json.loads(write_config(tmp_path).read_text())
+        data[field] = value
+        path.write_text(json.dumps(data))
+        assert lb.main(["h1-eth0", "--config", str(path)]) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_unknown_backend_host_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert lb.main(["lo", "--vip", "20.0.0.1", "--backend", "h99"]) == 2
     assert "'h99' is neither an IPv4 address nor a host" in capsys.readouterr().err

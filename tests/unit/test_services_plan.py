@@ -30,8 +30,8 @@ def by_node(plan: services.Plan) -> dict[str, list[str]]:
 def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     p = services.plan(dep, "fastpath", STATE, python="/py")
     nodes = by_node(p)
-    # on each LB host: its BIRD, the LB, the holder of its announcement (controller.bgp)
-    assert nodes["h1"] == ["bgp", "lb", "announce"] and nodes["h2"] == ["bgp", "lb", "announce"]
+    # on each LB host: its BIRD and the LB, which holds its announcement (controller.bgp)
+    assert nodes["h1"] == ["bgp", "lb"] and nodes["h2"] == ["bgp", "lb"]
     assert nodes["t1"] == ["bgp"]
     for h, _ in dep.backends:
         assert nodes[h] == ["agent", "www"]
