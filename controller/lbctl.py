@@ -7,8 +7,9 @@ except by drain/undrain:
   session to the LB process's announcement (169.254.0.2 on its TUN), drained or not;
 - each LB ToR's kernel route to the VIP (`ip -j route` inside the ToR): the next hops traffic
   is really spread over;
-- each LB's stats file (`<state_dir>/lb-<host>.json`, fastpath.lb): packets forwarded per second
-  and tracked flows.
+- each LB process, through its control socket (`<state_dir>/lb-<host>.ctl`, `show`): packets
+  forwarded per second, tracked flows, and the announcement as the LB holds it (its BFD state
+  and since when). An LB that does not answer (dead, hung) shows no figures and the reason.
 
 `drain hN` disables the VIP's static protocol in hN's BIRD (`birdc disable vip`): the route is
 withdrawn by BGP at once and the ToR stops sending new packets to hN, whatever the LB process
@@ -20,7 +21,6 @@ LB would black-hole the VIP: refused unless --force.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +29,12 @@ from typing import Any
 from controller import bgp, birdctl, fib, netstate
 from controller.deployment import Deployment
 from controller.netstate import NetState
+from controller.render import control_path
 from controller.topology import natural_key
 from fastpath.announce import LB_ADDR
+from l4lb import control
 
-STATS_STALE = 2.0  # s: an LB stats file older than this is shown as stale
+SHOW_TIMEOUT = 1.0  # s: an LB busier than this with its loop counts as not answering
 
 
 class LbError(RuntimeError):
@@ -61,8 +63,16 @@ class LbStatus:
     """The ToR's kernel uses this LB as a next hop of the VIP."""
     tor: str
     forwarded_pps: int | None
+    """Frames the LB process sent per second (its `show`); None when it does not answer."""
     tracked_flows: int | None
-    stats_age: float | None
+    """Flows in the LB's connection table (its `show`)."""
+    lb_bfd: str | None
+    """The announcement's BFD state as the LB process holds it (UP, DOWN, ADMIN_DOWN, ...;
+    None when it does not announce or does not answer)."""
+    lb_since: float | None
+    """Unix time the LB's BFD session entered that state."""
+    lb_error: str | None = None
+    """Why the LB process did not answer its control socket."""
     error: str | None = None
 
 
@@ -98,9 +108,7 @@ def tor_route(st: NetState, tor: str, vip: str) -> fib.FibRoute | None:
     return fib.read_route(f"{vip}/32", ["mnexec", "-a", str(rec.pid)])
 
 
-def lb_status(
-    dep: Deployment, state_dir: Path, host: str, tor_gateways: list[str], now: float
-) -> LbStatus:
+def lb_status(dep: Deployment, state_dir: Path, host: str, tor_gateways: list[str]) -> LbStatus:
     topo = dep.topology
     tor = topo.gateway(host).node
     addr = topo.host_ip(host)
@@ -109,7 +117,7 @@ def lb_status(
         address=addr,
         tor=tor,
         in_ecmp=addr in tor_gateways,
-        **_stats(state_dir, host, now),
+        **_show(state_dir, host),
     )
     try:
         ctl = _ctl(state_dir, host)
@@ -147,19 +155,22 @@ def lb_status(
     )
 
 
-def _stats(state_dir: Path, host: str, now: float) -> dict[str, Any]:
-    from controller.services import lb_stats_path
-
+def _show(state_dir: Path, host: str) -> dict[str, Any]:
+    """The LB process's own figures, from `show` on its control socket."""
+    empty: dict[str, Any] = dict(forwarded_pps=None, tracked_flows=None, lb_bfd=None, lb_since=None)
     try:
-        data = json.loads(lb_stats_path(state_dir, host).read_text())
-        age = max(0.0, now - float(data["time"]))
+        snap = control.request(control_path(state_dir, "lb", host), "show", timeout=SHOW_TIMEOUT)
+        ann = snap.get("announce") or {}
         return dict(
-            forwarded_pps=int(data.get("tx_pps", 0)),
-            tracked_flows=int(data.get("tracked_flows", 0)),
-            stats_age=round(age, 1),
+            forwarded_pps=int(snap["tx_pps"]),
+            tracked_flows=int(snap["tracked_flows"]),
+            lb_bfd=ann.get("bfd_state"),
+            lb_since=ann.get("since"),
         )
-    except (OSError, ValueError, KeyError, TypeError):
-        return dict(forwarded_pps=None, tracked_flows=None, stats_age=None)
+    except (control.ControlUnavailable, control.RequestRefused) as e:
+        return dict(empty, lb_error=str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        return dict(empty, lb_error=f"unexpected show reply: {e!r}")
 
 
 def collect(dep: Deployment, state_dir: Path) -> dict[str, Any]:
@@ -174,7 +185,7 @@ def collect(dep: Deployment, state_dir: Path) -> dict[str, Any]:
             "next_hops": route.live_gateways() if route else [],
         }
     lbs = [
-        lb_status(dep, state_dir, h, tors[dep.topology.gateway(h).node]["next_hops"], now)
+        lb_status(dep, state_dir, h, tors[dep.topology.gateway(h).node]["next_hops"])
         for h in sorted(dep.load_balancers, key=natural_key)
     ]
     return {"vip": dep.vip, "time": round(now, 3), "tors": tors, "lbs": [asdict(s) for s in lbs]}
@@ -190,8 +201,6 @@ def render(report: dict[str, Any]) -> str:
     for s in report["lbs"]:
         state = "drained" if s["drained"] else "yes" if s["announced"] else "no"
         pps = "-" if s["forwarded_pps"] is None else str(s["forwarded_pps"])
-        if s["stats_age"] is not None and s["stats_age"] > STATS_STALE:
-            pps += f" (stale {s['stats_age']:.0f} s)"
         rows.append(
             (
                 s["host"],
@@ -211,6 +220,7 @@ def render(report: dict[str, Any]) -> str:
         hops = ", ".join(t["next_hops"]) or "nothing (the VIP is unrouted there)"
         lines.append(f"{tor} routes {report['vip']} via {hops} (proto {t['protocol'] or '-'})")
     lines += [f"{s['host']}: {s['error']}" for s in report["lbs"] if s["error"]]
+    lines += [f"{s['host']}: LB: {s['lb_error']}" for s in report["lbs"] if s.get("lb_error")]
     return "\n".join(lines)
 
 

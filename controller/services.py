@@ -30,6 +30,7 @@ when its output pipe fills). The plan (what runs where) is pure and tested witho
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from controller import netstate, render
 
@@ -499,9 +500,38 @@ def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
         raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why[-1]}")
 
 
-def _spawn(node: int, svc: Service) -> dict:
+def restart(name: str, state_dir: Path = STATE_DIR, timeout: float = 20.0) -> dict:
+    """Start a recorded service again, the way `start` did (same node, argv, readiness), once
+    its process is gone (killed, crashed); its record gets the new PID, so `stop` stops it.
+    Its log goes on (appended). Returns the new record; ServiceError if it still runs or is
+    not recorded."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    recs = state.get("services", [])
+    rec = next((r for r in recs if r["name"] == name), None)
+    if rec is None:
+        known = ", ".join(r["name"] for r in recs) or "none"
+        raise ServiceError(f"no service {name!r} recorded (services: {known})")
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(rec["pid"], os.WNOHANG)  # ours and dead: reap it
+    if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
+        raise ServiceError(f"{name} still runs (pid {rec['pid']}): stop it first")
+    fields = {f.name for f in dataclasses.fields(Service)}
+    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()}
+    svc = Service(**{k: v for k, v in kw.items() if k in fields})  # as `start` recorded it
+    if svc.ready_file:
+        Path(svc.ready_file).unlink(missing_ok=True)  # the dead process's file is no readiness
+    new = _spawn(rec["node_pid"], svc, append=True)
+    recs[recs.index(rec)] = new
+    _write_state(state_dir, state)
+    _wait_ready(new, svc, timeout)
+    return new
+
+
+def _spawn(node: int, svc: Service, append: bool = False) -> dict:
     Path(svc.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(svc.log, "wb") as log:  # this run's log only (the driver counts requests in it)
+    # this run's log only (the driver counts requests in it); a restart's goes on after it
+    with open(svc.log, "ab" if append else "wb") as log:
         try:
             proc = subprocess.Popen(
                 _in_node(node, svc.argv),

@@ -3,6 +3,8 @@ right exit status and message, changing nothing; the table rendered from a repor
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,12 +47,14 @@ REPORT = {
         {
             "host": "h1", "address": "10.1.1.2", "announced": False, "drained": True,
             "since": 1796166484.1, "bgp": "Established", "bfd": "Up", "in_ecmp": False,
-            "tor": "t1", "forwarded_pps": 0, "tracked_flows": 12, "stats_age": 0.3, "error": None,
+            "tor": "t1", "forwarded_pps": 0, "tracked_flows": 12, "lb_bfd": "UP",
+            "lb_since": 1796166484.0, "lb_error": None, "error": None,
         },
         {
             "host": "h2", "address": "10.1.2.2", "announced": True, "drained": False,
             "since": 1796166400.0, "bgp": "Established", "bfd": "Up", "in_ecmp": True,
-            "tor": "t1", "forwarded_pps": 1200, "tracked_flows": 345, "stats_age": 9.0,
+            "tor": "t1", "forwarded_pps": None, "tracked_flows": None, "lb_bfd": None,
+            "lb_since": None, "lb_error": "/run/l4lb/lb-h2.ctl: no reply within 1 s",
             "error": None,
         },
     ],
@@ -63,9 +67,10 @@ def test_render_shows_each_lb_and_the_tor_route() -> None:
         "LB", "address", "announced", "since", "BGP", "BFD", "in", "ECMP", "pkt/s", "flows"
     ]  # fmt: skip
     h1, h2 = lines[1].split(), lines[2].split()
-    assert h1[:3] == ["h1", "10.1.1.2", "drained"] and h1[-1] == "12" and "no" in h1
-    assert h2[2] == "yes" and "(stale" in lines[2] and h2[-1] == "345"
+    assert h1[:3] == ["h1", "10.1.1.2", "drained"] and h1[-2:] == ["0", "12"] and "no" in h1
+    assert h2[2] == "yes" and h2[-2:] == ["-", "-"]  # its LB process did not answer
     assert lines[3] == "t1 routes 20.0.0.1 via 10.1.2.2 (proto bird)"
+    assert lines[4] == "h2: LB: /run/l4lb/lb-h2.ctl: no reply within 1 s"
 
 
 def test_render_says_when_the_vip_is_unrouted_and_why_a_lb_is_unknown() -> None:
@@ -74,3 +79,32 @@ def test_render_says_when_the_vip_is_unrouted_and_why_a_lb_is_unknown() -> None:
     out = lbctl.render(r)
     assert "t1 routes 20.0.0.1 via nothing (the VIP is unrouted there)" in out
     assert out.splitlines()[-1] == "h1: h1 runs no BIRD (...)"
+
+
+def test_the_lb_figures_come_from_its_show(tmp_path: Path) -> None:
+    """`lb list` asks each LB process `show` on its control socket (no stats file read)."""
+    from controller.render import control_path
+    from l4lb.control import Command, ControlServer
+
+    snap = {"tx_pps": 42, "tracked_flows": 7, "announce": {"bfd_state": "UP", "since": 5.5}}
+    server = ControlServer(
+        control_path(tmp_path, "lb", "h1"), {"show": Command(lambda r: snap, "")}
+    )
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            server.service()
+            time.sleep(0.002)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        got = lbctl._show(tmp_path, "h1")
+    finally:
+        done.set()
+        t.join()
+        server.close()
+    assert got == {"forwarded_pps": 42, "tracked_flows": 7, "lb_bfd": "UP", "lb_since": 5.5}
+    gone = lbctl._show(tmp_path, "h2")
+    assert gone["forwarded_pps"] is None and "no control socket" in gone["lb_error"]

@@ -166,3 +166,21 @@ def test_stop_kills_recorded_process_by_pid_and_spares_reused_pids(tmp_path: Pat
         for p in (proc, other):
             p.kill()
             p.wait()
+
+
+def test_restart_refuses_an_unknown_or_running_service_and_changes_nothing(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = {"name": "lb-h1", "node": "h1", "role": "lb", "argv": ["x"], "log": "l",
+               "pid": proc.pid, "start_time": services.proc_start_time(proc.pid),
+               "node_pid": 1}  # fmt: skip
+        services._write_state(tmp_path, {"mode": "fastpath", "services": [rec], "undo": []})
+        before = (tmp_path / services.STATE_FILE).read_text()
+        with pytest.raises(services.ServiceError, match=r"no service 'lb-h9' recorded .*lb-h1"):
+            services.restart("lb-h9", tmp_path)
+        with pytest.raises(services.ServiceError, match=f"lb-h1 still runs .pid {proc.pid}."):
+            services.restart("lb-h1", tmp_path)
+        assert (tmp_path / services.STATE_FILE).read_text() == before
+    finally:
+        proc.kill()
+        proc.wait()
