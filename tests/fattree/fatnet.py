@@ -1,18 +1,22 @@
-"""Helpers of the fat-tree tests: reaching nodes, waiting for the fat-tree lock, and checking
-that nothing of a network is left once it is down."""
+"""Helpers of the fat-tree tests: reaching nodes, waiting for the fat-tree lock, checking that
+nothing of a network is left once it is down, and t1's route to the VIP and the recorded
+services (with the services up)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from controller import netstate
+from controller import fib, netstate, services
+from controller.deployment import load_deployment
 from controller.netstate import NetState
 
 LOCK_WAIT = 600.0  # seconds to wait for another run's fat tree to go away
@@ -77,3 +81,26 @@ def down_if_ours(owners: list[int]) -> None:
     st = netstate.read_state()
     if st is not None and st.owner_pid in owners:
         network.down(owner=st.owner_pid)
+
+
+def t1_gateways(st: NetState) -> list[str]:
+    """The LB addresses t1's kernel routes the VIP over now (live next hops, sorted)."""
+    vip = load_deployment().vip
+    route = fib.read_route(f"{vip}/32", ["mnexec", "-a", str(st.nodes["t1"].pid)])
+    return route.live_gateways() if route else []
+
+
+def wait_gateways(st: NetState, want: list[str], timeout: float) -> float:
+    """Seconds until t1 routes the VIP over exactly `want`; AssertionError after `timeout`."""
+    t0 = time.monotonic()
+    while t1_gateways(st) != sorted(want):
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"t1 routes the VIP via {t1_gateways(st)}, not {want}")
+        time.sleep(0.005)
+    return time.monotonic() - t0
+
+
+def service(name: str) -> dict[str, Any]:
+    """The record of a running service (controller.services' state file)."""
+    recs = json.loads((netstate.STATE_DIR / services.STATE_FILE).read_text())["services"]
+    return next(r for r in recs if r["name"] == name)

@@ -1,6 +1,7 @@
 """A BGP testbed of its own: the fat tree's t1, h1 and h2 as three namespaces, each with a real
 BIRD running the configuration controller.bgp renders for it, and the announcement holders
-(`python -m fastpath.announce_cli`, standing in for the LB process) on h1 and h2.
+(`python -m fastpath.announce_cli`, standing in for the LB process) on h1 and h2; a test may
+run the real LB there too (`spawn`).
 
 Interface names and addresses are the fat tree's (h1-eth0 10.1.1.2 <-> t1-eth1 10.1.1.1, h2-eth0
 10.1.2.2 <-> t1-eth2 10.1.2.1), which is what the rendered configurations name; they live in
@@ -81,7 +82,7 @@ class BirdBed:
         conf = bgp.tor_config(self.dep, node) if node == "t1" else bgp.lb_config(self.dep, node)
         f.conf.write_text(conf)
         argv = ["bird", "-f", "-c", str(f.conf), "-s", str(f.ctl), "-P", str(f.pid)]
-        self._spawn(f"bird-{node}", node, argv)
+        self.spawn(f"bird-{node}", node, argv)
         wait_for(lambda: _answers(f.ctl), 10, f"BIRD on {node} to open {f.ctl}")
 
     def start_holder(self, host: str, *extra: str) -> subprocess.Popen[str]:
@@ -89,7 +90,7 @@ class BirdBed:
         argv = [PY, "-m", "fastpath.announce_cli", iface, "--status-file",
                 str(self.status_path(host)), *extra]  # fmt: skip
         self.status_path(host).unlink(missing_ok=True)
-        return self._spawn(f"holder-{host}", host, argv)
+        return self.spawn(f"holder-{host}", host, argv)
 
     def status_path(self, host: str) -> Path:
         return self.dir / f"{host}-announce.json"
@@ -97,7 +98,7 @@ class BirdBed:
     def status(self, host: str) -> dict[str, Any]:
         return json.loads(self.status_path(host).read_text())
 
-    def _spawn(self, name: str, node: str, argv: list[str]) -> subprocess.Popen[str]:
+    def spawn(self, name: str, node: str, argv: list[str]) -> subprocess.Popen[str]:
         self.stop(name)
         log = self.dir / f"{name}.log"
         self.logs[name] = log

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bird_testbed import LBS, BirdBed, require_bird, sh, wait_for
 
+from bench.netns import REPO
 from controller import birdctl
+from l4lb.control import request
 
 pytestmark = pytest.mark.netns
 
@@ -167,33 +169,67 @@ def test_link_down_of_the_lb_host_leaves_t1s_ecmp(announced: BirdBed) -> None:
     figure("link up -> back (BGP reconnects)", time.monotonic() - t0)
 
 
-def test_health_file_decides_the_interim_announcement(announced: BirdBed, tmp_path: Path) -> None:
+def show(ctl: Path) -> dict[str, Any]:
+    result: dict[str, Any] = request(ctl, "show")
+    return result
+
+
+def _mac(ns: str, dev: str) -> str:
+    return str(json.loads(sh("ip", "-j", "-n", ns, "link", "show", "dev", dev))[0]["address"])
+
+
+def test_the_real_lb_announces_keeps_bfd_up_under_full_load_and_drains_on_sigterm(
+    announced: BirdBed, tmp_path: Path
+) -> None:
+    """fastpath.lb itself on h1 (in place of the stand-in): announced once it forwards; t1
+    floods h1 with 64-byte UDP to the VIP (bench.blast at full speed) while BIRD's BFD session
+    must not flap: the loop answers BFD between batches; SIGTERM then withdraws, waits for
+    BIRD, drains and exits 0."""
+    from bench.frames import pack_frames, udp_frames
+
     bed = announced
-    health = tmp_path / "lb-h1.json"
-    lb = subprocess.Popen(["sleep", "60"])  # stands for fastpath.lb, the file's writer
+    bed.stop("holder-h1")
+    bed.wait_gateways([H2], 3.0)
+    ns = bed.ns
+    stats, ctl = tmp_path / "lb-h1.json", tmp_path / "lb-h1.ctl"
+    t1_mac, h1_mac = _mac(ns["t1"], "t1-eth1"), _mac(ns["h1"], "h1-eth0")
+    argv = [sys.executable, "-m", "fastpath.lb", "h1-eth0", "--vip", "20.0.0.1:9",
+            "--backend", "10.2.3.2", "--next-hop-mac", t1_mac, "--announce",
+            "--stats-file", str(stats), "--control-socket", str(ctl),
+            "--stats-interval", "0.2"]  # fmt: skip
+    lb = bed.spawn("lb-h1", "h1", argv)
     try:
-        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
-        bed.start_holder("h1", "--health-file", str(health), "--max-age", "0.5")
-        bed.wait_gateways([H1, H2], 3.0)
-        # Not rewritten: stale after 0.5 s, then withdrawn.
-        bed.wait_gateways([H2], 2.0)
-        assert time.time() - health.stat().st_mtime >= 0.45, "withdrawn only once stale"
-        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
-        bed.wait_gateways([H1, H2], 2.0)
-        health.write_text(json.dumps({"final": True, "pid": lb.pid}))  # the LB's last one
-        bed.wait_gateways([H2], 1.0)
-        assert bed.status("h1")["healthy"] is False
-        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
-        bed.wait_gateways([H1, H2], 2.0)
+        figure("fastpath.lb started -> in t1's ECMP", bed.wait_gateways([H1, H2], 10.0))
+        frames = tmp_path / "frames.bin"
+        frames.write_bytes(pack_frames(udp_frames(4096, t1_mac, h1_mac, "20.0.0.1")))
+        before = show(ctl)
+        blast_start = time.time()
+        out = sh(sys.executable, "-m", "bench.blast", "t1-eth1", "--frames", str(frames),
+                 "--duration", "4", ns=ns["t1"], timeout=30, cwd=REPO)  # fmt: skip
+        sent = json.loads(out.strip().splitlines()[-1])["sent"]
+        time.sleep(0.3)
+        after = show(ctl)
+        got = after["io"]["rx_frames"] - before["io"]["rx_frames"]
+        gap = after["announce"]["tx_gap_max_ms"]
+        sessions = birdctl.parse_bfd_sessions(bed.bird("h1", "show bfd sessions"))
+        tun = next(x for x in sessions if x.address == "169.254.0.2")
+        figure(f"under load ({got} frames in 4 s, {sent} sent): longest BFD gap", gap / 1000)
+        assert got > 50_000, f"not loaded: {got} frames"
+        assert tun.state == "Up" and tun.since < blast_start, "BIRD's BFD session flapped"
+        assert after["announce"]["bfd_state"] == "UP" and gap < 200
+        assert bed.tor_gateways() == [H1, H2]
         t0 = time.monotonic()
-        lb.kill()  # the writer dies: withdrawn through the pidfd, before the file is stale
-        took = bed.wait_gateways([H2], 0.4)
-        figure("SIGKILL of the stats file's writer -> out of t1's ECMP (pidfd)", took)
-        assert time.monotonic() - t0 < 0.45
+        lb.send_signal(signal.SIGTERM)
+        figure("SIGTERM of fastpath.lb -> out of t1's ECMP", bed.wait_gateways([H2], 2.0))
+        assert lb.wait(5) == 0
+        figure("SIGTERM of fastpath.lb -> exited", time.monotonic() - t0)
+        final = json.loads(stats.read_text())
+        assert final["final"] and final["drain"]["reason"] == "quiet", final["drain"]
+        assert final["drain"]["confirmed_ms"] is not None
+        assert not ctl.exists(), "the control socket goes at exit"
     finally:
-        lb.kill()
-        lb.wait()
-        bed.stop("holder-h1")
+        bed.stop("lb-h1")
+    assert "withdraw acknowledged by BIRD" in bed.log("lb-h1"), bed.log("lb-h1")
 
 
 def test_p4_follow_reads_the_real_birds(announced: BirdBed) -> None:

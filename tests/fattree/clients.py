@@ -1,0 +1,189 @@
+"""Clients of the fat-tree failover tests: long downloads that are really on the wire, short
+requests in a loop, and which LB t1 sends each flow to.
+
+- `Downloads`: one rate-limited 10 MB download per client (`wget --limit-rate`, one try: a
+  broken connection is a failure, never a silent retry), each checked by sha256. The hosts
+  inherit a 32 MiB `tcp_rmem` maximum, so a whole reply would land in the client's socket
+  buffer in a second and only the reading would be slow (DESIGN.md's trap): each client's
+  namespace gets `tcp_rmem` capped at 256 KiB while it downloads (the old value put back).
+- `RequestLoops`: bench/fetch_loop.py in some clients' namespaces (a new connection per
+  request, every failure with its start time), so a test can tell when new flows failed.
+- `lb_of`: t1's own choice for a flow (`ip route get ... ipproto tcp sport dport`, which hashes
+  the L4 ports as its multipath route does).
+
+Every process started here is stopped by PID in `close()`, also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fatnet import in_node
+
+from controller.deployment import REPO_ROOT as REPO
+from controller.deployment import Deployment
+from controller.netstate import NetState
+
+RMEM_CAP = "4096 131072 262144"  # bytes: min, default, max (256 KiB)
+RATE = "600k"  # wget's bytes/s: 10 MiB in about 17.5 s
+FETCH = REPO / "bench" / "fetch_loop.py"
+
+
+def node_run(st: NetState, node: str, argv: list[str], timeout: float = 10) -> str:
+    return subprocess.run(
+        in_node(st.nodes[node].pid, argv),
+        capture_output=True, text=True, timeout=timeout, check=True,
+    ).stdout  # fmt: skip
+
+
+@dataclass
+class Download:
+    client: str
+    proc: subprocess.Popen[bytes]
+    path: Path
+    t0: float
+    t1: float | None = None
+    sport: int | None = None
+    lb: str | None = None
+    """The LB t1 sent the flow to when it started (its address)."""
+
+    @property
+    def seconds(self) -> float:
+        return (self.t1 or time.time()) - self.t0
+
+
+class Downloads:
+    """10 MB downloads from each of `clients`, on the wire for about 17 s each."""
+
+    def __init__(self, st: NetState, dep: Deployment, clients: list[str], spool: Path) -> None:
+        self.st, self.dep, self.spool = st, dep, spool
+        self.want = hashlib.sha256((dep.www_root / "10m.bin").read_bytes()).hexdigest()
+        self.rmem: dict[str, str] = {}
+        self.items: list[Download] = []
+        try:
+            for c in clients:
+                self.rmem[c] = node_run(st, c, ["sysctl", "-n", "net.ipv4.tcp_rmem"]).strip()
+                node_run(st, c, ["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={RMEM_CAP}"])
+            for c in clients:
+                path = spool / f"{c}-10m.bin"
+                argv = ["wget", "-q", "-O", str(path), "--tries=1", "--read-timeout=10",
+                        f"--limit-rate={RATE}", f"http://{dep.vip}/10m.bin"]  # fmt: skip
+                proc = subprocess.Popen(
+                    in_node(st.nodes[c].pid, argv),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                self.items.append(Download(c, proc, path, time.time()))
+        except BaseException:
+            self.close()
+            raise
+
+    def map_flows(self, timeout: float = 5.0) -> dict[str, int]:
+        """Each download's source port and t1's choice of LB for it; LB address -> count."""
+        deadline = time.monotonic() + timeout
+        for d in self.items:
+            while d.sport is None:
+                out = node_run(self.st, d.client, ["ss", "-Htn", "state", "established",
+                                                   "dst", self.dep.vip])  # fmt: skip
+                ports = [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines()]
+                if ports:
+                    d.sport = ports[0]
+                elif time.monotonic() > deadline:
+                    raise AssertionError(f"{d.client}: no connection to the VIP")
+                else:
+                    time.sleep(0.05)
+            d.lb = lb_of(self.st, self.dep, d.client, d.sport)
+        counts: dict[str, int] = {}
+        for d in self.items:
+            counts[str(d.lb)] = counts.get(str(d.lb), 0) + 1
+        return counts
+
+    def wait(self, timeout: float) -> list[dict[str, Any]]:
+        """Wait for every download; each one's client, exit status, sha256 check, seconds."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for d in self.items:
+            try:
+                rc = d.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                rc = d.proc.wait()
+            d.t1 = d.t1 or time.time()
+            try:
+                ok = hashlib.sha256(d.path.read_bytes()).hexdigest() == self.want
+            except OSError:
+                ok = False
+            out.append({"client": d.client, "rc": rc, "sha256_ok": ok,
+                        "seconds": round(d.seconds, 1), "lb": d.lb})  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        for d in self.items:
+            if d.proc.poll() is None:
+                d.proc.kill()
+            d.proc.wait()
+            d.path.unlink(missing_ok=True)
+        for c, old in self.rmem.items():
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                node_run(self.st, c, ["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={old}"])
+
+
+def lb_of(st: NetState, dep: Deployment, client: str, sport: int) -> str:
+    """The LB address t1's multipath route picks for client:sport -> VIP:80 (TCP)."""
+    src = dep.topology.host_ip(client)
+    iif = dep.topology.gateway("h1").node + "-eth3"  # t1's first uplink: where clients come in
+    out = node_run(st, "t1", ["ip", "-j", "route", "get", dep.vip, "from", src, "iif", iif,
+                              "ipproto", "tcp", "sport", str(sport), "dport", "80"])  # fmt: skip
+    return str(json.loads(out)[0]["gateway"])
+
+
+class RequestLoops:
+    """Short requests (1k.bin, a new connection each) in a loop from each of `clients` for
+    `seconds`; `timeout` per request, under the 1 s of a first SYN retransmission, so a request
+    whose SYN went to a dead LB fails instead of succeeding a second late."""
+
+    def __init__(
+        self, st: NetState, dep: Deployment, clients: list[str], seconds: float,
+        timeout: float = 0.8,
+    ) -> None:  # fmt: skip
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.seconds = seconds
+        try:
+            for c in clients:
+                argv = [sys.executable, str(FETCH), "--url", f"http://{dep.vip}/1k.bin",
+                        "--seconds", str(seconds), "--threads", "2", "--pace", "0.02",
+                        "--timeout", str(timeout), "--client", c]  # fmt: skip
+                self.procs[c] = subprocess.Popen(
+                    in_node(st.nodes[c].pid, argv), stdout=subprocess.PIPE, text=True,
+                    stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+
+    def results(self) -> dict[str, Any]:
+        """Wait for the loops: requests, failed, and every failure (client, t0, t1, error)."""
+        total = failed = 0
+        failures: list[dict[str, Any]] = []
+        for c, p in self.procs.items():
+            out, _ = p.communicate(timeout=self.seconds + 20)
+            res = json.loads(out.strip().splitlines()[-1])
+            total += res["requests"]
+            failed += res["failed"]
+            failures += [dict(f, client=c) for f in res["failures"]]
+        return {"requests": total, "failed": failed, "failures": failures}
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
