@@ -56,6 +56,7 @@ class Forwarder:
             tx_errors=sender.errors,
             batches=loop.batches,
             wakeups=loop.wakeups,
+            socket_errors=loop.socket_errors,
         )
 
     def run(

@@ -56,6 +56,8 @@ class IoStats:
     """Non-empty receive batches (rx_frames / batches is the mean batch size)."""
     wakeups: int = 0
     """poll() calls on an empty ring."""
+    socket_errors: int = 0
+    """Errors the ring's socket reported, each read and cleared (ENETDOWN: IFACE went down)."""
 
 
 @dataclass

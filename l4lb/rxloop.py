@@ -12,11 +12,17 @@ is handled at once. `tick(now)` runs about every `tick_every` seconds, busy or i
 With a `plane` (l4lb.plane), the loop also runs the process's control work: once per batch it
 compares the clock with `plane.due`; while idle it sleeps no longer than that and also wakes
 for input on the plane's sockets (a control request, a health reply, a BFD packet).
+
+An error the ring's socket reports (ENETDOWN when the interface goes down) makes poll() return
+at once until it is read: the loop reads it (SO_ERROR, which clears it) and counts it in
+`socket_errors`, so a link that is down does not spin the loop at 100% CPU.
 """
 
 from __future__ import annotations
 
+import os
 import select
+import socket
 import time
 from collections.abc import Callable
 
@@ -25,6 +31,12 @@ from l4lb.plane import Plane
 from l4lb.ring import READY, Slots
 
 HandleFn = Callable[[int, int, float], int]
+
+
+def take_socket_error(fd: int) -> int:
+    """Read (and so clear) the pending error of the socket `fd`: its errno, 0 for none."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 class RxLoop:
@@ -58,6 +70,8 @@ class RxLoop:
         """Non-empty batches (frames / batches is the mean batch size)."""
         self.wakeups = 0
         """poll() calls on an empty ring."""
+        self.socket_errors = 0
+        """Errors the ring's socket reported (read and cleared): ENETDOWN, the link went down."""
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler); it does within idle_ms."""
@@ -105,7 +119,14 @@ class RxLoop:
                     wait = idle_ms if left >= idle_ms else 0 if left <= 0 else int(left) + 1
                     events = poll(wait)
                     now = clock()
-                    if now >= plane_due or any(fd != ring_fd for fd, _ in events):
+                    wake_plane = now >= plane_due
+                    for fd, ev in events:
+                        if fd != ring_fd:
+                            wake_plane = True
+                        elif ev & select.POLLERR:
+                            self.socket_errors += 1
+                            take_socket_error(fd)
+                    if wake_plane:
                         plane_due = plane.run(now)
                     if now < next_tick:
                         continue

@@ -4,6 +4,7 @@ the dropped slots."""
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Iterator
 
@@ -87,3 +88,29 @@ def test_the_forwarder_sends_every_slot_but_the_dropped_ones(fd: int) -> None:
     assert ring.slots.unsent == []
     io = fw.io
     assert (io.rx_frames, io.tx_frames, io.batches) == (6, 4, 1)
+
+
+def test_an_error_on_the_ring_socket_is_read_once_not_spun_on() -> None:
+    """What a packet socket reports when its interface goes down (ENETDOWN): POLLERR until the
+    error is read. Here a UDP socket with ECONNREFUSED pending stands in for it."""
+    import threading
+
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nobody listens there: the send below earns an ICMP port unreachable
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.send(b"x")
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        assert p.poll(1000) == [(sock.fileno(), select.POLLERR)], "the error is pending"
+        loop = RxLoop(FakeRing(4).slots, sock.fileno(), batch=4, idle_ms=100)
+        threading.Timer(0.35, loop.stop).start()
+        loop.run(lambda first, end, now: 0)
+        assert loop.socket_errors == 1
+        assert loop.wakeups <= 6, f"{loop.wakeups} wakeups in 0.35 s: spinning on POLLERR"
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # read and cleared
+    finally:
+        sock.close()
