@@ -79,12 +79,36 @@ def started_downloads(net: NetState, spool: Path) -> Downloads:
         raise
 
 
+@contextlib.contextmanager
+def traffic(net: NetState, spool: Path, seconds: float) -> Iterator[tuple[Downloads, RequestLoops]]:
+    """The downloads (some through each LB), then the short-request loops for `seconds`; both
+    stopped by PID at the end, also on failure."""
+    downloads = started_downloads(net, spool)
+    try:
+        loops = RequestLoops(net, DEP, LOOPERS, seconds=seconds)
+        try:
+            yield downloads, loops
+        finally:
+            loops.close()
+    finally:
+        downloads.close()
+
+
 def check_downloads(d: Downloads) -> list[dict[str, Any]]:
     results = d.wait(DOWNLOAD_WAIT)
     broken = [r for r in results if r["rc"] != 0 or not r["sha256_ok"]]
     assert not broken, f"broken downloads: {broken}"
     assert min(r["seconds"] for r in results) >= 15, f"not on the wire 15 s: {results}"
     return results
+
+
+def nothing_broken(what: str, loops: RequestLoops, downloads: Downloads) -> None:
+    """0 failed short requests and every download complete with the right sha256."""
+    res = loops.results()
+    figure(f"{what}: short requests", f"{res['requests']} requests, {res['failed']} failed")
+    assert res["failed"] == 0, res["failures"]
+    results = check_downloads(downloads)
+    figure(f"{what}: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
 
 
 def restart(name: str) -> tuple[float, dict[str, Any]]:
@@ -111,10 +135,7 @@ def test_sigkill_of_an_lb_breaks_no_download_and_new_flows_fail_under_1s(
 ) -> None:
     """The silent death: the TUN goes with the process, BIRD withdraws at once. Then the LB is
     restarted the way the services started it (recorded, stopped later by PID)."""
-    downloads = started_downloads(net, spool)
-    loops = None
-    try:
-        loops = RequestLoops(net, DEP, LOOPERS, seconds=14)
+    with traffic(net, spool, seconds=14) as (downloads, loops):
         time.sleep(2.0)
         victim = service("lb-h1")
         kill_wall, kill_mono = time.time(), time.monotonic()
@@ -142,17 +163,10 @@ def test_sigkill_of_an_lb_breaks_no_download_and_new_flows_fail_under_1s(
         results = check_downloads(downloads)
         figure("SIGKILL: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
         assert time.monotonic() - kill_mono < DOWNLOAD_WAIT + 30
-    finally:
-        if loops is not None:
-            loops.close()
-        downloads.close()
 
 
 def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> None:
-    downloads = started_downloads(net, spool)
-    loops = None
-    try:
-        loops = RequestLoops(net, DEP, LOOPERS, seconds=10)
+    with traffic(net, spool, seconds=10) as (downloads, loops):
         time.sleep(2.0)
         victim = service("lb-h2")
         t0 = time.monotonic()
@@ -176,15 +190,7 @@ def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> Non
         time.sleep(1.0)
         restart("lb-h2")
         wait_gateways(net, [H1, H2], 3.0)
-        res = loops.results()
-        figure("SIGTERM: short requests", f"{res['requests']} requests, {res['failed']} failed")
-        assert res["failed"] == 0, res["failures"]
-        results = check_downloads(downloads)
-        figure("SIGTERM: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
-    finally:
-        if loops is not None:
-            loops.close()
-        downloads.close()
+        nothing_broken("SIGTERM", loops, downloads)
 
 
 def _final_stats(host: str) -> dict[str, Any]:
@@ -196,33 +202,21 @@ def _final_stats(host: str) -> dict[str, Any]:
 def test_lb_drain_moves_flows_to_the_other_lb_with_their_backends(
     net: NetState, spool: Path
 ) -> None:
-    downloads = started_downloads(net, spool)
-    loops = None
     try:
-        loops = RequestLoops(net, DEP, LOOPERS, seconds=8)
-        time.sleep(1.5)
-        through_h1 = [d for d in downloads.items if d.lb == H1]
-        before = show("h2")["tracked_flows"]
-        res = _controller("lb", "drain", "h1")
-        assert res.returncode == 0, res.stderr
-        figure("lb drain h1", res.stdout.strip())
-        assert t1_gateways(net) == [H2]
-        time.sleep(1.0)
-        fwd0 = show("h1")["core"]["forwarded"]
-        time.sleep(1.0)
-        assert show("h1")["core"]["forwarded"] == fwd0, "the drained LB still gets traffic"
-        taken = show("h2")["tracked_flows"] - before
-        figure("lb drain h1: flows", f"{len(through_h1)} downloads moved; h2 tracks {taken} more")
-        assert taken >= len(through_h1)
-        res = loops.results()
-        figure("lb drain: short requests", f"{res['requests']} requests, {res['failed']} failed")
-        assert res["failed"] == 0, res["failures"]
-        results = check_downloads(downloads)
-        figure("lb drain: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
+        with traffic(net, spool, seconds=8) as (downloads, loops):
+            time.sleep(1.5)
+            through_h1 = [d for d in downloads.items if d.lb == H1]
+            res = _controller("lb", "drain", "h1")
+            assert res.returncode == 0, res.stderr
+            figure("lb drain h1", res.stdout.strip())
+            assert t1_gateways(net) == [H2]
+            time.sleep(1.0)
+            fwd0 = show("h1")["core"]["forwarded"]
+            time.sleep(1.0)
+            assert show("h1")["core"]["forwarded"] == fwd0, "the drained LB still gets traffic"
+            figure("lb drain h1: downloads through h1 moved to h2", str(len(through_h1)))
+            nothing_broken("lb drain", loops, downloads)
     finally:
-        if loops is not None:
-            loops.close()
-        downloads.close()
         _controller("lb", "undrain", "h1")
     wait_gateways(net, [H1, H2], 3.0)
 
