@@ -169,7 +169,8 @@ def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> Non
     with traffic(net, spool, seconds=10) as (downloads, loops):
         time.sleep(2.0)
         victim = service("lb-h2")
-        t0 = time.monotonic()
+        frames0 = show("h2")["core"]["frames"]
+        t0, signalled = time.monotonic(), time.time()
         os.kill(victim["pid"], signal.SIGTERM)
         out = wait_gateways(net, [H1], 1.0)
         while services.proc_state(victim["pid"]) not in (None, "Z"):
@@ -186,6 +187,8 @@ def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> Non
             f"while draining, stopped: {drain['reason']})",
         )
         assert drain["reason"] == "quiet" and drain["confirmed_ms"] is not None
+        assert drain["began"] - signalled < 0.1, "the loop took up the signal at once"
+        assert drain["frames"] <= final["core"]["frames"] - frames0
         assert final["announce"]["withdraw_confirmed"]
         time.sleep(1.0)
         restart("lb-h2")
