@@ -33,7 +33,7 @@ class CoreStats:
             forwarded=sum(c.forwarded),
             icmp_frag_needed_sent=c.drops[DropReason.FRAG_NEEDED],
             drops={r.name.lower(): c.drops[r] for r in DropReason},
-            backends=dict(zip(c.backend_names, c.forwarded, strict=True)),
+            backends=c.per_backend(c.forwarded),
         )
 
 
