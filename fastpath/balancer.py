@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 from array import array
+from collections import Counter
 from collections.abc import Collection, Sequence
 
 import xxhash
@@ -202,6 +203,12 @@ class Balancer:
     def backends(self) -> list[str]:
         """IPs of the backends in the set now (weight 0 and down included), in the set's order."""
         return list(self._ids)
+
+    def slots_owned(self) -> dict[str, int]:
+        """Lookup-table slots per backend of the set (its share of new flows is slots / size);
+        a count over the table, ~3 ms."""
+        owners = Counter(self._tables.table)
+        return {ip: owners.get(bid, 0) for ip, bid in self._ids.items()}
 
     def tracked(self, ip: str) -> int:
         """Flows tracked to a backend of the set now (0 for one not in the set)."""

@@ -12,7 +12,10 @@ The receive loop (fastpath.forward over l4lb.rxloop) forwards; the control plane
 (l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), and
 the stats tick (a JSON line and the stats file every `stats_interval`).
 
-Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `ping`.
+Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `ping`, and the
+backend set's (fastpath.backend_commands: `backends`, `backends.replace`, `backend.add`, ...),
+applied through the `Backends` object this process keeps (fastpath.backends), which is also
+the health checker's interface (`set_health`, `probe_targets`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fastpath.backend_commands import backend_commands
+from fastpath.backends import BackendError, Backends, BackendSpec
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.forward import Forwarder
@@ -117,6 +122,18 @@ def balancer_config(cfg: LbConfig) -> tuple[BalancerConfig, NextHop | None]:
     return core, next_hop
 
 
+def make_backends(cfg: LbConfig, core: BalancerConfig, balancer: Balancer, now: float) -> Backends:
+    """The backend set at start (the configuration's, administrative states included)."""
+    down = set(cfg.backends_down)
+    specs = [BackendSpec(ip, w, "down" if ip in down else "up") for ip, w in cfg.backends]
+    forbidden = {ip: "a VIP" for ip, _ in cfg.vips}
+    forbidden[core.local_ip] = "this load balancer's own address"
+    try:
+        return Backends(balancer, specs, now, dict(cfg.names), forbidden)
+    except BackendError as exc:
+        raise UsageError(f"backends: {exc}") from None
+
+
 def run(cfg: LbConfig) -> int:
     """Run the load balancer until SIGINT/SIGTERM; 0, or 1 when the cleanup failed."""
     ifname = cfg.iface
@@ -124,6 +141,7 @@ def run(cfg: LbConfig) -> int:
     check_forwarding_off()
     core, next_hop = balancer_config(cfg)
     balancer = Balancer(core)
+    backends = make_backends(cfg, core, balancer, time.monotonic())
     if cfg.stats_file == "":
         stats_path = None
     else:
@@ -182,6 +200,8 @@ def run(cfg: LbConfig) -> int:
             io = forwarder.io
             kdrops += kernel_drops(sock)[1]
             dt = max(now - last[0], 1e-9)
+            if advance:
+                backends.tick(now)
             snap = LbStats(
                 time=round(time.time(), 3),
                 iface=ifname,
@@ -194,6 +214,9 @@ def run(cfg: LbConfig) -> int:
                 io=io,
                 kernel_drops=kdrops,
                 tracked_flows=len(balancer.conntrack),
+                backends=backends.stats(now, time.time()),
+                fail_open=backends.fail_open,
+                table=backends.table,
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
                 rps_cpus=steer.mask if steer is not None else None,
                 nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
@@ -231,6 +254,7 @@ def run(cfg: LbConfig) -> int:
                 lambda req: {"pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3)},
                 "is the process alive and its loop turning",
             ),
+            **backend_commands(backends, time.monotonic),
         }
         plane = Plane(name="fastpath.lb")
         if cfg.control_socket != "":

@@ -38,6 +38,63 @@ class CoreStats:
 
 
 @dataclass
+class BackendStats:
+    """One backend of the set now (fastpath.backends): configuration, health, effect, counts."""
+
+    ip: str
+    name: str | None
+    """Its host name, when the LB knows it."""
+    weight: int
+    """Configured weight (0: drained)."""
+    admin: str
+    """Administrative state: up or down."""
+    health: str
+    """up, down, or unknown (no verdict yet)."""
+    health_since: float
+    """Unix time of the last health change (of joining the set while unknown)."""
+    health_for_s: float
+    """Seconds in that health state."""
+    check_failures: int
+    """Health checks reported failed since it joined the set."""
+    last_reason: str
+    """The last health check's reason."""
+    state: str
+    """What it does now: active, draining, admin_down, unhealthy, or fail_open (health down,
+    used because no backend is healthy)."""
+    slots: int
+    """Lookup-table slots it owns: its share of new flows is slots / table.size."""
+    active_flows: int
+    """Flows tracked to it in the connection table now (a flow stays tracked until it idles
+    out: conn_idle_timeout, at most twice that)."""
+    connections: int
+    """Flows the connection table started tracking to it (new connections), since start."""
+    packets: int
+    """Frames forwarded to it since start."""
+    bytes: int
+    """Bytes of the inner IPv4 packets forwarded to it (their total length), since start."""
+    pps: float
+    """Frames per second forwarded to it, over the last stats interval."""
+    bps: float
+    """Inner bytes per second forwarded to it, over the last stats interval."""
+
+
+@dataclass
+class TableStats:
+    """The lookup table (fastpath.lookup_table.RendezvousTable)."""
+
+    size: int
+    """Slots."""
+    digest: str
+    """xxh64 of every slot's backend address: equal on every LB with the same set."""
+    changes: int = 0
+    """Changes applied since start (not counting the first build)."""
+    last_build_ms: float = 0.0
+    """Time the last change took the packet loop (table update and templates)."""
+    last_slots_moved: int = 0
+    """Slots that changed backend in the last change."""
+
+
+@dataclass
 class IoStats:
     """What the I/O edge saw (fastpath.forward)."""
 
@@ -84,6 +141,12 @@ class LbStats:
     """Frames the kernel could not put in the ring because it was full."""
     tracked_flows: int
     """Flows in the connection table."""
+    backends: list[BackendStats]
+    """The backend set, in its order."""
+    fail_open: bool
+    """No backend is healthy: the table ignores health (fastpath.backends)."""
+    table: TableStats
+    """The lookup table."""
     next_hop_mac: str
     """Ethernet destination of the frames sent (learned and refreshed, or given)."""
     rps_cpus: str | None
