@@ -1,7 +1,9 @@
-"""Command line: `python -m controller routes|up|down|exec|p4-program`, in the spirit of p4run.
+"""Command line: `python -m controller routes|up|down|exec|p4-program|backend`, in the spirit
+of p4run.
 
 `routes` and `p4-program` need neither root nor mininet; `up`, `down` and `exec` import
-controller.network only when run.
+controller.network only when run; `backend ...` (controller.backend_cmd) talks to the running
+load balancers.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from controller import backend_cmd
 from controller.deployment import DEFAULT_DEPLOYMENT, Deployment, load_deployment
 from controller.routes import SwitchProgram, compute_routes
 from controller.topology import DEFAULT_TOPOLOGY, Topology, load_topology
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host", metavar="HOST")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p.set_defaults(func=cmd_exec, subparser=p)
+
+    backend_cmd.add_parser(sub)
     return parser
 
 

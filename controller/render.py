@@ -10,14 +10,21 @@ hand in a node finds its file by default) and `down` removes them with the netwo
 Rendering builds the dataclasses, so every value is checked by the data planes' own rules
 (controller.deployment calls this at load time: a bad deployment is refused before anything
 starts, with a message naming the field).
+
+The LBs' backend set comes from the cluster's record (controller.backend_record) when there is
+one, so an LB started after a `backend` command starts with the current set; the deployment's
+otherwise. Every host that can be a backend (all but the LBs) gets an agent configuration,
+so a backend added later needs nothing but its agent and server started.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
+from controller.backend_record import ClusterRecord, backend_hosts, read_record
 from controller.netstate import STATE_DIR
 from fastpath.config import LbConfig
 from l4lb import cfgfile
@@ -43,19 +50,44 @@ def control_path(state_dir: Path, kind: str, host: str) -> Path:
     return state_dir / f"{kind}-{host}.ctl"
 
 
-def lb_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> LbConfig:
+def lb_config(
+    dep: Deployment,
+    host: str,
+    state_dir: Path = STATE_DIR,
+    record: ClusterRecord | None = None,
+) -> LbConfig:
+    """LB `host`'s configuration: the backend set of `record` if given, else the deployment's."""
     topo = dep.topology
-    hosts = [*dep.load_balancers, *(h for h, _ in dep.backends)]
-    return LbConfig(
+    cfg = LbConfig(
         iface=topo.host_interface(host).name,
         vips=tuple((dep.vip, port) for port in dep.vip_ports) or ((dep.vip, None),),
         backends=dep.backend_ips(),
         hash_seed=dep.hash_seed,
-        names=tuple((topo.host_ip(h), h) for h in hosts),
+        names=tuple((topo.host_ip(h), h) for h in topo.hosts()),
         stats_file=str(stats_path(state_dir, "lb", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "lb", host)),
     )
+    return cfg if record is None else with_record(cfg, record)
+
+
+def with_record(cfg: LbConfig, record: ClusterRecord) -> LbConfig:
+    """An LB configuration with the record's backend set (weights, administrative states)."""
+    return dataclasses.replace(
+        cfg, backends=record.lb_backends(), backends_down=record.lb_backends_down()
+    )
+
+
+def rewrite_lb_configs(state_dir: Path, record: ClusterRecord, ifaces: dict[str, str]) -> None:
+    """Put the record's backend set into every LB's rendered file (`ifaces`: LB host -> its
+    interface), so an LB restarted from it starts with the set the others run."""
+    for host in record.load_balancers:
+        path = config_path(state_dir, "lb", ifaces[host])
+        if path.exists():
+            cfg = with_record(cfgfile.load(LbConfig, path), record)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(cfgfile.dump(cfg))
+            tmp.replace(path)
 
 
 def agent_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> AgentConfig:
@@ -72,14 +104,17 @@ def agent_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> Age
     )
 
 
-def render(dep: Deployment, state_dir: Path = STATE_DIR) -> dict[Path, str]:
+def render(
+    dep: Deployment, state_dir: Path = STATE_DIR, record: ClusterRecord | None = None
+) -> dict[Path, str]:
     """Every process's configuration file: path -> text."""
     topo = dep.topology
     files: dict[Path, str] = {}
     for host in dep.load_balancers:
         iface = topo.host_interface(host).name
-        files[config_path(state_dir, "lb", iface)] = cfgfile.dump(lb_config(dep, host, state_dir))
-    for host, _ in dep.backends:
+        cfg = lb_config(dep, host, state_dir, record)
+        files[config_path(state_dir, "lb", iface)] = cfgfile.dump(cfg)
+    for host in backend_hosts(topo.hosts(), dep.load_balancers):
         iface = topo.host_interface(host).name
         files[config_path(state_dir, "agent", iface)] = cfgfile.dump(
             agent_config(dep, host, state_dir)
@@ -88,8 +123,9 @@ def render(dep: Deployment, state_dir: Path = STATE_DIR) -> dict[Path, str]:
 
 
 def write(dep: Deployment, state_dir: Path = STATE_DIR) -> list[Path]:
-    """Render every configuration file into the state directory; returns their paths."""
-    files = render(dep, state_dir)
+    """Render every configuration file into the state directory (the LBs' backend set from
+    the record there, if any); returns their paths."""
+    files = render(dep, state_dir, read_record(state_dir))
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

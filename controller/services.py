@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from controller import netstate, render
+from controller import backend_record, netstate, render
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment
@@ -143,6 +143,56 @@ backend servers
 """
 
 
+def backend_services(
+    deployment: Deployment,
+    host: str,
+    mode: Mode,
+    state_dir: Path = STATE_DIR,
+    python: str | None = None,
+) -> list[Service]:
+    """What a backend host runs in a mode: its agent (DSR modes), then its web server. Any
+    host but an LB may be one (a backend added by `controller backend add` needs these)."""
+    py = python or python_bin()
+    www = str(Path(deployment.www_root).resolve())
+    topo = deployment.topology
+    logs = state_dir / "logs"
+    services: list[Service] = []
+    if mode in DSR_MODES:
+        services.append(
+            Service(
+                name=f"agent-{host}",
+                node=host,
+                role="agent",
+                argv=(
+                    py,
+                    "-m",
+                    "agent.decap",
+                    "--config",
+                    str(render.config_path(state_dir, "agent", topo.host_interface(host).name)),
+                ),
+                log=str(logs / f"agent-{host}.log"),
+                # Ready once it writes its counters: by then the VIP is on the host, so
+                # the server started next can bind it.
+                ready_file=str(agent_stats_path(state_dir, host)),
+                stats=str(agent_stats_path(state_dir, host)),
+            )
+        )
+    # DSR modes serve on the VIP (the agent puts it on the host); the others on the host's own
+    # address, which haproxy proxies to and `none` clients fetch from directly.
+    addr = deployment.vip if mode in DSR_MODES else topo.host_ip(host)
+    services.append(
+        Service(
+            name=f"www-{host}",
+            node=host,
+            role="www",
+            argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
+            log=str(logs / f"www-{host}.log"),
+            listen=(addr, HTTP_PORT),
+        )
+    )
+    return services
+
+
 def plan(
     deployment: Deployment,
     mode: Mode,
@@ -153,7 +203,6 @@ def plan(
     if mode not in MODES:
         raise ServiceError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     py = python or python_bin()
-    www = str(Path(deployment.www_root).resolve())
     vip = deployment.vip
     topo = deployment.topology
     logs = state_dir / "logs"
@@ -162,39 +211,7 @@ def plan(
     files: dict[str, str] = {}
 
     for host, _weight in deployment.backends:
-        if mode in DSR_MODES:
-            services.append(
-                Service(
-                    name=f"agent-{host}",
-                    node=host,
-                    role="agent",
-                    argv=(
-                        py,
-                        "-m",
-                        "agent.decap",
-                        "--config",
-                        str(render.config_path(state_dir, "agent", topo.host_interface(host).name)),
-                    ),
-                    log=str(logs / f"agent-{host}.log"),
-                    # Ready once it writes its counters: by then the VIP is on the host, so
-                    # the server started next can bind it.
-                    ready_file=str(agent_stats_path(state_dir, host)),
-                    stats=str(agent_stats_path(state_dir, host)),
-                )
-            )
-        # DSR modes serve on the VIP (the agent puts it on the host); the others on the host's own
-        # address, which haproxy proxies to and `none` clients fetch from directly.
-        addr = vip if mode in DSR_MODES else topo.host_ip(host)
-        services.append(
-            Service(
-                name=f"www-{host}",
-                node=host,
-                role="www",
-                argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
-                log=str(logs / f"www-{host}.log"),
-                listen=(addr, HTTP_PORT),
-            )
-        )
+        services.extend(backend_services(deployment, host, mode, state_dir, py))
 
     for host in deployment.load_balancers:
         iface = topo.host_interface(host).name
@@ -428,11 +445,16 @@ def start(
     p = plan(deployment, mode, state_dir)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     preflight(node_pid, deployment, mode, state_dir)
-    # Files this run makes (configs, counters, sockets), removed again by stop().
+    # Files this run makes (configs, counters, sockets, the backend record), removed again
+    # by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
+    made.append(str(backend_record.record_path(state_dir)))
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
     _write_state(state_dir, state)
     try:
+        # The backend set starts as the deployment's (a record left by a crashed run is
+        # replaced); `controller backend ...` changes it from here on.
+        backend_record.write_record(state_dir, backend_record.from_deployment(deployment))
         # The processes' configurations (the network's files: `down` removes them), rendered
         # from this deployment, which may not be the one the network came up with.
         render.write(deployment, state_dir)
@@ -461,6 +483,92 @@ def start(
         stop(state_dir)
         raise
     return list(state["services"])
+
+
+def start_host(
+    node_pid: NodePid,
+    deployment: Deployment,
+    host: str,
+    state_dir: Path = STATE_DIR,
+    timeout: float = 20.0,
+) -> list[dict]:
+    """Start a backend's agent and web server on `host` beside the running fastpath services
+    (as `start` does for the deployment's backends), recorded so that `stop` or `stop_host`
+    stops them by PID; on a failure, what started is stopped again."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    if state.get("mode") != "fastpath" or not running(state_dir):
+        raise ServiceError("no fastpath services are running: start them first (up --services)")
+    if any(r["node"] == host for r in running(state_dir)):
+        raise ServicesBusy(f"{host} already runs services: {', '.join(_names_on(state, host))}")
+    svcs = backend_services(deployment, host, "fastpath", state_dir)
+    started: list[dict] = []
+    try:
+        for svc in svcs:
+            for f in (svc.stats, svc.ready_file):
+                if f:
+                    Path(f).unlink(missing_ok=True)
+                    state["files"] = sorted({*state["files"], f})
+            rec = _spawn(node_pid(svc.node), svc)
+            started.append(rec)
+            state["services"].append(rec)
+            _write_state(state_dir, state)
+            _wait_ready(rec, svc, timeout)
+    except BaseException:
+        stop_host(state_dir, host)
+        raise
+    return started
+
+
+def stop_host(state_dir: Path = STATE_DIR, host: str = "", timeout: float = 5.0) -> int:
+    """Stop the recorded services running on `host` by PID (the others keep running); returns
+    how many were running."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    mine = [r for r in state["services"] if r["node"] == host]
+    n = _terminate(mine, timeout)
+    state["services"] = [r for r in state["services"] if r["node"] != host]
+    _write_state(state_dir, state)
+    return n
+
+
+def restart(node_pid: NodePid, state_dir: Path, name: str, timeout: float = 20.0) -> dict:
+    """Stop one recorded service by PID and start it again as it was (an LB restarted this way
+    reads its rendered configuration afresh: the current backend set)."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    rec = next((r for r in state["services"] if r["name"] == name), None)
+    if rec is None:
+        raise ServiceError(f"no service {name!r} is recorded ({', '.join(_names_on(state))})")
+    _terminate([rec], 5.0)
+    fields = {f: rec[f] for f in Service.__dataclass_fields__}
+    svc = Service(**{**fields, "argv": tuple(rec["argv"])})
+    if svc.ready_file:
+        Path(svc.ready_file).unlink(missing_ok=True)
+    new = _spawn(node_pid(svc.node), svc)
+    state["services"] = [new if r["name"] == name else r for r in state["services"]]
+    _write_state(state_dir, state)
+    _wait_ready(new, svc, timeout)
+    return new
+
+
+def _names_on(state: dict, host: str | None = None) -> list[str]:
+    return [r["name"] for r in state.get("services", []) if host is None or r["node"] == host]
+
+
+def _terminate(recs: list[dict], timeout: float) -> int:
+    """SIGTERM, then SIGKILL, the recorded processes that are still ours; reaps them."""
+    live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
+    for rec in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec["pid"], signal.SIGTERM)
+    _reap(live, timeout)
+    for rec in live:
+        if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec["pid"], signal.SIGKILL)
+    _reap(live, 2.0)
+    return len(live)
 
 
 def _spawn(node: int, svc: Service) -> dict:
@@ -534,19 +642,9 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state_dir = Path(state_dir)
     state = _read_state(state_dir)
     recs = state.get("services", [])
-    live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
     # Load balancers first, so no new flow reaches a server that is going away.
     order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 2}
-    live.sort(key=lambda r: order.get(r["role"], 3))
-    for rec in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec["pid"], signal.SIGTERM)
-    _reap(live, timeout)
-    for rec in live:
-        if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rec["pid"], signal.SIGKILL)
-    _reap(live, 2.0)
+    n = _terminate(sorted(recs, key=lambda r: order.get(r["role"], 3)), timeout)
     for undo in reversed(state.get("undo", [])):
         # The node may be gone already (network down first): then so is what we changed.
         if proc_state(undo["node_pid"]) is None:
@@ -559,7 +657,7 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
             Path(f).unlink()
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
-    return len(live)
+    return n
 
 
 def _reap(recs: Iterable[dict], timeout: float) -> None:
