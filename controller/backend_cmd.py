@@ -7,7 +7,7 @@ server on the VIP, so that no new flow is sent into a black hole), then applied 
 (dry run on all, then apply on all, put back on failure), then recorded in the state
 directory (controller.backend_record) and in the LBs' rendered configurations, so an LB
 restarted later starts with the current set. One backend command runs at a time
-(`<state dir>/backends.lock`).
+(`<state dir>/config/backends.lock`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fastpath.config import MAX_WEIGHT
 from l4lb.control import ControlUnavailable, RequestRefused, request
 from l4lb.errors import ConfigError, UsageError
 
-LOCK = "backends.lock"
+LOCK = "config/backends.lock"  # with the rendered files: `down` removes it
 LOCK_WAIT = 30.0
 DRAIN_POLL = 0.5  # seconds between two looks at a draining backend's active flows
 

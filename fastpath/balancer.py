@@ -177,7 +177,9 @@ class Balancer:
                 del retired[k]
                 return old
         bid = self.counters.new_backend(ip)
-        assert self.conntrack.add_value() == bid  # one id space: counters and tracked flows
+        counted = self.conntrack.add_value()
+        if counted != bid:  # one id space for counters and tracked flows
+            raise RuntimeError(f"backend id {bid} but tracked-flow counter {counted}")
         return bid
 
     def _digest(self) -> str:

@@ -355,3 +355,15 @@ def test_a_backend_host_s_services_are_its_agent_and_server() -> None:
     assert [s.name for s in svcs] == ["agent-h16", "www-h16"]
     assert svcs[0].argv[-1].endswith("config/agent-h16-eth0.json")
     assert svcs[1].listen == ("20.0.0.1", 80)
+
+
+def test_one_backend_command_at_a_time(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    with (
+        backend_cmd.one_at_a_time(tmp_path),
+        pytest.raises(BackendCmdError, match="another backend command"),
+        backend_cmd.one_at_a_time(tmp_path, wait=0.2),
+    ):
+        pass
+    with backend_cmd.one_at_a_time(tmp_path, wait=0.2):  # free again
+        pass

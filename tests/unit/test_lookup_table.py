@@ -150,20 +150,15 @@ def test_incremental_table_is_the_full_build_after_every_change(changes) -> None
 def test_two_instances_fed_the_same_changes_in_other_orders_agree(changes, rnd) -> None:
     """Two LBs that saw the same changes in a different order (and with their own ids for the
     same addresses) end with the same backend address in every slot."""
-    final: dict[int, int] = {}
-    for bid, weight in changes:
-        if weight is None:
-            final.pop(bid, None)
-        else:
-            final[bid] = weight
     a, b = RendezvousTable(SMALL), RendezvousTable(SMALL)
     state: dict[int, int] = {}
-    for bid, weight in changes:
+    for bid, weight in changes:  # a: the changes one by one
         if weight is None:
             state.pop(bid, None)
         else:
             state[bid] = weight
         a.update({i: (IPS[i], w) for i, w in state.items()})
+    final = state
     # b: the final set reached one backend at a time in a shuffled order, ids reversed.
     order = list(final.items())
     rnd.shuffle(order)
