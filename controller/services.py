@@ -4,7 +4,12 @@
 node's shell, through `nsenter`), what a mode needs:
 
 - `fastpath`: `python -m fastpath.lb hN-eth0` on every load-balancer host; on every backend
-  `python -m agent.decap` and `php -S <vip>:80 -t <wwwroot>`.
+  `python -m agent.decap` and `php -S <vip>:80 -t <wwwroot>`; and the VIP announced by BGP
+  (controller.bgp): BIRD on each LB host and on their ToR, whose static VIP route gives way to
+  BIRD's multipath route while the services run, and beside each LB the process holding its
+  announcement (`python -m fastpath.announce_cli`, following the LB's stats file until
+  fastpath.lb announces by itself). The start ends once each ToR's kernel routes the VIP over
+  every LB.
 - `scapy`: the same with the course-style `bench/scapy_lb.py` in place of fastpath.
 - `haproxy`: haproxy in TCP mode on the load-balancer hosts (the VIP on their `lo`), proxying to
   the backends' own addresses, where `php -S` listens (a full proxy, no DSR).
@@ -68,13 +73,14 @@ class Service:
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
     node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy"]
+    role: Literal["lb", "agent", "www", "haproxy", "bgp", "announce"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
     ready_file: str | None = None  # ready when this file exists (an LB's stats file)
     ready_packet_socket: bool = False  # ready when it holds an AF_PACKET socket (a sniffer)
     stats: str | None = None  # file of the process's own counters, JSON, if it writes one
+    files: tuple[str, ...] = ()  # other files it makes (a socket, a pid file), removed by stop
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Plan:
     setup: tuple[Command, ...]
     services: tuple[Service, ...]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written before start
+    settle: tuple[Command, ...] = ()  # checks run after every service is ready; must exit 0
 
 
 def python_bin() -> str:
@@ -287,7 +294,24 @@ def plan(
                     stats=str(state_dir / f"haproxy-{host}.sock"),
                 )
             )
-    return Plan(mode=mode, setup=tuple(setup), services=tuple(services), files=files)
+    settle: list[Command] = []
+    if mode == "fastpath":
+        # The VIP announced by BGP from each LB host (controller.bgp): the ToR's static VIP
+        # route gives way to BIRD's while the services run.
+        from controller import bgp
+
+        b = bgp.plan(deployment, state_dir, py)
+        setup += b.setup
+        services = [*b.daemons, *services, *b.announcers]
+        files.update(b.files)
+        settle += b.settle
+    return Plan(
+        mode=mode,
+        setup=tuple(setup),
+        services=tuple(services),
+        files=files,
+        settle=tuple(settle),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +473,7 @@ def start(
     # by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
     made.append(str(backend_record.record_path(state_dir)))
+    made += [f for svc in p.services for f in svc.files]
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
     _write_state(state_dir, state)
     try:
@@ -459,17 +484,13 @@ def start(
         # from this deployment, which may not be the one the network came up with.
         render.write(deployment, state_dir)
         for path, text in p.files.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
         for f in {s.ready_file for s in p.services if s.ready_file}:
             Path(f).unlink(missing_ok=True)  # a stale stats file must not pass for readiness
         for cmd in p.setup:
             pid = node_pid(cmd.node)
-            res = subprocess.run(
-                _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=10, check=False
-            )
-            if res.returncode != 0:
-                why = res.stderr.strip() or f"exit {res.returncode}"
-                raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why}")
+            _run_in_node(pid, cmd, 10)
             if cmd.undo:
                 state["undo"].append({"node": cmd.node, "node_pid": pid, "argv": list(cmd.undo)})
                 _write_state(state_dir, state)
@@ -479,6 +500,8 @@ def start(
             state["services"].append(rec)
             _write_state(state_dir, state)
             _wait_ready(rec, svc, timeout)
+        for cmd in p.settle:
+            _run_in_node(node_pid(cmd.node), cmd, timeout)
     except BaseException:
         stop(state_dir)
         raise
@@ -523,11 +546,18 @@ def start_host(
 def stop_host(state_dir: Path = STATE_DIR, host: str = "", timeout: float = 5.0) -> int:
     """Stop the recorded services running on `host` by PID (the others keep running); returns
     how many were running."""
+    state = _read_state(Path(state_dir))
+    return stop_named(state_dir, _names_on(state, host), timeout)
+
+
+def stop_named(state_dir: Path, names: Iterable[str], timeout: float = 5.0) -> int:
+    """Stop these recorded services by PID and forget them (the others keep running); returns
+    how many were running."""
     state_dir = Path(state_dir)
     state = _read_state(state_dir)
-    mine = [r for r in state["services"] if r["node"] == host]
-    n = _terminate(mine, timeout)
-    state["services"] = [r for r in state["services"] if r["node"] != host]
+    names = set(names)
+    n = _terminate([r for r in state["services"] if r["name"] in names], timeout)
+    state["services"] = [r for r in state["services"] if r["name"] not in names]
     _write_state(state_dir, state)
     return n
 
@@ -569,6 +599,20 @@ def _terminate(recs: list[dict], timeout: float) -> int:
                 os.kill(rec["pid"], signal.SIGKILL)
     _reap(live, 2.0)
     return len(live)
+
+
+def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
+    try:
+        res = subprocess.run(
+            _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ServiceError(
+            f"{cmd.node}: `{' '.join(cmd.argv)}` did not finish in {timeout:.0f} s"
+        ) from None
+    if res.returncode != 0:
+        why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}").splitlines()
+        raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why[-1]}")
 
 
 def _spawn(node: int, svc: Service) -> dict:
@@ -622,7 +666,7 @@ def _wait_ready(rec: dict, svc: Service, timeout: float) -> None:
             if svc.listen:
                 what = f"no listener on {svc.listen[0]}:{svc.listen[1]}"
             elif svc.ready_file:
-                what = f"no stats file {svc.ready_file}"
+                what = f"no {svc.ready_file} yet"
             else:
                 what = "no packet socket open"
             raise ServiceError(
@@ -642,9 +686,13 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state_dir = Path(state_dir)
     state = _read_state(state_dir)
     recs = state.get("services", [])
-    # Load balancers first, so no new flow reaches a server that is going away.
-    order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 2}
-    n = _terminate(sorted(recs, key=lambda r: order.get(r["role"], 3)), timeout)
+    live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
+    # Load balancers (and their announcements) first, so no new flow reaches a server that is
+    # going away; BGP last, so an announcement sees its withdraw acknowledged.
+    order = {"lb": 0, "haproxy": 0, "announce": 0, "www": 1, "agent": 1, "bgp": 2}
+    n = 0
+    for level in sorted({order.get(r["role"], 1) for r in live}):
+        n += _terminate([r for r in live if order.get(r["role"], 1) == level], timeout)
     for undo in reversed(state.get("undo", [])):
         # The node may be gone already (network down first): then so is what we changed.
         if proc_state(undo["node_pid"]) is None:
@@ -655,6 +703,9 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     for f in state.get("files", []):
         with contextlib.suppress(OSError):
             Path(f).unlink()
+    for d in {Path(f).parent for f in state.get("files", [])} - {state_dir}:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # a directory of ours (bird/), if nothing else is in it
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
     return n

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, in_node, wait_for_lock
+from fatnet import in_node
 
 from bench.frames import ipv4_header
 from controller import backend_record, netstate, services
@@ -56,22 +56,15 @@ PROBER = "h12"  # short requests from here
 FIFTH = "h16"
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetState]:
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", services=True, wait=LOCK_WAIT) == 0
-    st = network.running()
+@pytest.fixture
+def started() -> Iterator[set[str]]:
+    """Names of the services the test starts itself (the fifth backend's agent and server,
+    lb-h2 restarted: children of the test), stopped by PID afterwards."""
+    names: set[str] = set()
     try:
-        assert st is not None and st.ready
-        yield st
+        yield names
     finally:
-        # By PID, what the test started: the fifth backend's agent and server, and lb-h2
-        # if it was restarted (the test's child; the network's owner cannot reap it).
-        for host in (FIFTH, "h2"):
-            services.stop_host(STATE, host)
-        down_if_ours([st.owner_pid] if st else [])
+        services.stop_named(STATE, names)
 
 
 def node(st: NetState, host: str) -> int:
@@ -211,9 +204,9 @@ def connections(host: str) -> int:
 
 
 def test_backends_change_under_long_downloads_and_bad_input_changes_nothing(
-    net: NetState, tmp_path: Path
+    fattree_services: NetState, started: set[str], tmp_path: Path
 ) -> None:
-    st = net
+    st = fattree_services
     four = dict(DEP.backends)
     bal4 = chooser(four)
     # Three downloads on h3 (to be drained), three on h7, none on h11 (to be removed).
@@ -233,7 +226,9 @@ def test_backends_change_under_long_downloads_and_bad_input_changes_nothing(
         assert not server_peers(st, "h11")
 
         # 1. A fifth backend: its agent and server first (by PID: services.stop_host), then add.
-        services.start_host(lambda h: node(st, h), DEP, FIFTH, STATE)
+        started.update(
+            r["name"] for r in services.start_host(lambda h: node(st, h), DEP, FIFTH, STATE)
+        )
         out = change("add", FIFTH)
         bal5 = chooser({**four, FIFTH: 1})
         before = connections(FIFTH)
@@ -314,7 +309,7 @@ def test_backends_change_under_long_downloads_and_bad_input_changes_nothing(
     assert res.returncode == 1 and "h2 cannot be reached" in res.stderr, res.stderr
     assert "nothing was changed on any LB" in res.stderr
     assert request(STATE / "lb-h1.ctl", "backends")["table"]["digest"] == sets["h1"][1]
-    services.restart(lambda h: node(st, h), STATE, "lb-h2")
+    started.add(services.restart(lambda h: node(st, h), STATE, "lb-h2")["name"])
     assert lb_sets() == sets  # the record's set (h3 drained, h11 gone, h16 in), same table
     assert [b.host for b in backend_record.read_record(STATE).backends] == [
         "h3",
