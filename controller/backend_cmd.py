@@ -6,7 +6,10 @@ range, the network and the fastpath services are up; for `add`, the host runs an
 server on the VIP, so that no new flow is sent into a black hole), then applied to every LB
 (dry run on all, then apply on all, put back on failure), then recorded in the state
 directory (controller.backend_record) and in the LBs' rendered configurations, so an LB
-restarted later starts with the current set. One backend command runs at a time
+restarted later starts with the current set. The fabric's source guard follows the set: a
+backend's DSR replies come from the VIP, which its ToR lets through only from the hosts the
+guard allows (controller.routes.source_guard), so `add` allows it there before any flow is
+sent, and `remove` withdraws it afterwards. One backend command runs at a time
 (`<state dir>/config/backends.lock`).
 """
 
@@ -34,7 +37,9 @@ from controller.backend_record import (
     write_record,
 )
 from controller.cluster import ClusterError, Endpoint, apply_everywhere
+from controller.drivers.linux import DriverError, guard_ruleset, run_nft
 from controller.netstate import STATE_DIR, NetState
+from controller.routes import compute_routes
 from controller.topology import Topology, load_topology
 from fastpath.config import MAX_WEIGHT
 from l4lb.control import ControlUnavailable, RequestRefused, request
@@ -177,6 +182,23 @@ def check_serves(env: Env, host: str) -> None:
             )
 
 
+def guard_vip(env: Env, backends: Sequence[BackendEntry], host: str) -> None:
+    """The source guard of `host`'s ToR as it is for the set `backends` (the LBs and these
+    backends may send from the VIP), applied in one nft transaction: the rules of the ToR's
+    other ports never lapse."""
+    topo, rec = env.topology, env.record
+    tor = topo.gateway(host).node
+    sources = (*rec.load_balancers, *(b.host for b in backends))
+    program = compute_routes(topo, rec.vip, rec.load_balancers, sources)[tor]
+    script = guard_ruleset(program, topo)
+    if script is None:
+        return
+    try:
+        run_nft({tor: (env.net.nodes[tor].pid, script)})
+    except (DriverError, OSError) as exc:
+        raise BackendCmdError(f"{tor}: cannot update the source guard for {host}: {exc}") from None
+
+
 def wire(backends: Sequence[BackendEntry]) -> list[dict[str, Any]]:
     """The set as `backends.replace` takes it."""
     return [{"ip": b.ip, "weight": b.weight, "admin": b.admin, "name": b.host} for b in backends]
@@ -263,7 +285,12 @@ def run_change(args: argparse.Namespace, env: Env, out: TextIO = sys.stdout) -> 
         weight = check_weight(args.weight)
         check_serves(env, host)
         new = (*rec.backends, BackendEntry(host, env.topology.host_ip(host), weight))
-        change(env, new, what, out)
+        guard_vip(env, new, host)  # its replies (from the VIP) may leave before it gets flows
+        try:
+            change(env, new, what, out)
+        except BackendCmdError:
+            guard_vip(env, rec.backends, host)
+            raise
         return 0
     entry = env.entry(host)
 
@@ -281,7 +308,12 @@ def run_change(args: argparse.Namespace, env: Env, out: TextIO = sys.stdout) -> 
                     "removing it anyway (they are forgotten)",
                     file=out,
                 )
-        change(env, tuple(b for b in env.record.backends if b.host != host), what, out)
+        new = tuple(b for b in env.record.backends if b.host != host)
+        change(env, new, what, out)
+        try:
+            guard_vip(env, new, host)
+        except BackendCmdError as exc:
+            print(f"  note: {exc}: it may still send from the VIP", file=out)
     elif cmd == "drain":
         change(env, with_entry(weight=0), what, out)
     elif cmd == "weight":

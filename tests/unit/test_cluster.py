@@ -150,7 +150,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
     for path, text in render.render(DEP, tmp_path, record).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    nodes = {h: NodeRecord(h, "host", 1000 + i, 1, 1) for i, h in enumerate(DEP.topology.hosts())}
+    names = [*DEP.topology.hosts(), *DEP.topology.switches()]
+    nodes = {n: NodeRecord(n, "host", 1000 + i, 1, 1) for i, n in enumerate(names)}
     net = NetState(1, 1, "detach", str(DEP.topology.source), 0.0, True, nodes)
     serving = {"h16"}
     monkeypatch.setattr(
@@ -162,9 +163,22 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
         services, "listening", lambda pid, ip, port: pid == nodes["h16"].pid and "www" in serving
     )
     serving.add("www")
+    guards: list[tuple[str, str]] = []  # (switch, nft script) as the ToRs would get them
+    monkeypatch.setattr(
+        backend_cmd,
+        "run_nft",
+        lambda scripts: guards.extend((sw, script) for sw, (_pid, script) in scripts.items()),
+    )
     e = Env(tmp_path, net, DEP.topology, record, [FakeLb("h1"), FakeLb("h2")])
     e.serving = serving  # type: ignore[attr-defined]
+    e.guards = guards  # type: ignore[attr-defined]
     return e
+
+
+def vip_allowed(script: str, host: str) -> bool:
+    """The source guard lets the VIP through from `host`'s ToR port."""
+    port = DEP.topology.gateway(host).name
+    return f'iifname "{port}" ip saddr 20.0.0.1/32 accept' in script
 
 
 def _agent(path: Path, serving: set[str]) -> dict[str, int]:
@@ -193,6 +207,9 @@ def test_add_drain_weight_down_up_remove_recorded_and_rendered(env: Env) -> None
     assert run_change(act("add", "h16", weight=2), env, out) == 0
     assert "backend add h16: applied on h1, h2" in out.getvalue()
     assert "tables agree" in out.getvalue()
+    # Its ToR lets its replies (from the VIP) through, and still h15's, its neighbour's.
+    ((tor, script),) = env.guards  # type: ignore[attr-defined]
+    assert tor == "t8" and vip_allowed(script, "h16") and vip_allowed(script, "h15")
     rec = backend_record.read_record(env.state_dir)
     assert rec is not None and rec.entry("h16") == BackendEntry("h16", H16, 2)
     for lb in ("h1", "h2"):  # an LB restarted now starts with the same set
@@ -214,6 +231,9 @@ def test_add_drain_weight_down_up_remove_recorded_and_rendered(env: Env) -> None
     run_change(act("remove", "h3"), env, out)
     rec = backend_record.read_record(env.state_dir)
     assert rec is not None and [b.host for b in rec.backends] == ["h7", "h11", "h15", "h16"]
+    tor, script = env.guards[-1]  # type: ignore[attr-defined]
+    assert tor == "t2" and not vip_allowed(script, "h3")  # removed: no longer sends as the VIP
+    assert len(env.guards) == 2  # type: ignore[attr-defined]  # drain, weight, down, up: none
     a, b = env.lbs  # type: ignore[misc]
     assert a.bk.table.digest == b.bk.table.digest and len(a.bk.specs) == 4
 
@@ -240,6 +260,7 @@ def test_bad_input_is_refused_and_nothing_changes(env: Env, action, host, kw, er
         run_change(act(action, host, **kw), env, io.StringIO())
     assert (lb_sets(env), backend_record.read_record(env.state_dir), rendered(env, "h1")) == before
     assert all("backends.replace" not in lb.log for lb in env.lbs)  # type: ignore[attr-defined]
+    assert env.guards == []  # type: ignore[attr-defined]
 
 
 def test_add_needs_a_server_on_the_vip_too(env: Env) -> None:
@@ -256,6 +277,9 @@ def test_an_lb_down_during_add_refuses_and_nothing_changes(env: Env) -> None:
     with pytest.raises(BackendCmdError, match=r"backend add h16: h2 cannot be reached"):
         run_change(act("add", "h16"), env, io.StringIO())
     assert (lb_sets(env), backend_record.read_record(env.state_dir)) == before
+    # The guard was opened for it, then put back as it was.
+    (_, opened), (_, closed) = env.guards  # type: ignore[attr-defined]
+    assert vip_allowed(opened, "h16") and not vip_allowed(closed, "h16")
 
 
 def test_remove_wait_drained_drains_waits_then_removes(env: Env, monkeypatch) -> None:
