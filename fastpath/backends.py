@@ -5,14 +5,14 @@ Per backend: its IPv4 and host name, the configured weight (0..MAX_WEIGHT), the 
 state (`up`/`down`) and the health (`up`/`down`/`unknown`, since when, failed checks, the last
 reason), set by a health checker through `set_health`. From these, one rule (`effective`):
 
-| the backend is                 | new flows           | its tracked flows                      |
-|--------------------------------|---------------------|----------------------------------------|
-| up, weight w > 0, health not down | ~ w / sum of weights | stay                                |
-| drained (weight 0)             | none                | stay until they end or idle out        |
-| administratively down          | none                | re-hashed at their next packet         |
-| health down                    | none                | re-hashed at their next packet         |
-| removed from the set           | none                | forgotten (re-hashed; never return)    |
-| added                          | ~ w / sum (1/(N+1)) | (other backends' tracked flows stay)   |
+| the backend is                      | new flows              | its tracked flows                 |
+|-------------------------------------|------------------------|-----------------------------------|
+| up, weight w > 0, health not down   | ~ w / sum of weights   | stay                              |
+| drained (weight 0)                  | none                   | stay until they end or idle out   |
+| administratively down               | none                   | re-hashed at their next packet    |
+| health down                         | none                   | re-hashed at their next packet    |
+| removed from the set                | none                   | forgotten (re-hashed, never back) |
+| added                               | ~ w / sum (1/(N+1))    | (the others' tracked flows stay)  |
 
 Re-hashing a down backend's flows is Maglev's rule (a tracked flow is reused only while its
 backend is healthy): its connections are broken anyway, and waiting for them would only
