@@ -14,6 +14,7 @@ fi
 APT_PACKAGES=(
   mininet iproute2 iputils-ping tcpdump ethtool nftables php-cli wget haproxy
   netsniff-ng python3-venv python3-dev procps
+  prometheus chromium chromium-driver
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -23,7 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install.sh: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # haproxy's package would start a system service; policy-rc.d keeps it from doing so.
+  # haproxy's and prometheus' packages would start system services; policy-rc.d keeps them from
+  # doing so (`up --monitor` runs its own prometheus, stopped by PID).
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.l4lb
   chmod +x /usr/sbin/policy-rc.d.l4lb
   had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1
