@@ -36,6 +36,7 @@ from typing import Any
 from bench.wget_summary import Fetch, format_summary, progress_line, summarize, verdict
 from controller import services
 from controller.deployment import Deployment, DeploymentError, load_deployment
+from l4lb import procnet
 from l4lb.errors import UsageError  # bad option, missing tool, busy machine: exit 2 up front
 
 REPO = Path(__file__).resolve().parent.parent
@@ -339,13 +340,7 @@ class Fabric:
 
 def iface_counters(pid: int) -> dict[str, dict[str, int]]:
     """Interface counters in the netns of `pid` (/proc/PID/net/dev is that namespace's)."""
-    out = {}
-    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
-        name, _, rest = line.partition(":")
-        c = [int(x) for x in rest.split()]
-        out[name.strip()] = {"rx_bytes": c[0], "rx_packets": c[1], "tx_bytes": c[8],
-                             "tx_packets": c[9]}  # fmt: skip
-    return out
+    return procnet.net_dev(pid)
 
 
 # ---------------------------------------------------------------------------------------------

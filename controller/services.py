@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from controller import netstate, render
+from l4lb import procnet
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment
@@ -317,20 +318,9 @@ def proc_cpu_seconds(pid: int) -> float | None:
 
 
 def listening(pid: int, ip: str, port: int) -> bool:
-    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`.
-
-    /proc/PID/net/tcp is the table of that process's network namespace: no exec needed.
-    """
-    want = {_proc_net_addr(ip, port), _proc_net_addr("0.0.0.0", port)}
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines:
-        cols = line.split()
-        if len(cols) > 3 and cols[3] == "0A" and cols[1] in want:  # 0A: TCP_LISTEN
-            return True
-    return False
+    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`
+    (/proc/PID/net/tcp is that namespace's table: no exec needed)."""
+    return procnet.tcp_listening(pid, ip, port)
 
 
 def has_packet_socket(pid: int) -> bool:
@@ -350,12 +340,6 @@ def has_packet_socket(pid: int) -> bool:
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 return True
     return False
-
-
-def _proc_net_addr(ip: str, port: int) -> str:
-    # /proc/net/tcp prints the address as the host-order hex of the network-order u32.
-    octets = [int(x) for x in ip.split(".")]
-    return "".join(f"{o:02X}" for o in reversed(octets)) + f":{port:04X}"
 
 
 def _log_tail(path: str, lines: int = 8) -> str:

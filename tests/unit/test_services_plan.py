@@ -113,12 +113,6 @@ def test_unknown_mode_is_a_clear_error(dep) -> None:
         services.plan(dep, "nginx", STATE)  # type: ignore[arg-type]
 
 
-def test_proc_net_addr_matches_kernel_format() -> None:
-    # /proc/net/tcp shows 127.0.0.1:80 as 0100007F:0050
-    assert services._proc_net_addr("127.0.0.1", 80) == "0100007F:0050"
-    assert services._proc_net_addr("20.0.0.1", 80) == "01000014:0050"
-
-
 def test_listening_sees_a_real_listener_and_start_time_identifies_process(tmp_path) -> None:
     import socket
 
