@@ -16,6 +16,7 @@ from agent.config import check_mss
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
 from l4lb.errors import ConfigError
+from monitor.config import DEFAULT_PORT, check_port
 
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
@@ -44,6 +45,8 @@ class Deployment:
     """Files the backend web servers serve."""
     mtu: int = 1500
     """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    metrics_port: int = DEFAULT_PORT
+    """TCP port of every LB's and agent's Prometheus exporter, on its host's own address."""
     source: str = "<deployment>"
     """Where it came from, for messages."""
     path: Path | None = None
@@ -70,6 +73,7 @@ KEYS = frozenset(
         "server_mss",
         "www_root",
         "mtu",
+        "metrics_port",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -137,9 +141,11 @@ def parse_deployment(
     mtu = data.get("mtu", 1500)
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
+    metrics_port = data.get("metrics_port", DEFAULT_PORT)
     try:  # the data planes' own rules (one definition each), on the deployment's values
         check_hash_seed(seed)
         check_mss(mss, mtu)
+        check_port("metrics_port", metrics_port)
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
@@ -153,6 +159,7 @@ def parse_deployment(
         server_mss=mss,
         www_root=(base / www).resolve(),
         mtu=mtu,
+        metrics_port=metrics_port,
         source=source,
         path=path,
     )
@@ -190,6 +197,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
         "server_mss": dep.server_mss,
         "www_root": str(dep.www_root),
         "mtu": dep.mtu,
+        "metrics_port": dep.metrics_port,
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

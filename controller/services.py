@@ -17,6 +17,9 @@ dropped (io.rx_truncated) and be resent segment by segment. Measured on the fat 
 300 KB POSTs through the VIP lost 570 of 1221 frames at h1/h2 with the ports as mininet makes
 them, none with the ports segmenting.
 
+In fastpath mode an exporter runs beside every LB and agent, and with `monitor` / `dashboard`
+the monitoring's processes run in the root namespace (controller.monitor plans them).
+
 Each process is recorded (PID and kernel start time) in `<state_dir>/services.json` as soon as
 it starts, so `stop(state_dir)` stops exactly those processes by PID, even from another process
 or after a crash of the one that started them. Logs go to files, never pipes (`php -S` blocks
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,8 +72,8 @@ class Service:
     """One long-running process in one node."""
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
-    node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy"]
+    node: str  # mininet node it runs in ("": the root namespace, beside the controller)
+    role: Literal["lb", "agent", "www", "haproxy", "exporter", "monitor"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
@@ -93,6 +97,7 @@ class Plan:
     setup: tuple[Command, ...]
     services: tuple[Service, ...]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written before start
+    dirs: tuple[str, ...] = ()  # directories the services fill, removed by stop()
 
 
 def python_bin() -> str:
@@ -149,8 +154,12 @@ def plan(
     mode: Mode,
     state_dir: Path = STATE_DIR,
     python: str | None = None,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> Plan:
-    """What runs where for a mode: pure, so it is tested without root or a network."""
+    """What runs where for a mode: pure, so it is tested without root or a network. In fastpath
+    mode, an exporter beside each LB and agent; `monitor` adds Prometheus and its scrape proxy,
+    `dashboard` the status page (controller.monitor)."""
     if mode not in MODES:
         raise ServiceError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     py = python or python_bin()
@@ -271,7 +280,14 @@ def plan(
                     stats=str(state_dir / f"haproxy-{host}.sock"),
                 )
             )
-    return Plan(mode=mode, setup=tuple(setup), services=tuple(services), files=files)
+    dirs: list[str] = []
+    if mode == "fastpath":
+        from controller import monitor as mon  # it plans Services of this module
+
+        watch, watch_files, dirs = mon.services(deployment, state_dir, py, monitor, dashboard)
+        services += watch
+        files |= watch_files
+    return Plan(mode, tuple(setup), tuple(services), files, tuple(dirs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +390,19 @@ def running(state_dir: Path = STATE_DIR) -> list[dict]:
     return out
 
 
-def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: Path) -> None:
+def _pid_of(node_pid: NodePid, node: str) -> int | None:
+    """The PID of a node's shell; None for the root namespace ("")."""
+    return node_pid(node) if node else None
+
+
+def preflight(
+    node_pid: NodePid,
+    deployment: Deployment,
+    mode: Mode,
+    state_dir: Path,
+    monitor: bool = False,
+    dashboard: bool = False,
+) -> None:
     """Refuse before starting anything: services already recorded, a port already taken."""
     live = running(state_dir)
     if live:
@@ -383,15 +411,17 @@ def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: 
             f"services already running: {names}; stop them with `python -m controller down` "
             f"(or controller.services.stop())"
         )
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     for svc in p.services:
         if svc.listen is None:
             continue
-        pid = node_pid(svc.node)
-        if listening(pid, *svc.listen):
+        pid = _pid_of(node_pid, svc.node)
+        if listening(pid or os.getpid(), *svc.listen):
+            where = svc.node or "this machine (the root namespace)"
+            how = f"`python -m controller exec {svc.node} -- ss -ltnp`" if svc.node else "ss -ltnp"
             raise ServicesBusy(
-                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {svc.node}; stop what "
-                f"listens there (`python -m controller exec {svc.node} -- ss -ltnp`) and retry"
+                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {where}; stop what "
+                f"listens there ({how}) and retry"
             )
 
 
@@ -401,6 +431,8 @@ def start(
     mode: Mode = "fastpath",
     state_dir: Path = STATE_DIR,
     timeout: float = 20.0,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> list[dict]:
     """Start a mode's services in the running network; on any failure stop what started.
 
@@ -409,18 +441,20 @@ def start(
     tail of the failing service's log.
     """
     state_dir = Path(state_dir)
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    preflight(node_pid, deployment, mode, state_dir)
+    preflight(node_pid, deployment, mode, state_dir, monitor, dashboard)
     # Files this run makes (configs, counters, sockets), removed again by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
+    state["dirs"] = list(p.dirs)
     _write_state(state_dir, state)
     try:
         # The processes' configurations (the network's files: `down` removes them), rendered
         # from this deployment, which may not be the one the network came up with.
         render.write(deployment, state_dir)
         for path, text in p.files.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
         for f in {s.ready_file for s in p.services if s.ready_file}:
             Path(f).unlink(missing_ok=True)  # a stale stats file must not pass for readiness
@@ -437,7 +471,7 @@ def start(
                 _write_state(state_dir, state)
         # Backends before load balancers, so the first balanced packet finds a server.
         for svc in p.services:
-            rec = _spawn(node_pid(svc.node), svc)
+            rec = _spawn(_pid_of(node_pid, svc.node), svc)
             state["services"].append(rec)
             _write_state(state_dir, state)
             _wait_ready(rec, svc, timeout)
@@ -447,12 +481,12 @@ def start(
     return list(state["services"])
 
 
-def _spawn(node: int, svc: Service) -> dict:
+def _spawn(node: int | None, svc: Service) -> dict:
     Path(svc.log).parent.mkdir(parents=True, exist_ok=True)
     with open(svc.log, "wb") as log:  # this run's log only (the driver counts requests in it)
         try:
             proc = subprocess.Popen(
-                _in_node(node, svc.argv),
+                _in_node(node, svc.argv) if node is not None else list(svc.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -520,8 +554,8 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     recs = state.get("services", [])
     live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
     # Load balancers first, so no new flow reaches a server that is going away.
-    order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 2}
-    live.sort(key=lambda r: order.get(r["role"], 3))
+    order = {"exporter": 0, "monitor": 0, "lb": 1, "haproxy": 1, "www": 2, "agent": 3}
+    live.sort(key=lambda r: order.get(r["role"], 4))
     for rec in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec["pid"], signal.SIGTERM)
@@ -541,6 +575,8 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     for f in state.get("files", []):
         with contextlib.suppress(OSError):
             Path(f).unlink()
+    for d in state.get("dirs", []):
+        shutil.rmtree(d, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
     return len(live)

@@ -30,9 +30,10 @@ def by_node(plan: services.Plan) -> dict[str, list[str]]:
 def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     p = services.plan(dep, "fastpath", STATE, python="/py")
     nodes = by_node(p)
-    assert nodes["h1"] == ["lb"] and nodes["h2"] == ["lb"]
+    assert nodes["h1"] == ["lb", "exporter"] and nodes["h2"] == ["lb", "exporter"]
     for h, _ in dep.backends:
-        assert nodes[h] == ["agent", "www"]
+        assert nodes[h] == ["agent", "www", "exporter"]
+    assert "" not in nodes  # nothing in the root namespace without monitor or dashboard
     lb = next(s for s in p.services if s.name == "lb-h1")
     assert lb.argv == (
         "/py", "-m", "fastpath.lb", "h1-eth0", "--config", str(STATE / "config/lb-h1-eth0.json"),
@@ -50,7 +51,7 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     # Backends come before load balancers: the first balanced packet finds a server.
     roles = [s.role for s in p.services]
     assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
-    assert p.files == {}
+    assert p.files == {} and p.dirs == ()
     # Hosts are left as the network made them; the switch port facing each LB segments, so
     # the LB's tap never gets a client's GSO frame (t1-eth1 faces h1, t1-eth2 h2).
     assert [(c.node, c.argv, c.undo) for c in p.setup] == [
@@ -157,3 +158,40 @@ def test_stop_kills_recorded_process_by_pid_and_spares_reused_pids(tmp_path: Pat
         for p in (proc, other):
             p.kill()
             p.wait()
+
+
+def test_exporters_follow_their_process_on_the_hosts_own_address(dep) -> None:
+    p = services.plan(dep, "fastpath", STATE, python="/py")
+    roles = [s.name for s in p.services]
+    exporters = [s for s in p.services if s.role == "exporter"]
+    assert sorted(s.node for s in exporters) == sorted(["h1", "h2", *(h for h, _ in dep.backends)])
+    for s in exporters:
+        kind = "lb" if s.node in dep.load_balancers else "agent"
+        process = f"lb-{s.node}" if kind == "lb" else f"agent-{s.node}"
+        assert roles.index(s.name) > roles.index(process)  # started once its process is up
+        assert s.listen == (dep.topology.host_ip(s.node), dep.metrics_port)
+        assert s.argv == (
+            "/py", "-m", "monitor.exporter", "--config",
+            str(STATE / f"config/exporter-{kind}-{s.node}.json"),
+        )  # fmt: skip
+    # No exporter where there is no control channel to ask (scapy's LB, haproxy, none).
+    for mode in ("scapy", "haproxy", "none"):
+        assert not [s for s in services.plan(dep, mode, STATE).services if s.role == "exporter"]
+
+
+def test_monitor_and_dashboard_run_in_the_root_namespace_on_loopback(dep) -> None:
+    p = services.plan(dep, "fastpath", STATE, python="/py", monitor=True, dashboard=True)
+    root = {s.name: s for s in p.services if s.node == ""}
+    assert sorted(root) == ["dashboard", "prometheus", "scrapeproxy"]
+    assert all(s.listen and s.listen[0] == "127.0.0.1" for s in root.values())
+    prom = root["prometheus"]
+    conf = STATE / "prometheus" / "prometheus.yml"
+    assert f"--config.file={conf}" in prom.argv
+    assert f"--storage.tsdb.path={STATE / 'prometheus' / 'data'}" in prom.argv
+    assert p.dirs == (str(STATE / "prometheus"),)  # its data goes with `down`
+    text = p.files[str(conf)]
+    for h in ("h1", "h2", *(h for h, _ in dep.backends)):
+        assert f'["{dep.topology.host_ip(h)}:{dep.metrics_port}"]' in text
+        assert f'host: "{h}"' in text
+    assert text.count("proxy_url: http://127.0.0.1:9189") == 2  # job lb, job agent
+    assert "scrape_interval: 1s" in text
