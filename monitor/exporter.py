@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socketserver
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from agent.config import AgentConfig
 from fastpath.config import LbConfig
@@ -118,6 +121,29 @@ def registry(collector: Collector, kind: str) -> CollectorRegistry:
     return reg
 
 
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server, bound without HTTPServer's reverse lookup of
+    its own address (socket.getfqdn: 10 s of DNS timeouts on a machine without a resolver)."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
+        self.setup_environ()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line per scrape would drown the log
+
+
+def serve(reg: CollectorRegistry, addr: str, port: int) -> tuple[_Server, threading.Thread]:
+    """/metrics of `reg` on addr:port, from a thread (OSError when the port cannot be had)."""
+    server = make_server(addr, port, make_wsgi_app(reg), _Server, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return server, thread
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m monitor.exporter",
@@ -140,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        server, thread = start_http_server(cfg.port, cfg.listen, reg)
+        server, thread = serve(reg, cfg.listen, cfg.port)
     except OSError as exc:
         print(f"monitor.exporter: cannot serve {cfg.listen}:{cfg.port}: {exc}", file=sys.stderr)
         return 1
