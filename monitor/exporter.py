@@ -12,6 +12,9 @@ the VIP; monitor.view puts them together and monitor.mapping's table turns them 
 families. The process's own CPU, memory and file descriptors come from prometheus_client's
 ProcessCollector on its PID (`l4lb_process_*`, `l4lb_agent_process_*`).
 
+Where a process is pinned (`fastpath.lb --cpu N`), the exporter moves itself to the other CPUs
+once it knows the process's PID, so serving scrapes never takes the pinned loop's core.
+
 A source that cannot be read (the process down, nft refused) is counted in
 l4lb_exporter_errors_total{reason}, reported on stderr once per failing stretch, and the scrape
 serves the rest (l4lb_up 0 while the process does not answer). Exit: 0 on SIGTERM/SIGINT, 2 for
@@ -21,6 +24,8 @@ a bad configuration, 1 when the port cannot be served.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import socketserver
 import sys
@@ -77,7 +82,10 @@ class Collector:
     def view(self) -> dict[str, Any]:
         replies = self._read("control", self.src.control)
         show, ping = replies if replies is not None else (None, None)
-        self.pid = int(ping.get("pid", 0)) if isinstance(ping, dict) else 0
+        pid = int(ping.get("pid", 0)) if isinstance(ping, dict) else 0
+        if pid and pid != self.pid:
+            keep_off(pid)
+        self.pid = pid
         netdev = self._read("netdev", self.src.netdev)
         if isinstance(self.process, LbConfig):
             nft = self._read("nft", self.src.nft) if self.process.nft else None
@@ -93,6 +101,18 @@ class Collector:
             errors = dict(self.errors)
         yield from families
         yield from mapping.families([mapping.ERRORS], {"errors": errors})[0]
+
+
+def keep_off(pid: int) -> None:
+    """Run on the CPUs `pid` may not run on, when it is pinned to some (no-op otherwise)."""
+    try:
+        theirs = os.sched_getaffinity(pid)
+    except OSError:
+        return
+    others = set(range(os.cpu_count() or 1)) - theirs
+    if others:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, others)
 
 
 def load(path: str) -> tuple[ExporterConfig, LbConfig | AgentConfig]:
