@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, wait_for_lock
+from fatnet import fat_tree
 
 from controller.netstate import NetState
 
@@ -40,15 +40,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def fattree() -> Iterator[NetState]:
-    """The fat tree, up (detached) for a module's tests, and always taken down after (ours
-    only: if `up` failed, the network that is up belongs to someone else)."""
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", wait=LOCK_WAIT) == 0
-    st = network.running()
-    try:
-        assert st is not None and st.ready
+    """The fat tree, up (detached) for a module's tests, and always taken down after."""
+    with fat_tree() as st:
         yield st
-    finally:
-        down_if_ours([st.owner_pid] if st else [])

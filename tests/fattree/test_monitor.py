@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, in_node, wait_for_lock
+from fatnet import fat_tree, in_node
 
 from controller import monitor, netstate, services
 from controller.netstate import NetState
@@ -45,16 +45,9 @@ CHROMIUM_FLAGS = (
 
 @pytest.fixture(scope="module")
 def monitored() -> Iterator[NetState]:
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", services=True, wait=LOCK_WAIT, monitor=True) == 0
-    st = network.running()
-    try:
-        assert st is not None and st.ready
+    """The fat tree with its services, exporters, status page and Prometheus."""
+    with fat_tree(services=True, monitor=True) as st:
         yield st
-    finally:
-        down_if_ours([st.owner_pid] if st else [])
 
 
 class Load:
