@@ -147,6 +147,13 @@ def _start_services(
         monitor=monitor, dashboard=True,
     )  # fmt: skip
     progress(f"up: {len(started)} services in {time.monotonic() - t0:.2f} s")
+    from controller.monitor import DASHBOARD_PORT, PROMETHEUS_PORT
+
+    progress(f"up: status page http://127.0.0.1:{DASHBOARD_PORT}/")
+    if monitor:
+        progress(
+            f"up: Prometheus http://127.0.0.1:{PROMETHEUS_PORT}/ (every exporter, each second)"
+        )
 
 
 def _foreground(
