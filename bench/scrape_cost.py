@@ -26,8 +26,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scrape_cost", description=__doc__)
     ap.add_argument("--scrapes", type=int, default=100)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="l4lb-scrape-cost-"))
-    with Netns() as bed:
+    with tempfile.TemporaryDirectory(prefix="l4lb-scrape-cost-") as tmpdir, Netns() as bed:
+        tmp = Path(tmpdir)
         lbns, peer = bed.add("l"), bed.add("p")
         bed.veth(
             lbns, f"sl{bed.tag}", peer, f"sp{bed.tag}", ip_a=f"{LB_IP}/24", ip_b="10.90.0.2/24"
