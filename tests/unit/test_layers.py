@@ -1,5 +1,7 @@
 """Who may import whom: l4lb/ (the shared layer) imports none of fastpath, agent, controller;
-the agent does not import the load balancer's package."""
+the agent does not import the load balancer's package; the data planes import neither the
+controller nor the exporter (monitor/: prometheus_client stays out of the packet processes),
+and the exporter does not import the controller."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"l4lb": {"fastpath", "agent", "controller", "bench"}, "agent": {"fastpath"}}
+FORBIDDEN = {
+    "l4lb": {"fastpath", "agent", "controller", "bench", "monitor"},
+    "agent": {"fastpath", "controller", "monitor"},
+    "fastpath": {"controller", "monitor"},
+    "monitor": {"controller", "bench"},
+}
 
 
 def imported_packages(path: Path) -> set[str]:
