@@ -11,7 +11,7 @@ Per round, interleaved (every system sees the same machine state within a round)
             local UDP layer, where bench/udp_sink.py holds the port (its /proc/net/snmp
             counters) per second
   latency   UDP request/reply one at a time through LB + agent vs routed by the kernel
-  scraped   fastpath as in its phase, while the exporter beside it (monitor.exporter) is
+  scraped   fastpath as in its phase, while the exporter beside it (controller.exporter.exporter) is
             scraped --scrape-hz times a second (the cost of being watched: compare with
             fastpath, same placements, same round)
 Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
@@ -246,9 +246,9 @@ def lb_argv(ctx: Ctx, backends: Sequence[str] = tbm.BACKEND_IPS) -> list[str]:
 def run_scraped(ctx: Ctx) -> dict[str, Any]:
     """fastpath from a configuration file like lb_argv's, its exporter beside it on the DUT's
     address, and bench.scrape asking the exporter --scrape-hz times a second throughout."""
+    from controller.exporter.config import ExporterConfig
     from fastpath.config import LbConfig
     from l4lb import cfgfile
-    from monitor.config import ExporterConfig
 
     tb, log_dir = ctx.tb, ctx.procs.log_dir
     lb_cfg, exp_cfg = log_dir / "lb-scraped.json", log_dir / "exporter-scraped.json"
@@ -259,7 +259,7 @@ def run_scraped(ctx: Ctx) -> dict[str, Any]:
     )  # fmt: skip
     lb_cfg.write_text(cfgfile.dump(lb))
     exp_cfg.write_text(cfgfile.dump(ExporterConfig("lb", str(lb_cfg), tbm.DUT_IP)))
-    exporter = ctx.procs.start("exporter", tb.dut, [PY, "-m", "monitor.exporter", "--config",
+    exporter = ctx.procs.start("exporter", tb.dut, [PY, "-m", "controller.exporter", "--config",
                                                     str(exp_cfg)])  # fmt: skip
     bound = (ctx.args.warmup + ctx.args.duration + ctx.args.ready_timeout + 10) * 3
     url = f"http://{tbm.DUT_IP}:9180/metrics"

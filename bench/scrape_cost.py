@@ -14,10 +14,10 @@ from pathlib import Path
 
 from bench.netns import PY, Netns, NsProc
 from controller import nodenet
+from controller.exporter.config import ExporterConfig
 from controller.services import proc_cpu_seconds
 from fastpath.config import LbConfig
 from l4lb import cfgfile
-from monitor.config import ExporterConfig
 
 LB_IP = "10.90.0.1"
 
@@ -45,7 +45,7 @@ def main() -> int:
         ]
         try:
             procs[0].wait_event()
-            procs.append(NsProc(lbns, [PY, "-m", "monitor.exporter", "--config",
+            procs.append(NsProc(lbns, [PY, "-m", "controller.exporter", "--config",
                                        str(tmp / "exporter.json")]))  # fmt: skip
             netns = f"/run/netns/{lbns}"
             deadline = time.monotonic() + 20

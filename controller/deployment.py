@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import check_mss
+from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
 from l4lb.errors import ConfigError
-from monitor.config import DEFAULT_PORT, check_port
 
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"

@@ -1,8 +1,8 @@
 """The monitoring's processes and files, planned from the deployment (pure; controller.services
 starts and stops them by PID with the others):
 
-- an exporter beside every LB and agent (monitor.exporter), inside its host, on the host's own
-  address and the deployment's `metrics_port`;
+- an exporter beside every LB and agent (controller.exporter), inside its host, on the host's
+  own address and the deployment's `metrics_port`;
 - with `monitor`: the scrape proxy (controller.scrapeproxy) and Debian's `prometheus`, both in
   the root namespace on 127.0.0.1, Prometheus scraping every exporter every second through the
   proxy, its data under `<state dir>/prometheus/` (removed by `down`), its scrape configuration
@@ -80,7 +80,7 @@ def services(
                     name=f"exporter-{kind}-{host}",
                     node=host,
                     role="exporter",
-                    argv=(py, "-m", "monitor.exporter", "--config", str(cfg)),
+                    argv=(py, "-m", "controller.exporter", "--config", str(cfg)),
                     log=str(logs / f"exporter-{kind}-{host}.log"),
                     listen=(dep.topology.host_ip(host), dep.metrics_port),
                 )

@@ -6,7 +6,7 @@ load balancer, a `fastpath.config.LbConfig` and, for every backend, an
 `agent-<iface>.json`, and starts each process with `--config` on its file (controller.services).
 `python -m controller up` renders them as the network comes up (so an LB or agent started by
 hand in a node finds its file by default) and `down` removes them with the network. Beside them:
-each LB's and agent's exporter configuration (monitor.config.ExporterConfig, naming the
+each LB's and agent's exporter configuration (controller.exporter.config.ExporterConfig, naming the
 process's file) and what the monitoring reaches (controller.targets, `monitor.json`).
 
 Rendering builds the dataclasses, so every value is checked by the data planes' own rules
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
 from controller import targets
+from controller.exporter.config import ExporterConfig
 from controller.netstate import STATE_DIR
 from fastpath.config import LbConfig
 from l4lb import cfgfile
-from monitor.config import ExporterConfig
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment

@@ -297,12 +297,11 @@ def plan(
 
         b = bgp.plan(deployment, state_dir, py)
         setup += b.setup
-        services = [*b.daemons, *services, *b.announcers]
-        files.update(b.files)
-        settle += b.settle
         watch, watch_files, dirs = mon.services(deployment, state_dir, py, monitor, dashboard)
-        services += watch
+        services = [*b.daemons, *services, *watch, *b.announcers]
+        files.update(b.files)
         files |= watch_files
+        settle += b.settle
     return Plan(
         mode=mode,
         setup=tuple(setup),

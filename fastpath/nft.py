@@ -10,7 +10,7 @@ Every frame the rule drops is counted, by reason, in a named counter of the tabl
 VIP on a port it does not serve (`filtered_wrong_port`: the LB's BPF filter keeps these from its
 ring too, so no other counter sees them), and everything else to a VIP (`vip_tapped`: the frames
 the LB's ring also received and counted itself). `read_counters` reads them (`nft -j`), for the
-exporter beside the LB (monitor.exporter), never from the packet loop.
+exporter beside the LB (controller.exporter.exporter), never from the packet loop.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from agent.config import AgentConfig
 from bench.frames import ipip_frames, udp_frames
 from bench.netns import PY, Netns, NsProc, capture, sh
 from controller import nodenet
+from controller.exporter.config import ExporterConfig
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.counters import DropReason
 from l4lb import cfgfile
 from l4lb.wire import ETH_HLEN
-from monitor.config import ExporterConfig
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("ethtool", tun=True)]
 
@@ -181,7 +181,7 @@ def test_every_endpoint_moves_by_exactly_the_burst(bed: dict) -> None:
         cfg.write_text(cfgfile.dump(agent))
         start(bed, ns, [PY, "-m", "agent.decap", "--config", str(cfg)]).wait_event("ready")
         ecfg = exporter_config(bed, b, "agent", cfg, BK[b])
-        start(bed, ns, [PY, "-m", "monitor.exporter", "--config", str(ecfg)])
+        start(bed, ns, [PY, "-m", "controller.exporter", "--config", str(ecfg)])
         endpoints[b] = Endpoint(ns, BK[b])
     # A TCP server on b1's VIP (the agent put the VIP there), none on b2's.
     listen = f"import socket, time; s = socket.socket(); s.bind(('{VIP}', {PORT})); s.listen()"
@@ -189,7 +189,7 @@ def test_every_endpoint_moves_by_exactly_the_burst(bed: dict) -> None:
     bed["procs"][-1].wait_event()
     start(bed, bed["lb"], [PY, "-m", "fastpath.lb", n["l"], "--config", str(lb_cfg)]).wait_event()
     ecfg = exporter_config(bed, "lb", "lb", lb_cfg, LB)
-    start(bed, bed["lb"], [PY, "-m", "monitor.exporter", "--config", str(ecfg)])
+    start(bed, bed["lb"], [PY, "-m", "controller.exporter", "--config", str(ecfg)])
     before = {k: e.wait() for k, e in endpoints.items()}
     for e in endpoints.values():
         promtool_check(e.text)

@@ -1,4 +1,4 @@
-"""monitor.exporter's scrape without root: the real schema objects (LbStats, AgentStats) of a
+"""controller.exporter's scrape without root: the real schema objects (LbStats, AgentStats) of a
 real packet core, through the view and the table, rendered by prometheus_client and parsed
 back with its own text parser."""
 
@@ -15,14 +15,14 @@ from agent.config import AgentConfig
 from agent.counters import DecapCounters, DecapDrop
 from agent.stats import AgentStats
 from bench.frames import udp_frames
+from controller.exporter import exporter, mapping
+from controller.exporter.config import ExporterConfig
+from controller.exporter.sources import SourceError
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.counters import DropReason
 from fastpath.stats import CoreStats, IoStats, LbStats
 from l4lb.errors import ConfigError
-from monitor import exporter, mapping
-from monitor.config import ExporterConfig
-from monitor.sources import SourceError
 
 VIP = "20.0.0.1"
 BACKENDS = (("10.2.3.2", 1), ("10.4.7.2", 0))

@@ -14,9 +14,9 @@ import pytest
 from controller import monitor, render, targets
 from controller.dashboard.model import Model, Sample, labels, parse_metrics
 from controller.deployment import DeploymentError, load_deployment, parse_deployment
+from controller.exporter.config import ExporterConfig
 from controller.scrapeproxy import ProxyRefused, parse_request
 from l4lb import cfgfile
-from monitor.config import ExporterConfig
 
 STATE = Path("/tmp/l4lb-test-state")
 

@@ -33,7 +33,7 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     # on each LB host: its BIRD, the LB, the holder of its announcement (controller.bgp), the
     # LB's exporter (controller.monitor)
     for h in ("h1", "h2"):
-        assert nodes[h] == ["bgp", "lb", "announce", "exporter"]
+        assert nodes[h] == ["bgp", "lb", "exporter", "announce"]
     assert nodes["t1"] == ["bgp"]
     for h, _ in dep.backends:
         assert nodes[h] == ["agent", "www", "exporter"]
@@ -177,7 +177,7 @@ def test_exporters_follow_their_process_on_the_hosts_own_address(dep) -> None:
         assert roles.index(s.name) > roles.index(process)  # started once its process is up
         assert s.listen == (dep.topology.host_ip(s.node), dep.metrics_port)
         assert s.argv == (
-            "/py", "-m", "monitor.exporter", "--config",
+            "/py", "-m", "controller.exporter", "--config",
             str(STATE / f"config/exporter-{kind}-{s.node}.json"),
         )  # fmt: skip
     # No exporter where there is no control channel to ask (scapy's LB, haproxy, none).

@@ -1,5 +1,5 @@
 """A scrape's view of one process: its `show` reply and what the exporter adds, as the plain dict
-monitor.mapping's tables read. Pure: the sources (monitor.sources) are read by the caller.
+`mapping`'s tables read. Pure: the sources (`sources`) are read by the caller.
 
     up       1 if the process answered on its control channel, else 0
     show     the `show` reply (fastpath.stats.LbStats / agent.stats.AgentStats), absent if down

@@ -1,5 +1,5 @@
 """What the exporters publish: one table per process kind, from the process's *view* (its `show`
-reply and what the exporter adds to it, monitor.view) to Prometheus metric families.
+reply and what the exporter adds to it, controller.exporter.view) to Prometheus metric families.
 
 A row names a metric, its type and help, and where its value sits in the view (a dotted path):
 - a number: one sample;

@@ -1,4 +1,4 @@
-"""The exporter's configuration: what `python -m monitor.exporter --config FILE` runs with.
+"""The exporter's configuration: what `python -m controller.exporter --config FILE` runs with.
 
 The controller renders one per load balancer and agent into
 `<state dir>/config/exporter-<kind>-<host>.json` (controller.render); the rest (control socket,

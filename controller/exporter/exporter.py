@@ -1,5 +1,5 @@
 """The Prometheus exporter beside one load balancer or agent:
-`python -m monitor.exporter --config FILE` (controller.services starts one per LB and agent,
+`python -m controller.exporter --config FILE` (controller.services starts one per LB and agent,
 inside its host, and stops it by PID).
 
 It serves `/metrics` (the Prometheus text format, prometheus_client's HTTP server) on the
@@ -8,8 +8,8 @@ on its control channel (served from the process's receive loop between batches, 
 path never waits on a lock or shares the GIL with a thread of ours), reads, for an LB, the
 nftables counters of the frames dropped before its ring (`nft -j`, here, not in the packet
 loop), the host's interface counters and, for an agent, whether the local server listens on
-the VIP; monitor.view puts them together and monitor.mapping's table turns them into metric
-families. The process's own CPU, memory and file descriptors come from prometheus_client's
+the VIP; `view` puts them together and `mapping`'s table turns them into metric families.
+The process's own CPU, memory and file descriptors come from prometheus_client's
 ProcessCollector on its PID (`l4lb_process_*`, `l4lb_agent_process_*`).
 
 Where a process is pinned (`fastpath.lb --cpu N`), the exporter moves itself to the other CPUs
@@ -40,13 +40,13 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from agent.config import AgentConfig
+from controller.exporter import mapping, view
+from controller.exporter.config import ExporterConfig
+from controller.exporter.sources import SourceError, Sources
 from fastpath.config import LbConfig
 from l4lb import cfgfile
 from l4lb.control import default_socket
 from l4lb.errors import ConfigError
-from monitor import mapping, view
-from monitor.config import ExporterConfig
-from monitor.sources import SourceError, Sources
 
 ERROR_REASONS = ("control", "nft", "netdev", "listeners", "bad_value")
 
@@ -73,7 +73,9 @@ class Collector:
                 self.errors[reason] += 1
                 if reason not in self._failing:
                     self._failing.add(reason)
-                    print(f"monitor.exporter: {exc} (counted, serving the rest)", file=sys.stderr)
+                    print(
+                        f"controller.exporter: {exc} (counted, serving the rest)", file=sys.stderr
+                    )
             return None
         with self._lock:
             self._failing.discard(reason)
@@ -166,7 +168,7 @@ def serve(reg: CollectorRegistry, addr: str, port: int) -> tuple[_Server, thread
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m monitor.exporter",
+        prog="python -m controller.exporter",
         description="Serve an LB's or agent's counters as Prometheus metrics on /metrics.",
     )
     ap.add_argument("--config", required=True, help="the exporter's configuration file")
@@ -175,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, process = load(args.config)
         src = sources(cfg, process)
     except (ConfigError, OSError) as exc:
-        print(f"monitor.exporter: {exc}", file=sys.stderr)
+        print(f"controller.exporter: {exc}", file=sys.stderr)
         return 2
     reg = registry(Collector(cfg, process, src), cfg.kind)
     stop = threading.Event()
@@ -188,10 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server, thread = serve(reg, cfg.listen, cfg.port)
     except OSError as exc:
-        print(f"monitor.exporter: cannot serve {cfg.listen}:{cfg.port}: {exc}", file=sys.stderr)
+        print(f"controller.exporter: cannot serve {cfg.listen}:{cfg.port}: {exc}", file=sys.stderr)
         return 1
     print(
-        f"monitor.exporter: {cfg.kind} metrics on http://{cfg.listen}:{cfg.port}/metrics "
+        f"controller.exporter: {cfg.kind} metrics on http://{cfg.listen}:{cfg.port}/metrics "
         f"from {src.socket}",
         file=sys.stderr,
         flush=True,
