@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import check_mss
+from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
 from l4lb.errors import ConfigError
@@ -99,6 +100,8 @@ class Deployment:
     """Files the backend web servers serve."""
     mtu: int = 1500
     """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    metrics_port: int = DEFAULT_PORT
+    """TCP port of every LB's and agent's Prometheus exporter, on its host's own address."""
     source: str = "<deployment>"
     """Where it came from, for messages."""
     path: Path | None = None
@@ -134,6 +137,7 @@ KEYS = frozenset(
         "www_root",
         "mtu",
         "bgp",
+        "metrics_port",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -201,9 +205,11 @@ def parse_deployment(
     mtu = data.get("mtu", 1500)
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
+    metrics_port = data.get("metrics_port", DEFAULT_PORT)
     try:  # the data planes' own rules (one definition each), on the deployment's values
         check_hash_seed(seed)
         check_mss(mss, mtu)
+        check_port("metrics_port", metrics_port)
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
@@ -218,6 +224,7 @@ def parse_deployment(
         server_mss=mss,
         www_root=(base / www).resolve(),
         mtu=mtu,
+        metrics_port=metrics_port,
         source=source,
         path=path,
         bgp=bgp,
@@ -262,6 +269,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
             "bfd_interval_ms": dep.bgp.bfd_interval_ms,
             "bfd_multiplier": dep.bgp.bfd_multiplier,
         },
+        "metrics_port": dep.metrics_port,
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

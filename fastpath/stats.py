@@ -5,7 +5,7 @@ the same object."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastpath.counters import Counters, DropReason
@@ -141,18 +141,18 @@ class LbStats:
     """Frames the kernel could not put in the ring because it was full."""
     tracked_flows: int
     """Flows in the connection table."""
-    backends: list[BackendStats]
-    """The backend set, in its order."""
-    fail_open: bool
-    """No backend is healthy: the table ignores health (fastpath.backends)."""
-    table: TableStats
-    """The lookup table."""
     next_hop_mac: str
     """Ethernet destination of the frames sent (learned and refreshed, or given)."""
     rps_cpus: str | None
     """The interface's RPS mask while the LB runs (hex), None when left alone."""
     nft_dropped: int | None
     """Frames the nftables ingress drop counted (final snapshot only; None before or without)."""
+    backends: list[BackendStats] = field(default_factory=list)
+    """The backend set, in its order."""
+    fail_open: bool = False
+    """No backend is healthy: the table ignores health (fastpath.backends)."""
+    table: TableStats | None = None
+    """The lookup table (None only in a snapshot made without one, in tests)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -317,4 +317,4 @@ def test_backends_change_under_long_downloads_and_bad_input_changes_nothing(
         "h15",
         FIFTH,
     ]
-    assert services.stop_host(STATE, FIFTH) == 2  # the fifth backend's agent and server
+    assert services.stop_host(STATE, FIFTH) == 3  # the fifth backend's agent, server, exporter
