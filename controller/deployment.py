@@ -15,8 +15,11 @@ from typing import Any
 from agent.config import check_mss
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
+from l4lb import cfgfile
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 
+DEFAULT_HEALTH = HealthConfig()
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
 
@@ -44,6 +47,10 @@ class Deployment:
     """Files the backend web servers serve."""
     mtu: int = 1500
     """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    health: HealthConfig | None = DEFAULT_HEALTH
+    """Health checks of every backend (l4lb.healthcfg; the file's `health` object over the
+    defaults), rendered into every LB's and agent's configuration; None (`"health": null`):
+    none, every backend counts as healthy."""
     source: str = "<deployment>"
     """Where it came from, for messages."""
     path: Path | None = None
@@ -70,6 +77,7 @@ KEYS = frozenset(
         "server_mss",
         "www_root",
         "mtu",
+        "health",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -143,6 +151,15 @@ def parse_deployment(
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
+    health_data = data.get("health", {})
+    try:
+        health = (
+            None
+            if health_data is None
+            else cfgfile.from_dict(HealthConfig, health_data, f"{source}: health")
+        )
+    except ConfigError as exc:
+        raise DeploymentError(str(exc)) from None
     dep = Deployment(
         topology=topology,
         vip=vip,
@@ -153,6 +170,7 @@ def parse_deployment(
         server_mss=mss,
         www_root=(base / www).resolve(),
         mtu=mtu,
+        health=health,
         source=source,
         path=path,
     )
@@ -190,6 +208,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
         "server_mss": dep.server_mss,
         "www_root": str(dep.www_root),
         "mtu": dep.mtu,
+        "health": cfgfile.to_dict(dep.health) if dep.health is not None else None,
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

@@ -55,6 +55,7 @@ def lb_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> LbConf
         stats_file=str(stats_path(state_dir, "lb", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "lb", host)),
+        health=dep.health,
     )
 
 
@@ -69,6 +70,7 @@ def agent_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> Age
         stats_file=str(stats_path(state_dir, "agent", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "agent", host)),
+        health=dep.health,
     )
 
 
