@@ -216,8 +216,9 @@ class AgentHealth:
         return min(due, self.checker.wake_at())
 
     def _result(self, now: float, ok: bool, detail: str) -> bool:
-        self.next_check = self.checker.next_check(now)
-        return self.checker.result(now, ok, detail)
+        changed = self.checker.result(now, ok, detail)
+        self.next_check = self.checker.next_check(now)  # after the result: fast if it failed
+        return changed
 
     def _answer(self, now: float) -> None:
         for _ in range(PROBES_PER_CALL):

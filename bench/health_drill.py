@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import network, render, services
+from controller import network, nodeconfig, render, services
 from controller.deployment import Deployment
 from l4lb.control import ControlUnavailable, RequestRefused, request
 
@@ -208,9 +208,15 @@ class Drill:
         return t
 
     def link(self, host: str, up: bool) -> float:
+        """The host's fabric link down, or up again as the network built it (a link going
+        down takes the default route and the neighbour entries with it)."""
         iface = self.dep.topology.host_interface(host).name
         t = time.time()
-        self.run_in(host, ["ip", "link", "set", iface, "up" if up else "down"])
+        if not up:
+            self.run_in(host, ["ip", "link", "set", iface, "down"])
+            return t
+        for argv in nodeconfig.node_commands(self.dep.topology, host):
+            self.run_in(host, argv)
         return t
 
     # -- captures and clients -----------------------------------------------------------------

@@ -207,3 +207,29 @@ def test_responder_answers_probes_counts_bad_ones_and_pushes_a_change(
     finally:
         agent.close()
         lb.close()
+
+
+def test_service_checks_fast_after_a_failure(server: http.server.ThreadingHTTPServer) -> None:
+    """The service's own schedule, with `now` passed in: once an up server fails a check, it
+    is down `fall` checks later, fast_interval apart (not interval apart)."""
+    responder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    responder.bind(("127.0.0.1", 0))
+    agent = AgentHealth(
+        CFG, "127.0.0.1", "10.2.3.2", 0.0, responder=responder,
+        check_addr=server.server_address[:2],  # type: ignore[arg-type]
+    )  # fmt: skip
+    t, first_failure = 0.0, None
+    try:
+        while agent.checker.verdict != Verdict.DOWN and t < 5.0:
+            due = agent.service(t)
+            if agent.checker.verdict == Verdict.UP and t > 1.0 and server.socket.fileno() >= 0:
+                server.shutdown()
+                server.server_close()
+            if first_failure is None and agent.checker.check_failures:
+                first_failure = t
+            time.sleep(0.001)  # real sockets: let the check's I/O happen
+            t = round(max(t + 0.001, min(due, t + 0.05)), 4)
+        assert agent.checker.verdict == Verdict.DOWN and first_failure is not None
+        assert agent.checker.since - first_failure <= (CFG.fall - 1) * CFG.fast_interval + 0.01
+    finally:
+        agent.close()
