@@ -368,6 +368,19 @@ class Sampler:
             worst = max(worst, self.samples[-1][0] - since)
         return round(worst, 3)
 
+    def change_times(self) -> list[float]:
+        """Seconds from the first sample to each change of the first LB's view."""
+        if not self.samples:
+            return []
+        first = self.drill.lbs[0]
+        t0, last, out = self.samples[0][0], None, []
+        for t, lb, h in self.samples:
+            if lb == first:
+                if last is not None and h != last:
+                    out.append(round(t - t0, 2))
+                last = h
+        return out
+
     def changes(self) -> dict[str, int]:
         """Health changes each LB showed."""
         last: dict[str, bool] = {}
