@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.netns import PY, Netns, NsProc
+from bench.netns import PY, Netns, Procs
 from l4lb.control import request
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs(tun=True)]
@@ -31,29 +31,6 @@ srv = http.server.ThreadingHTTPServer((sys.argv[1], 80), H)
 print("serving", flush=True)
 srv.serve_forever()
 """
-
-
-class Procs:
-    def __init__(self) -> None:
-        self.items: list[NsProc] = []
-
-    def start(self, ns: str, argv: list[str]) -> NsProc:
-        p = NsProc(ns, argv)
-        self.items.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        while self.items:
-            self.items.pop().stop()
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def wait_for(what: str, cond: Callable[[], Any], seconds: float) -> float:
