@@ -48,6 +48,8 @@ STATUS_MAX = 512
 """Bytes read for the status line; a longer first line is a failed check."""
 PROBES_PER_CALL = 64
 """Probes answered per call, so a flood of them cannot hold the packet loop."""
+PEERS_MAX = 64
+"""LBs remembered for pushes (the least recently heard goes first): bounded memory."""
 
 
 class HttpCheck:
@@ -192,7 +194,8 @@ class AgentHealth:
         self.malformed: dict[str, int] = {r.value: 0 for r in BadMessage}
         self.pushes = 0
         """Replies pushed unasked to LBs when the verdict changed."""
-        self.send_errors = 0
+        self.socket_errors = 0
+        """Replies the socket refused and errors it reported (lost, counted)."""
 
     def fds(self) -> Sequence[int]:
         fd = self.check.fileno()
@@ -227,7 +230,7 @@ class AgentHealth:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                self.send_errors += 1  # e.g. an ICMP error queued on the socket
+                self.socket_errors += 1  # e.g. an ICMP error queued on the socket
                 continue
             try:
                 probe = decode_probe(data)
@@ -237,7 +240,10 @@ class AgentHealth:
                 self.malformed[exc.reason.value] += 1
                 continue
             self.probes += 1
+            self.peers.pop(addr, None)  # re-inserted last: the dict stays in order of last probe
             self.peers[addr] = _Peer(probe.token, probe.seq, now)
+            if len(self.peers) > PEERS_MAX:
+                del self.peers[next(iter(self.peers))]
             self._send(addr, self._reply(Kind.REPLY, probe.token, probe.seq, now))
 
     def _push(self, now: float) -> None:
@@ -264,7 +270,7 @@ class AgentHealth:
         try:
             self.sock.sendto(data, addr)
         except OSError:
-            self.send_errors += 1
+            self.socket_errors += 1
 
     def stats(self, now: float) -> HealthStats:
         c = self.checker
@@ -281,7 +287,7 @@ class AgentHealth:
             probes=self.probes,
             malformed={k: v for k, v in self.malformed.items() if v},
             pushes=self.pushes,
-            send_errors=self.send_errors,
+            socket_errors=self.socket_errors,
             lbs=sorted(f"{ip}:{port}" for ip, port in self.peers),
             instance=f"{self.instance:08x}",
         )

@@ -37,8 +37,8 @@ class HealthStats:
     """Datagrams to VIP:port ignored, by reason (l4lb.healthwire.BadMessage; zeros left out)."""
     pushes: int
     """Replies pushed unasked to LBs on a verdict change."""
-    send_errors: int
-    """Replies the socket refused (lost, counted)."""
+    socket_errors: int
+    """Replies the socket refused and errors it reported (lost, counted)."""
     lbs: list[str]
     """The LBs (address:port) that probed lately: the ones a change is pushed to."""
     instance: str

@@ -66,7 +66,7 @@ class LbHealth:
         self.tunnel, self.replies = tunnel, replies
         self.sport = replies.getsockname()[1]
         self.prober = Prober(cfg, target, now)
-        self.send_errors = 0
+        self.socket_errors = 0
 
     def fds(self) -> Sequence[int]:
         return [self.replies.fileno()]
@@ -79,7 +79,8 @@ class LbHealth:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                continue  # an ICMP error queued on the socket: the probe is missed anyway
+                self.socket_errors += 1  # an ICMP error queued on the socket
+                continue
             if ip != self.vip or port != self.cfg.port:
                 p.malformed[BadMessage.WRONG_SOURCE.value] += 1
                 continue
@@ -89,12 +90,12 @@ class LbHealth:
             try:
                 self.tunnel.sendto(inner, (backend, 0))
             except OSError:
-                self.send_errors += 1
+                self.socket_errors += 1  # the probe is lost: missed when its time runs out
         return p.next_due()
 
     def stats(self, now: float) -> ProberStats:
         s = self.prober.stats(now, self.wall())
-        s.send_errors = self.send_errors
+        s.socket_errors = self.socket_errors
         return s
 
     def close(self) -> None:

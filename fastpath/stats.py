@@ -109,8 +109,9 @@ class ProberStats:
     """Replies ignored, by reason (l4lb.healthwire.BadMessage; zeros left out)."""
     unknown_seq: int
     """Replies carrying this LB's token for no probe awaiting one (late, duplicated)."""
-    send_errors: int = 0
-    """Probes the raw socket refused (lost, counted as missed when their time runs out)."""
+    socket_errors: int = 0
+    """Probes the raw socket refused (counted as missed when their time runs out) and errors
+    the reply socket reported."""
 
 
 @dataclass

@@ -233,3 +233,26 @@ def test_service_checks_fast_after_a_failure(server: http.server.ThreadingHTTPSe
         assert agent.checker.since - first_failure <= (CFG.fall - 1) * CFG.fast_interval + 0.01
     finally:
         agent.close()
+
+
+def test_the_lbs_remembered_for_pushes_are_bounded() -> None:
+    from agent.healthsvc import PEERS_MAX
+
+    responder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    responder.bind(("127.0.0.1", 0))
+    agent = AgentHealth(
+        CFG, "127.0.0.1", "10.2.3.2", 0.0, responder=responder, check_addr=("127.0.0.1", 1)
+    )
+    senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(PEERS_MAX + 6)]
+    try:
+        probe = encode_probe(Probe(1, 1, bytes([10, 2, 3, 2])))
+        for s in senders:
+            s.sendto(probe, responder.getsockname())
+        drive(agent, 2, lambda: agent.probes == len(senders))
+        assert agent.probes == len(senders) and len(agent.peers) == PEERS_MAX
+        newest = senders[-1].getsockname()
+        assert ("127.0.0.1", newest[1]) in agent.peers  # the oldest went, not the newest
+    finally:
+        for s in senders:
+            s.close()
+        agent.close()
