@@ -157,7 +157,11 @@ class Prober:
 
     def next_due(self) -> float:
         when = [b.next_at for b in self.backends.values() if b.outstanding is None]
-        when += [b.sent_at + self.cfg.timeout for b in self.backends.values() if b.outstanding]
+        when += [
+            b.sent_at + self.cfg.timeout
+            for b in self.backends.values()
+            if b.outstanding is not None
+        ]
         return min(when, default=float("inf"))
 
     def on_reply(self, data: bytes, now: float) -> None:
