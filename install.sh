@@ -13,7 +13,7 @@ fi
 # Debian packages, by the command or file that proves each is present.
 APT_PACKAGES=(
   mininet iproute2 iputils-ping tcpdump ethtool nftables php-cli wget haproxy
-  netsniff-ng python3-venv python3-dev procps
+  netsniff-ng python3-venv python3-dev procps bird2
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -23,7 +23,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install.sh: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # haproxy's package would start a system service; policy-rc.d keeps it from doing so.
+  # haproxy's and bird2's packages would start system services (a BIRD in the root namespace
+  # would be a router of its own on this machine); policy-rc.d keeps them from doing so. The
+  # project runs its BIRDs itself, one per mininet node (controller/bgp.py).
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.l4lb
   chmod +x /usr/sbin/policy-rc.d.l4lb
   had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1

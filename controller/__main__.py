@@ -1,17 +1,22 @@
-"""Command line: `python -m controller routes|up|down|exec|p4-program`, in the spirit of p4run.
+"""Command line: `python -m controller routes|up|down|exec|p4-program|p4-follow|lb|bird-config`,
+in the spirit of p4run.
 
-`routes` and `p4-program` need neither root nor mininet; `up`, `down` and `exec` import
-controller.network only when run.
+`routes`, `p4-program`, `p4-follow` and `bird-config` need neither root nor mininet; `up`,
+`down` and `exec` import controller.network only when run; `lb` reads the running network.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from controller.deployment import DEFAULT_DEPLOYMENT, Deployment, load_deployment
@@ -26,8 +31,8 @@ def _programs(args: argparse.Namespace) -> tuple[Topology, dict[str, SwitchProgr
     """Topology (--topo, else the deployment's) and the routes for the deployment's VIP."""
     dep: Deployment = load_deployment(args.deployment)
     topo = load_topology(args.topo) if args.topo else dep.topology
-    programs = compute_routes(topo, dep.vip, dep.load_balancers)
-    if args.switch is not None:
+    programs = compute_routes(topo, dep.vip, dep.load_balancers, dep.vip_sources())
+    if getattr(args, "switch", None) is not None:
         if args.switch not in programs:
             raise UsageError(
                 f"unknown switch {args.switch!r} (switches: {', '.join(topo.switches())})"
@@ -57,6 +62,103 @@ def cmd_p4_program(args: argparse.Namespace) -> int:
     added = program_all(topo, programs)
     for sw, n in added.items():
         print(f"{sw}: {n} entries")
+    return 0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from controller.netstate import STATE_DIR
+
+    return Path(args.state_dir) if args.state_dir else STATE_DIR
+
+
+class _Stop(Exception):
+    """SIGTERM: leave the follow loop (exit 0)."""
+
+
+def cmd_p4_follow(args: argparse.Namespace) -> int:
+    from controller import bgp
+    from controller.drivers.p4 import thrift_api_factory
+    from controller.p4follow import Follower, bird_announces
+
+    dep: Deployment = load_deployment(args.deployment)
+    topo, programs = _programs(args)
+    sockets = {h: bgp.bird_files(_state_dir(args), h).ctl for h in dep.load_balancers}
+    for spec in args.socket:
+        host, sep, path = spec.partition("=")
+        if not sep or host not in dep.load_balancers:
+            raise UsageError(
+                f"--socket {spec!r}: expected HOST=PATH with HOST one of "
+                f"{', '.join(dep.load_balancers)}"
+            )
+        sockets[host] = Path(path)
+    follower = Follower(
+        topo,
+        programs,
+        dep.vip,
+        dep.load_balancers,
+        lambda h: bird_announces(sockets[h], dep.vip),
+        thrift_api_factory,
+    )
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for line in follower.start():
+            print(line, flush=True)
+        print(
+            "p4-follow: following "
+            + ", ".join(f"{h} ({sockets[h]})" for h in follower.lbs)
+            + f" every {args.interval:g} s",
+            flush=True,
+        )
+        while True:
+            for line in follower.step():
+                print(line, flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    except _Stop:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def cmd_bird_config(args: argparse.Namespace) -> int:
+    from controller import bgp
+
+    dep: Deployment = load_deployment(args.deployment)
+    if args.node in dep.load_balancers:
+        print(bgp.lb_config(dep, args.node), end="")
+    elif args.node in bgp.lb_tors(dep):
+        print(bgp.tor_config(dep, args.node), end="")
+    else:
+        raise UsageError(
+            f"{args.node!r} runs no BIRD: the load balancers "
+            f"({', '.join(dep.load_balancers)}) and their ToRs "
+            f"({', '.join(bgp.lb_tors(dep))}) do"
+        )
+    return 0
+
+
+def cmd_lb(args: argparse.Namespace) -> int:
+    from controller import lbctl
+
+    dep: Deployment = load_deployment(args.deployment)
+    state_dir = _state_dir(args)
+    try:
+        if args.lb_cmd == "list":
+            report = lbctl.collect(dep, state_dir)
+            print(json.dumps(report, indent=1) if args.json else lbctl.render(report))
+        elif args.lb_cmd == "drain":
+            print(lbctl.drain(dep, state_dir, args.host, force=args.force))
+        else:
+            print(lbctl.undrain(dep, state_dir, args.host))
+    except lbctl.LbUsageError as e:
+        raise UsageError(str(e)) from None
+    except lbctl.LbError as e:
+        raise RuntimeError(str(e)) from None
     return 0
 
 
@@ -94,10 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def topo_args(p: argparse.ArgumentParser, switch: bool) -> None:
-        p.add_argument(
-            "--topo", type=Path, metavar="FILE", help=f"topology file (default {DEFAULT_TOPOLOGY})"
-        )
+    def topo_args(p: argparse.ArgumentParser, switch: bool, topo: bool = True) -> None:
+        if topo:
+            p.add_argument(
+                "--topo",
+                type=Path,
+                metavar="FILE",
+                help=f"topology file (default {DEFAULT_TOPOLOGY})",
+            )
         p.add_argument(
             "--deployment",
             type=Path,
@@ -136,6 +242,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("down", help="remove everything `up` made (root)")
     p.set_defaults(func=cmd_down, subparser=p)
+
+    p = sub.add_parser(
+        "p4-follow",
+        help="under p4run: keep the LB ToRs' VIP entries in step with the LBs' BIRDs",
+    )
+    topo_args(p, switch=False)
+    p.add_argument(
+        "--interval", type=float, default=0.1, help="seconds between looks (default %(default)s)"
+    )
+    p.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        metavar="HOST=PATH",
+        help="an LB's BIRD control socket (default STATE_DIR/bird/HOST.ctl)",
+    )
+    p.add_argument("--state-dir", metavar="DIR", help="default /run/l4lb")
+    p.add_argument("--once", action="store_true", help="program, look once, exit")
+    p.set_defaults(func=cmd_p4_follow, subparser=p)
+
+    p = sub.add_parser("bird-config", help="print the BIRD configuration of an LB or its ToR")
+    topo_args(p, switch=False, topo=False)
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=cmd_bird_config, subparser=p)
+
+    p = sub.add_parser("lb", help="the load balancers: list, drain, undrain (root)")
+    lb_sub = p.add_subparsers(dest="lb_cmd", required=True, metavar="list|drain|undrain")
+    for name, what in (
+        ("list", "each LB: announced, since, BGP, BFD, in the ToR's ECMP, packets/s, flows"),
+        ("drain", "withdraw the VIP from one LB (its BIRD stops announcing it)"),
+        ("undrain", "announce it again"),
+    ):
+        q = lb_sub.add_parser(name, help=what)
+        topo_args(q, switch=False, topo=False)
+        q.add_argument("--state-dir", metavar="DIR", help="default /run/l4lb")
+        if name == "list":
+            q.add_argument("--json", action="store_true", help="one JSON object")
+        else:
+            q.add_argument("host", metavar="HOST")
+        if name == "drain":
+            q.add_argument("--force", action="store_true", help="also the last announcing LB")
+        q.set_defaults(func=cmd_lb, subparser=q, cmd=f"lb {name}")
 
     p = sub.add_parser("exec", help="run a command on a host of the running network (root)")
     p.add_argument("host", metavar="HOST")

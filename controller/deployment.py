@@ -29,6 +29,61 @@ class DeploymentError(ValueError):
 
 
 @dataclass(frozen=True)
+class BgpSettings:
+    """The `bgp` object of the deployment file (every key optional): how the LB hosts announce
+    the VIP to their ToR (controller/bgp.py)."""
+
+    tor_asn: int = 65000
+    """AS number of the ToR switches the load balancers peer with."""
+    lb_asn: int = 65001
+    """AS number of every load-balancer host (eBGP to its ToR)."""
+    bfd_interval_ms: int = 100
+    """BFD transmit and receive interval, on the BGP sessions and on each LB's announcement."""
+    bfd_multiplier: int = 3
+    """BFD detect multiplier: a silent peer is down after multiplier x interval."""
+
+    @property
+    def detect_ms(self) -> int:
+        return self.bfd_interval_ms * self.bfd_multiplier
+
+
+_BGP_LIMITS = {
+    "tor_asn": (1, 4294967294),
+    "lb_asn": (1, 4294967294),
+    "bfd_interval_ms": (10, 10000),
+    "bfd_multiplier": (1, 255),
+}
+
+
+def parse_bgp(data: object, source: str) -> BgpSettings:
+    """The `bgp` object: each key an integer within its range; the message names the field."""
+    if data is None:
+        return BgpSettings()
+    if not isinstance(data, dict):
+        raise DeploymentError(f"{source}: bgp must be an object")
+    unknown = sorted(set(data) - set(_BGP_LIMITS))
+    if unknown:
+        raise DeploymentError(
+            f"{source}: bgp: unknown key(s) {unknown} (known: {', '.join(_BGP_LIMITS)})"
+        )
+    values: dict[str, int] = {}
+    for key, (low, high) in _BGP_LIMITS.items():
+        if key not in data:
+            continue
+        v = data[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise DeploymentError(f"{source}: bgp.{key} must be an integer in {low}..{high}")
+        values[key] = v
+    settings = BgpSettings(**values)
+    if settings.tor_asn == settings.lb_asn:
+        raise DeploymentError(
+            f"{source}: bgp.lb_asn and bgp.tor_asn are both {settings.lb_asn}: the sessions "
+            "are eBGP, so the LBs need an AS of their own"
+        )
+    return settings
+
+
+@dataclass(frozen=True)
 class Deployment:
     topology: Topology
     vip: str
@@ -55,10 +110,18 @@ class Deployment:
     """Where it came from, for messages."""
     path: Path | None = None
     """The file it was read from, if it was read from one."""
+    bgp: BgpSettings = BgpSettings()
+    """AS numbers and BFD timers of the VIP announcements."""
 
     def backend_ips(self) -> tuple[tuple[str, int], ...]:
         """(backend IP, weight), in the file's order."""
         return tuple((self.topology.host_ip(h), w) for h, w in self.backends)
+
+    def vip_sources(self) -> tuple[str, ...]:
+        """Hosts that send packets from the VIP: the backends (DSR replies) and the load
+        balancers (ICMP fragmentation-needed; haproxy mode's replies). The fabric's source
+        guard lets the VIP through from these hosts only (controller.routes.source_guard)."""
+        return (*self.load_balancers, *(h for h, _ in self.backends))
 
     def clients(self) -> list[str]:
         """Hosts that are neither load balancers nor backends, natural order."""
@@ -78,6 +141,7 @@ KEYS = frozenset(
         "www_root",
         "mtu",
         "health",
+        "bgp",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -160,6 +224,7 @@ def parse_deployment(
         )
     except ConfigError as exc:
         raise DeploymentError(str(exc)) from None
+    bgp = parse_bgp(data.get("bgp"), source)
     dep = Deployment(
         topology=topology,
         vip=vip,
@@ -173,6 +238,7 @@ def parse_deployment(
         health=health,
         source=source,
         path=path,
+        bgp=bgp,
     )
     from controller import render  # render imports this module
 
@@ -209,6 +275,12 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
         "www_root": str(dep.www_root),
         "mtu": dep.mtu,
         "health": cfgfile.to_dict(dep.health) if dep.health is not None else None,
+        "bgp": {
+            "tor_asn": dep.bgp.tor_asn,
+            "lb_asn": dep.bgp.lb_asn,
+            "bfd_interval_ms": dep.bgp.bfd_interval_ms,
+            "bfd_multiplier": dep.bgp.bfd_multiplier,
+        },
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

@@ -140,10 +140,18 @@ class Network:
                 cmds += routes
             batches[n] = (pids[n], cmds)
         linux.run_batches(batches)
+        guards = {}
+        for n in names:
+            script = (
+                linux.guard_ruleset(self.programs[n], self.topo) if n in self.programs else None
+            )
+            if script is not None:
+                guards[n] = (pids[n], script)
+        linux.run_nft(guards)
         t3 = time.monotonic()
         progress(
-            f"up: addresses, static neighbours and {n_routes} routes on "
-            f"{len(self.programs)} switches in {t3 - t2:.2f} s"
+            f"up: addresses, static neighbours, {n_routes} routes on {len(self.programs)} "
+            f"switches and source guards on {len(guards)} in {t3 - t2:.2f} s"
         )
         if self.deployment is not None:
             render.write(self.deployment, self.state_dir)

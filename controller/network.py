@@ -66,7 +66,7 @@ def _plan(
     if topo_path:
         dep = with_topology(dep, load_topology(topo_path))
     topo = dep.topology
-    return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers)
+    return topo, dep, compute_routes(topo, dep.vip, dep.load_balancers, dep.vip_sources())
 
 
 # --- up -------------------------------------------------------------------------------------

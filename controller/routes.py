@@ -10,6 +10,14 @@ Tables and actions (names and widths as in p4src/ecmp.p4):
 - ecmp_group_to_nhop (exact meta.ecmp_group_id, exact meta.ecmp_hash): set_nhop | drop.
 Group ids count from 1 per switch, one group per distinct set of next hops; group members are
 ordered by egress port, so index i of a group is its i-th lowest port.
+
+Source guard (BCP 38 at the edge), table src_guard (exact standard_metadata.ingress_port, lpm
+hdr.ipv4.srcAddr): src_allow | src_deny (drop, counted per port in the counter src_denied);
+the default src_allow lets everything from a switch port through. For each host port of a ToR:
+the host's own address/32 and, for a host that sends from the VIP (a backend's DSR replies,
+a load balancer's ICMP fragmentation-needed and haproxy mode's replies), the VIP/32 are
+allowed; 0.0.0.0/0 from that port is denied. So a host can no longer forge another's address
+(a client posing as a load balancer to a backend's agent).
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ ECMP_GROUP_TO_NHOP = "ecmp_group_to_nhop"
 SET_NHOP = "set_nhop"
 ECMP_GROUP = "ecmp_group"
 DROP = "drop"
+SRC_GUARD = "src_guard"
+SRC_ALLOW = "src_allow"
+SRC_DENY = "src_deny"
+SRC_DENIED_COUNTER = "src_denied"  # indexed by ingress port
 MAX_GROUP_ID = (1 << 14) - 1  # ecmp_group_id is bit<14>
 
 
@@ -62,7 +74,11 @@ class SwitchProgram:
         return [d.cli() for d in self.defaults] + [e.cli() for e in self.entries]
 
 
-DEFAULTS = (DefaultAction(IPV4_LPM, DROP), DefaultAction(ECMP_GROUP_TO_NHOP, DROP))
+DEFAULTS = (
+    DefaultAction(IPV4_LPM, DROP),
+    DefaultAction(ECMP_GROUP_TO_NHOP, DROP),
+    DefaultAction(SRC_GUARD, SRC_ALLOW),
+)
 
 
 def switch_distances(topo: Topology, target: str) -> dict[str, int]:
@@ -108,10 +124,31 @@ def next_hops(
     return [out[p] for p in sorted(out)]
 
 
+def source_guard(
+    topo: Topology, switch: str, vip: str, vip_sources: Sequence[str]
+) -> list[TableEntry]:
+    """src_guard entries of one switch: per host port, its host's address (and the VIP for the
+    hosts in `vip_sources`) allowed, anything else denied; none on a switch without hosts."""
+    out: list[TableEntry] = []
+    for port, iface in sorted(topo.node(switch).interfaces.items()):
+        peer = topo.nodes[iface.peer]
+        if peer.kind != "host":
+            continue
+        allowed = [topo.host_ip(peer.name)] + ([vip] if peer.name in vip_sources else [])
+        out += [TableEntry(SRC_GUARD, SRC_ALLOW, (str(port), f"{a}/32"), ()) for a in allowed]
+        out.append(TableEntry(SRC_GUARD, SRC_DENY, (str(port), "0.0.0.0/0"), ()))
+    return out
+
+
 def compute_routes(
-    topo: Topology, vip: str = "20.0.0.1", lb_hosts: Sequence[str] = ("h1", "h2")
+    topo: Topology,
+    vip: str = "20.0.0.1",
+    lb_hosts: Sequence[str] = ("h1", "h2"),
+    vip_sources: Sequence[str] | None = None,
 ) -> dict[str, SwitchProgram]:
-    """The table entries of every switch: each host's /24 and the VIP's /32, by switch name."""
+    """The table entries of every switch: each host's /24 and the VIP's /32, then the source
+    guard of its host ports, by switch name. `vip_sources`: the hosts allowed to send from the
+    VIP (default: the load balancers; a deployment adds its backends, Deployment.vip_sources)."""
     try:
         ipaddress.IPv4Address(vip)
     except ValueError:
@@ -151,5 +188,6 @@ def compute_routes(
             for hops, gid in groups.items()
             for idx, (port, mac) in enumerate(hops)
         ]
-        programs[sw] = SwitchProgram(sw, DEFAULTS, tuple(lpm + members))
+        guard = source_guard(topo, sw, vip, lb_hosts if vip_sources is None else vip_sources)
+        programs[sw] = SwitchProgram(sw, DEFAULTS, tuple(lpm + members + guard))
     return programs

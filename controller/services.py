@@ -4,7 +4,12 @@
 node's shell, through `nsenter`), what a mode needs:
 
 - `fastpath`: `python -m fastpath.lb hN-eth0` on every load-balancer host; on every backend
-  `python -m agent.decap` and `php -S <vip>:80 -t <wwwroot>`.
+  `python -m agent.decap` and `php -S <vip>:80 -t <wwwroot>`; and the VIP announced by BGP
+  (controller.bgp): BIRD on each LB host and on their ToR, whose static VIP route gives way to
+  BIRD's multipath route while the services run, and beside each LB the process holding its
+  announcement (`python -m fastpath.announce_cli`, following the LB's stats file until
+  fastpath.lb announces by itself). The start ends once each ToR's kernel routes the VIP over
+  every LB.
 - `scapy`: the same with the course-style `bench/scapy_lb.py` in place of fastpath.
 - `haproxy`: haproxy in TCP mode on the load-balancer hosts (the VIP on their `lo`), proxying to
   the backends' own addresses, where `php -S` listens (a full proxy, no DSR).
@@ -68,13 +73,14 @@ class Service:
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
     node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy"]
+    role: Literal["lb", "agent", "www", "haproxy", "bgp", "announce"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
     ready_file: str | None = None  # ready when this file exists (an LB's stats file)
     ready_packet_socket: bool = False  # ready when it holds an AF_PACKET socket (a sniffer)
     stats: str | None = None  # file of the process's own counters, JSON, if it writes one
+    files: tuple[str, ...] = ()  # other files it makes (a socket, a pid file), removed by stop
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class Plan:
     setup: tuple[Command, ...]
     services: tuple[Service, ...]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written before start
+    settle: tuple[Command, ...] = ()  # checks run after every service is ready; must exit 0
 
 
 def python_bin() -> str:
@@ -270,7 +277,24 @@ def plan(
                     stats=str(state_dir / f"haproxy-{host}.sock"),
                 )
             )
-    return Plan(mode=mode, setup=tuple(setup), services=tuple(services), files=files)
+    settle: list[Command] = []
+    if mode == "fastpath":
+        # The VIP announced by BGP from each LB host (controller.bgp): the ToR's static VIP
+        # route gives way to BIRD's while the services run.
+        from controller import bgp
+
+        b = bgp.plan(deployment, state_dir, py)
+        setup += b.setup
+        services = [*b.daemons, *services, *b.announcers]
+        files.update(b.files)
+        settle += b.settle
+    return Plan(
+        mode=mode,
+        setup=tuple(setup),
+        services=tuple(services),
+        files=files,
+        settle=tuple(settle),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +454,7 @@ def start(
     preflight(node_pid, deployment, mode, state_dir)
     # Files this run makes (configs, counters, sockets), removed again by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
+    made += [f for svc in p.services for f in svc.files]
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
     _write_state(state_dir, state)
     try:
@@ -437,17 +462,13 @@ def start(
         # from this deployment, which may not be the one the network came up with.
         render.write(deployment, state_dir)
         for path, text in p.files.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
         for f in {s.ready_file for s in p.services if s.ready_file}:
             Path(f).unlink(missing_ok=True)  # a stale stats file must not pass for readiness
         for cmd in p.setup:
             pid = node_pid(cmd.node)
-            res = subprocess.run(
-                _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=10, check=False
-            )
-            if res.returncode != 0:
-                why = res.stderr.strip() or f"exit {res.returncode}"
-                raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why}")
+            _run_in_node(pid, cmd, 10)
             if cmd.undo:
                 state["undo"].append({"node": cmd.node, "node_pid": pid, "argv": list(cmd.undo)})
                 _write_state(state_dir, state)
@@ -457,10 +478,26 @@ def start(
             state["services"].append(rec)
             _write_state(state_dir, state)
             _wait_ready(rec, svc, timeout)
+        for cmd in p.settle:
+            _run_in_node(node_pid(cmd.node), cmd, timeout)
     except BaseException:
         stop(state_dir)
         raise
     return list(state["services"])
+
+
+def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
+    try:
+        res = subprocess.run(
+            _in_node(pid, cmd.argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ServiceError(
+            f"{cmd.node}: `{' '.join(cmd.argv)}` did not finish in {timeout:.0f} s"
+        ) from None
+    if res.returncode != 0:
+        why = (res.stderr.strip() or res.stdout.strip() or f"exit {res.returncode}").splitlines()
+        raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why[-1]}")
 
 
 def _spawn(node: int, svc: Service) -> dict:
@@ -514,7 +551,7 @@ def _wait_ready(rec: dict, svc: Service, timeout: float) -> None:
             if svc.listen:
                 what = f"no listener on {svc.listen[0]}:{svc.listen[1]}"
             elif svc.ready_file:
-                what = f"no stats file {svc.ready_file}"
+                what = f"no {svc.ready_file} yet"
             else:
                 what = "no packet socket open"
             raise ServiceError(
@@ -535,13 +572,15 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state = _read_state(state_dir)
     recs = state.get("services", [])
     live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
-    # Load balancers first, so no new flow reaches a server that is going away.
-    order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 2}
-    live.sort(key=lambda r: order.get(r["role"], 3))
-    for rec in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(rec["pid"], signal.SIGTERM)
-    _reap(live, timeout)
+    # Load balancers (and their announcements) first, so no new flow reaches a server that is
+    # going away; BGP last, so an announcement sees its withdraw acknowledged.
+    order = {"lb": 0, "haproxy": 0, "announce": 0, "www": 1, "agent": 1, "bgp": 2}
+    for level in sorted({order.get(r["role"], 1) for r in live}):
+        wave = [r for r in live if order.get(r["role"], 1) == level]
+        for rec in wave:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec["pid"], signal.SIGTERM)
+        _reap(wave, timeout)
     for rec in live:
         if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
             with contextlib.suppress(ProcessLookupError):
@@ -557,6 +596,9 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     for f in state.get("files", []):
         with contextlib.suppress(OSError):
             Path(f).unlink()
+    for d in {Path(f).parent for f in state.get("files", [])} - {state_dir}:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # a directory of ours (bird/), if nothing else is in it
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
     return len(live)

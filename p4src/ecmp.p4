@@ -2,9 +2,14 @@
  *
  * ipv4_lpm maps a destination prefix to one next hop (set_nhop) or to an ECMP group
  * (ecmp_group); a group's member is chosen by a crc16 hash of the 5-tuple modulo the group
- * size, looked up in ecmp_group_to_nhop. The controller (controller/routes.py) fills both
+ * size, looked up in ecmp_group_to_nhop. The controller (controller/routes.py) fills the
  * tables; names and parameter widths here must match what it sends
- * (tests/unit/test_p4_driver.py checks them).
+ * (tests/unit/test_p4_driver.py and tests/unit/test_src_guard.py check them).
+ *
+ * src_guard is BCP 38 at the edge: before routing, the source address of a packet from a
+ * host port must be one the controller allows on that port (the host's own, and the VIP for
+ * hosts that send from it); anything else from that port is dropped and counted in
+ * src_denied[ingress port]. Switch-facing ports have no entries: the default lets them pass.
  */
 #include <core.p4>
 #include <v1model.p4>
@@ -16,6 +21,8 @@ const bit<8>  PROTO_UDP = 17;
 typedef bit<9>  egressSpec_t;
 typedef bit<48> macAddr_t;
 typedef bit<32> ip4Addr_t;
+
+const bit<32> PORT_COUNTERS = 512;  /* src_denied is indexed by the 9-bit ingress port */
 
 header ethernet_t {
     macAddr_t dstAddr;
@@ -108,8 +115,31 @@ control MyVerifyChecksum(inout headers hdr, inout metadata meta) {
 control MyIngress(inout headers hdr, inout metadata meta,
                   inout standard_metadata_t standard_metadata) {
 
+    counter(PORT_COUNTERS, CounterType.packets) src_denied;
+
     action drop() {
         mark_to_drop(standard_metadata);
+    }
+
+    action src_allow() {
+    }
+
+    action src_deny() {
+        src_denied.count((bit<32>)standard_metadata.ingress_port);
+        mark_to_drop(standard_metadata);
+    }
+
+    table src_guard {
+        key = {
+            standard_metadata.ingress_port: exact;
+            hdr.ipv4.srcAddr: lpm;
+        }
+        actions = {
+            src_allow;
+            src_deny;
+        }
+        size = 1024;
+        default_action = src_allow;
     }
 
     action set_nhop(macAddr_t dstAddr, egressSpec_t port) {
@@ -161,6 +191,12 @@ control MyIngress(inout headers hdr, inout metadata meta,
 
     apply {
         if (hdr.ipv4.isValid()) {
+            switch (src_guard.apply().action_run) {
+                src_deny: {
+                    /* A forged source from a host port: dropped (and counted) here. */
+                    return;
+                }
+            }
             if (hdr.ipv4.ttl <= 1) {
                 /* Expired here (no ICMP from this program): drop instead of wrapping to 255. */
                 drop();

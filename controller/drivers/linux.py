@@ -12,8 +12,15 @@ Each switch is a Linux router in its own network namespace. The mapping is:
 
 Routes are `onlink`: the next hop is the MAC behind a port, whatever the interface's subnet.
 
-`program_commands` is pure (a program in, `ip` argv lists out); `run_batch` runs such lists in
-a node's namespaces through one `ip -batch -`.
+The source guard (`src_guard`, BCP 38) becomes one nftables table per switch, `ip
+l4lb_src_guard`, a prerouting chain with a rule per entry, each port's entries longest prefix
+first (the LPM's order): `iifname "t8-eth2" ip saddr 10.8.16.2 accept`, then `iifname "t8-eth2"
+counter name "denied_t8_eth2" drop` for its 0.0.0.0/0; a named counter per host port counts
+what it drops (`nft list counters` in the switch). It goes with the switch's namespace.
+
+`program_commands` and `guard_ruleset` are pure (a program in, `ip` argv lists or an nft
+script out); `run_batch` runs such lists in a node's namespaces through one `ip -batch -`,
+`run_nft` the scripts through `nft -f -`.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import ipaddress
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from controller.routes import SwitchProgram, TableEntry
+from controller.routes import SRC_ALLOW, SRC_DENY, SRC_GUARD, SwitchProgram, TableEntry
 from controller.topology import Topology
 
 Command = list[str]
+GUARD_TABLE = "l4lb_src_guard"
 
 
 class DriverError(ValueError):
@@ -116,7 +124,10 @@ def program_commands(program: SwitchProgram, topo: Topology) -> list[Command]:
     for d in program.defaults:
         if (d.table, d.action, d.params) == ("ipv4_lpm", "drop", ()):
             routes.append(["ip", "route", "replace", "blackhole", "default"])
-        elif (d.table, d.action, d.params) != ("ecmp_group_to_nhop", "drop", ()):
+        elif (d.table, d.action, d.params) not in (
+            ("ecmp_group_to_nhop", "drop", ()),
+            (SRC_GUARD, SRC_ALLOW, ()),  # the guard's chain accepts by default (guard_ruleset)
+        ):
             # (a multipath route has no bucket to miss, so that default needs nothing)
             raise DriverError(f"{c.sw}: {d.cli()}: unsupported default action")
     for e in program.entries:
@@ -124,7 +135,7 @@ def program_commands(program: SwitchProgram, topo: Topology) -> list[Command]:
             c.add_bucket(e, f"{c.sw}: {e.cli()}")
     for e in program.entries:
         where = f"{c.sw}: {e.cli()}"
-        if e.table == "ecmp_group_to_nhop":
+        if e.table in ("ecmp_group_to_nhop", SRC_GUARD):
             continue
         if e.table != "ipv4_lpm":
             raise DriverError(f"{where}: unknown table {e.table!r}")
@@ -143,6 +154,71 @@ def program_commands(program: SwitchProgram, topo: Topology) -> list[Command]:
         for (gw, dev), mac in c.neigh_mac.items()
     ]
     return neighbours + routes
+
+
+def counter_name(iface: str) -> str:
+    """The guard's counter of drops from one port: "t8-eth2" -> "denied_t8_eth2"."""
+    return "denied_" + iface.replace("-", "_")
+
+
+def guard_ruleset(program: SwitchProgram, topo: Topology) -> str | None:
+    """The nft script realising the program's src_guard entries; None if it has none. Pure.
+
+    The script deletes any table of the same name first (`table` then `delete table`, in one
+    transaction), so it can be applied again.
+    """
+    ports: dict[int, list[tuple[int, str, str]]] = {}  # port -> (prefix length, prefix, action)
+    for e in program.entries:
+        if e.table != SRC_GUARD:
+            continue
+        where = f"{program.switch}: {e.cli()}"
+        if len(e.match) != 2 or e.params or e.action not in (SRC_ALLOW, SRC_DENY):
+            raise DriverError(f"{where}: expected src_allow|src_deny on (port, prefix)")
+        port = _int(e.match[0], "port", where)
+        if port not in topo.node(program.switch).interfaces:
+            raise DriverError(f"{where}: {program.switch} has no port {port}")
+        try:
+            net = ipaddress.IPv4Network(e.match[1], strict=True)
+        except ValueError as exc:
+            raise DriverError(f"{where}: bad prefix {e.match[1]!r}: {exc}") from None
+        ports.setdefault(port, []).append((net.prefixlen, str(net), e.action))
+    if not ports:
+        return None
+    counters, rules = [], []
+    for port in sorted(ports):
+        dev = topo.node(program.switch).interfaces[port].name
+        counters.append(f"  counter {counter_name(dev)} {{ }}")
+        # longest prefix first (LPM); equal lengths are disjoint, ordered by address
+        by_lpm = sorted(ports[port], key=lambda x: (-x[0], ipaddress.IPv4Network(x[1])))
+        for plen, prefix, action in by_lpm:
+            match = f'iifname "{dev}"' + (f" ip saddr {prefix}" if plen else "")
+            verdict = (
+                "accept" if action == SRC_ALLOW else f'counter name "{counter_name(dev)}" drop'
+            )
+            rules.append(f"    {match} {verdict}")
+    return "\n".join(
+        [
+            f"table ip {GUARD_TABLE}",
+            f"delete table ip {GUARD_TABLE}",
+            f"table ip {GUARD_TABLE} {{",
+            *counters,
+            "  chain prerouting {",
+            "    type filter hook prerouting priority raw; policy accept;",
+            *rules,
+            "  }",
+            "}",
+            "",
+        ]
+    )
+
+
+def run_nft(scripts: Mapping[str, tuple[int, str]], timeout: float = 30.0) -> None:
+    """Apply one nft script per node, all at once: {label: (pid, script)}."""
+    jobs = {
+        label: (["mnexec", "-a", str(pid), "nft", "-f", "-"], script)
+        for label, (pid, script) in scripts.items()
+    }
+    _run_fed(jobs, "nft", timeout)
 
 
 def batch_text(commands: Sequence[Sequence[str]]) -> str:
@@ -172,31 +248,42 @@ def run_batches(
     batches: Mapping[str, tuple[int, Sequence[Sequence[str]]]], timeout: float = 30.0
 ) -> None:
     """Run one `ip -batch` per node, all at once: {label: (pid, commands)}."""
-    procs = {}
-    for label, (pid, commands) in batches.items():
-        if commands:
-            text = batch_text(commands)
-            p = subprocess.Popen(
-                _batch_argv(pid),
+    jobs = {
+        label: (_batch_argv(pid), batch_text(commands))
+        for label, (pid, commands) in batches.items()
+        if commands
+    }
+    _run_fed(jobs, "ip -batch", timeout)
+
+
+def _run_fed(jobs: Mapping[str, tuple[list[str], str]], what: str, timeout: float) -> None:
+    """Run every {label: (argv, stdin text)} at once; one DriverError naming each failure."""
+    procs = {
+        label: (
+            subprocess.Popen(
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
-            )
-            procs[label] = (p, text)
+            ),
+            text,
+        )
+        for label, (argv, text) in jobs.items()
+    }
     errors = []
     for label, (p, text) in procs.items():
         try:
             out, _ = p.communicate(text, timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-            errors.append(f"{label}: ip -batch timed out after {timeout:.0f} s")
+            p.communicate()
+            errors.append(f"{label}: {what} timed out after {timeout:.0f} s")
             continue
         if p.returncode != 0:
             errors.append(f"{label}: {out.strip()}".replace("\n", "; "))
     if errors:
-        raise DriverError("ip -batch failed: " + " | ".join(errors))
+        raise DriverError(f"{what} failed: " + " | ".join(errors))
 
 
 def apply_program(pid: int, program: SwitchProgram, topo: Topology) -> int:

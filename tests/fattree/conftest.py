@@ -38,17 +38,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="module")
-def fattree() -> Iterator[NetState]:
-    """The fat tree, up (detached) for a module's tests, and always taken down after (ours
-    only: if `up` failed, the network that is up belongs to someone else)."""
+def _up(services: bool) -> Iterator[NetState]:
     from controller import network
 
     wait_for_lock()
-    assert network.up(None, "detach", wait=LOCK_WAIT) == 0
+    assert network.up(None, "detach", services=services, wait=LOCK_WAIT) == 0
     st = network.running()
     try:
         assert st is not None and st.ready
         yield st
     finally:
         down_if_ours([st.owner_pid] if st else [])
+
+
+@pytest.fixture(scope="module")
+def fattree() -> Iterator[NetState]:
+    """The fat tree, up (detached) for a module's tests, and always taken down after (ours
+    only: if `up` failed, the network that is up belongs to someone else)."""
+    yield from _up(services=False)
+
+
+@pytest.fixture(scope="module")
+def fattree_services() -> Iterator[NetState]:
+    """The same with its services (`up --services`: LBs, agents, servers, BGP)."""
+    yield from _up(services=True)

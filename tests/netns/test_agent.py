@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bench.netns import PY, Netns, NsProc, py, sh
+from l4lb.control import request
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs(tun=True)]
 
@@ -88,8 +89,8 @@ def bed(netns: Netns) -> dict[str, str]:
 def start_agent(bed: dict[str, str], stats: Path, *extra: str) -> NsProc:
     argv = [PY, "-m", "agent.decap", "--iface", bed["bk_if"], "--vip", VIP]
     argv += ["--allow-lb", LB_IP, "--server-mss", str(MSS), "--stats-interval", "0.2"]
-    argv += ["--stats-file", str(stats), *extra]
-    return NsProc(bed["bk"], argv)
+    argv += ["--stats-file", str(stats), "--control-socket", str(stats.with_suffix(".ctl"))]
+    return NsProc(bed["bk"], [*argv, *extra])
 
 
 @pytest.fixture
@@ -186,6 +187,8 @@ def test_delivers_allowed_tunnels_and_drops_spoofed_ones(
     assert out["icmp_proto_unreach"] == 0  # the ingress drop keeps the kernel quiet
     stats = stats_with(agent, 2)
     assert stats["delivered"] == 1
+    live = request(agent.argv[agent.argv.index("--control-socket") + 1], "show")
+    assert (live["delivered"], live["drops"]["spoofed_source"]) == (1, 1)
     assert stats["drops"]["spoofed_source"] == 1
     assert stats["dropped"] == 1
     assert stats["last_spoofed_source"] == SPOOF_IP

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.netns import PY, Capture, Netns, NsProc, capture, sh
+from l4lb.control import RequestRefused, request
 from tests.fixtures import cases
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("ethtool")]
@@ -68,8 +69,9 @@ def test_golden_pcaps_on_the_wire_and_clean_exit(netns: Netns, tmp_path: Path) -
     sh("ethtool", "-K", l_if, "gro", "on", ns=lbns)  # so the LB has an offload to restore
     offloads_before = sh("ethtool", "-k", l_if, ns=lbns)
     stats = tmp_path / "lb.json"
+    ctl = tmp_path / "lb.ctl"
 
-    lb = lb_proc(lbns, _golden_args(l_if, stats))
+    lb = lb_proc(lbns, [*_golden_args(l_if, stats), "--control-socket", str(ctl)])
     try:
         first = lb.wait_event(timeout=20)
         assert first["final"] is False and first["iface"] == l_if
@@ -82,9 +84,18 @@ def test_golden_pcaps_on_the_wire_and_clean_exit(netns: Netns, tmp_path: Path) -
         inputs = cases.read_pcap(cases.pcap_path("default", "in"))
         expected = cases.read_pcap(cases.pcap_path("default", "out"))
         got = capture(peer, p_if, 2.0, send=inputs)
+        # The control channel answers from the running loop with the counters as they are now.
+        live = request(ctl, "show")
+        assert live["iface"] == l_if and live["final"] is False
+        ipip_out = [f for f in expected if f[23] == 4]
+        assert live["core"]["forwarded"] == len(ipip_out)  # the filter passed the rest
+        assert request(ctl, "ping")["pid"] == live["pid"]
+        with pytest.raises(RequestRefused, match="unknown command 'nope'"):
+            request(ctl, "nope")
     finally:
         rc = lb.stop()
     assert rc == 0, lb.stderr
+    assert not ctl.exists()  # the socket file goes with the process
 
     # Exactly the golden frames, in order, and nothing else from the LB host.
     assert len(got) == len(expected)

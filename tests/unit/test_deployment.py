@@ -64,7 +64,7 @@ def _write(tmp_path: Path, **changes: Any) -> Path:
         ({"hash_seed": "x"}, "'hash_seed' must be int"),
         ({"hash_seed": 2**56}, r"hash_seed: must be an integer 0 <= seed < 2\*\*56"),
         ({"hash_seed": 2**56 - 1}, None),
-        ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, hash_seed,"),
+        ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, bgp, hash_seed,"),
         ({"topology": "nope.json"}, "topology: .*nope.json: cannot read"),
     ],
 )

@@ -23,7 +23,15 @@ from p4utils_numbering import port_numbers, thrift_ports
 
 from controller.__main__ import main
 from controller.drivers.p4 import P4DriverError, program_all, program_switch, thrift_port
-from controller.routes import ECMP_GROUP, ECMP_GROUP_TO_NHOP, IPV4_LPM, SET_NHOP, compute_routes
+from controller.routes import (
+    ECMP_GROUP,
+    ECMP_GROUP_TO_NHOP,
+    IPV4_LPM,
+    SET_NHOP,
+    SRC_ALLOW,
+    SRC_GUARD,
+    compute_routes,
+)
 from controller.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology, parse_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +169,7 @@ def test_t1_calls_match_golden_list(topo, programs):
     api = net.factory("t1", thrift_port(topo, "t1"))
     added = program_switch(api, programs["t1"])
     assert api.call_lines() == golden_lines(GOLDEN_T1)
-    assert added == len(programs["t1"].entries) == 21
+    assert added == len(programs["t1"].entries) == 27  # 21 routes, 6 source-guard entries
 
 
 def test_every_switch_gets_its_own_program_and_a_rerun_gives_the_same(topo, programs):
@@ -177,7 +185,11 @@ def test_every_switch_gets_its_own_program_and_a_rerun_gives_the_same(topo, prog
             want = {(e.table, json.dumps(list(e.match)), e.action, json.dumps(list(e.params)))
                     for e in programs[sw].entries}  # fmt: skip
             assert got == want
-            assert fake.defaults == {IPV4_LPM: ("drop", []), ECMP_GROUP_TO_NHOP: ("drop", [])}
+            assert fake.defaults == {
+                IPV4_LPM: ("drop", []),
+                ECMP_GROUP_TO_NHOP: ("drop", []),
+                SRC_GUARD: (SRC_ALLOW, []),
+            }
 
 
 def test_the_old_file_order_numbering_is_caught_before_writing(topo, programs):
@@ -232,7 +244,7 @@ def test_p4_program_command_programs_every_switch(monkeypatch, capsys):
     assert main(["p4-program"]) == 0
     assert main(["p4-program"]) == 0  # rerunnable
     out = capsys.readouterr().out
-    assert "t1: 21 entries" in out and "c4: 17 entries" in out
+    assert "t1: 27 entries" in out and "c4: 17 entries" in out
 
 
 def test_p4_program_command_unreachable_switch_exits_1_with_the_drivers_message(

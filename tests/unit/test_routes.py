@@ -102,6 +102,7 @@ def test_every_switch_routes_every_host_prefix(topo, programs):
         assert [d.cli() for d in program.defaults] == [
             "table_set_default ipv4_lpm drop",
             "table_set_default ecmp_group_to_nhop drop",
+            "table_set_default src_guard src_allow",  # switch ports pass (test_src_guard.py)
         ]
 
 

@@ -30,7 +30,9 @@ def by_node(plan: services.Plan) -> dict[str, list[str]]:
 def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     p = services.plan(dep, "fastpath", STATE, python="/py")
     nodes = by_node(p)
-    assert nodes["h1"] == ["lb"] and nodes["h2"] == ["lb"]
+    # on each LB host: its BIRD, the LB, the holder of its announcement (controller.bgp)
+    assert nodes["h1"] == ["bgp", "lb", "announce"] and nodes["h2"] == ["bgp", "lb", "announce"]
+    assert nodes["t1"] == ["bgp"]
     for h, _ in dep.backends:
         assert nodes[h] == ["agent", "www"]
     lb = next(s for s in p.services if s.name == "lb-h1")
@@ -50,10 +52,11 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     # Backends come before load balancers: the first balanced packet finds a server.
     roles = [s.role for s in p.services]
     assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
-    assert p.files == {}
+    assert set(p.files) == {str(STATE / "bird" / f"{n}.conf") for n in ("t1", "h1", "h2")}
     # Hosts are left as the network made them; the switch port facing each LB segments, so
-    # the LB's tap never gets a client's GSO frame (t1-eth1 faces h1, t1-eth2 h2).
-    assert [(c.node, c.argv, c.undo) for c in p.setup] == [
+    # the LB's tap never gets a client's GSO frame (t1-eth1 faces h1, t1-eth2 h2). (Then t1's
+    # static VIP route gives way to BIRD's: tests/unit/test_bgp.py.)
+    assert [(c.node, c.argv, c.undo) for c in p.setup if c.argv[0] == "ethtool"] == [
         ("t1", ("ethtool", "-K", f"t1-eth{n}", "tso", "off", "gso", "off"),
          ("ethtool", "-K", f"t1-eth{n}", "tso", "on", "gso", "on"))
         for n in (1, 2)

@@ -1,0 +1,241 @@
+"""fastpath.announce against real BIRDs (root): the holder's TUN and BFD make and break the
+VIP's multipath route at t1, by SIGKILL, SIGSTOP, SIGTERM, signals, `disable vip` and link down.
+
+Each figure measured here is printed (`pytest -s` shows them): the time from the event until
+t1's kernel route changed, polled with `ip -j route` (about 2-3 ms per look).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bird_testbed import LBS, BirdBed, require_bird, sh, wait_for
+
+from controller import birdctl
+
+pytestmark = pytest.mark.netns
+
+H1, H2 = "10.1.1.2", "10.1.2.2"
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BirdBed]:
+    require_bird()
+    b = BirdBed(tmp_path_factory.mktemp("bird"))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture()
+def announced(bed: BirdBed) -> BirdBed:
+    """Both holders running and t1 routing the VIP over both (BGP up: a few seconds the first
+    time, LB side connects after 1 s)."""
+    for h in LBS:
+        proc = bed.procs.get(f"holder-{h}")
+        if proc is None or proc.poll() is not None:
+            bed.start_holder(h)
+    sh("ip", "-n", bed.ns["h1"], "link", "set", "h1-eth0", "up")
+    bed.wait_gateways([H1, H2], 15)
+    return bed
+
+
+def figure(what: str, seconds: float) -> None:
+    print(f"\n[announce timing] {what}: {seconds * 1000:.0f} ms")
+
+
+def test_rendered_configs_make_a_multipath_route_over_both_announcers(announced: BirdBed) -> None:
+    bed = announced
+    protos = birdctl.parse_protocols(bed.bird("h1", "show protocols"))
+    assert protos["vip"].state == "up" and protos["t1"].info == "Established"
+    sessions = {
+        s.address: s for s in birdctl.parse_bfd_sessions(bed.bird("h1", "show bfd sessions"))
+    }
+    assert (
+        sessions["169.254.0.2"].state == "Up"
+        and sessions["169.254.0.2"].interface == "l4an-h1-eth0"
+    )
+    assert sessions["10.1.1.1"].state == "Up"  # BGP's own BFD toward t1
+    assert sessions["169.254.0.2"].interval == pytest.approx(0.1)
+    routes = birdctl.parse_routes(bed.bird("h1", "show route 20.0.0.1/32 protocol vip"))
+    assert [(r.protocol, r.via) for r in routes] == [("vip", (("169.254.0.2", "l4an-h1-eth0"),))]
+    t1 = birdctl.parse_routes(bed.bird("t1", "show route 20.0.0.1/32"))
+    assert sorted(r.protocol for r in t1) == ["h1", "h2"]
+    st = bed.status("h1")
+    assert st["announced"] and st["bfd_state"] == "UP" and st["peer_state"] == "UP"
+    # nothing BIRD sent was refused (the kernel's IPv6 chatter on a new device may be there)
+    assert set(st["discarded"]) <= {"not_bfd"}, st
+    out = sh("ip", "netns", "exec", bed.ns["t1"], "ip", "route", "show", "20.0.0.1/32")
+    assert "proto bird" in out and "nexthop" in out, out
+
+
+def test_sigkill_of_the_holder_withdraws_at_once_and_a_restart_announces(
+    announced: BirdBed,
+) -> None:
+    bed = announced
+    proc = bed.procs["holder-h1"]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGKILL)
+    took = bed.wait_gateways([H2], 1.0)
+    figure("SIGKILL of the holder -> out of t1's ECMP", took)
+    proc.wait(5)
+    t0 = time.monotonic()
+    bed.start_holder("h1")
+    bed.wait_gateways([H1, H2], 3.0)
+    figure("holder restarted (python start included) -> back in t1's ECMP", time.monotonic() - t0)
+
+
+def test_sigstop_of_the_holder_withdraws_after_the_bfd_detection_time(announced: BirdBed) -> None:
+    bed = announced
+    proc = bed.procs["holder-h1"]
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        took = bed.wait_gateways([H2], 1.0)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    figure("SIGSTOP of the holder (BFD 100 ms x 3) -> out of t1's ECMP", took)
+    # Not the TUN going (that is instant): BIRD waited for the detection time.
+    assert took > 0.15, took
+    t0 = time.monotonic()
+    bed.wait_gateways([H1, H2], 2.0)
+    figure("SIGCONT -> back", time.monotonic() - t0)
+
+
+def test_sigterm_withdraws_waits_for_bird_then_exits(announced: BirdBed) -> None:
+    bed = announced
+    proc = bed.procs["holder-h1"]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    exited = time.monotonic() - t0
+    st = bed.status("h1")
+    assert st["withdraw_confirmed"] and not st["wanted"], st
+    bed.wait_gateways([H2], 0.5)
+    took = time.monotonic() - t0
+    figure("SIGTERM (AdminDown, acknowledged by BIRD) -> holder exited", exited)
+    figure("SIGTERM -> out of t1's ECMP", took)
+    assert exited < 1.0, "the holder waited for BIRD's Down, not its --drain-timeout"
+
+
+def test_withdraw_and_announce_by_signal_keep_the_tun(announced: BirdBed) -> None:
+    bed = announced
+    proc = bed.procs["holder-h1"]
+    proc.send_signal(signal.SIGUSR1)
+    took = bed.wait_gateways([H2], 1.0)
+    figure("withdraw (BFD AdminDown) -> out of t1's ECMP", took)
+    wait_for(lambda: bed.status("h1")["withdraw_confirmed"], 2, "the holder to see BIRD's Down")
+    sessions = birdctl.parse_bfd_sessions(bed.bird("h1", "show bfd sessions"))
+    assert {s.address: s.state for s in sessions}["169.254.0.2"] == "Down"
+    assert "l4an-h1-eth0" in sh("ip", "-n", bed.ns["h1"], "link", "show")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGUSR2)
+    bed.wait_gateways([H1, H2], 1.0)
+    figure("announce again (Poll answered at once) -> back in t1's ECMP", time.monotonic() - t0)
+
+
+def test_disable_vip_in_bird_drains_without_the_holder(announced: BirdBed) -> None:
+    bed = announced
+    bed.bird("h1", "disable vip")
+    try:
+        took = bed.wait_gateways([H2], 1.0)
+        figure("`birdc disable vip` (lb drain) -> out of t1's ECMP", took)
+        assert bed.status("h1")["announced"], "the holder still answers BFD: only BIRD drains"
+    finally:
+        bed.bird("h1", "enable vip")
+    bed.wait_gateways([H1, H2], 2.0)
+
+
+def test_link_down_of_the_lb_host_leaves_t1s_ecmp(announced: BirdBed) -> None:
+    bed = announced
+    t0 = time.monotonic()
+    sh("ip", "-n", bed.ns["h1"], "link", "set", "h1-eth0", "down")
+    try:
+        took = bed.wait_gateways([H2], 1.0)
+    finally:
+        sh("ip", "-n", bed.ns["h1"], "link", "set", "h1-eth0", "up")
+    figure("`ip link set h1-eth0 down` in h1 -> out of t1's ECMP", took)
+    t0 = time.monotonic()
+    bed.wait_gateways([H1, H2], 10.0)
+    figure("link up -> back (BGP reconnects)", time.monotonic() - t0)
+
+
+def test_health_file_decides_the_interim_announcement(announced: BirdBed, tmp_path: Path) -> None:
+    bed = announced
+    health = tmp_path / "lb-h1.json"
+    lb = subprocess.Popen(["sleep", "60"])  # stands for fastpath.lb, the file's writer
+    try:
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.start_holder("h1", "--health-file", str(health), "--max-age", "0.5")
+        bed.wait_gateways([H1, H2], 3.0)
+        # Not rewritten: stale after 0.5 s, then withdrawn.
+        bed.wait_gateways([H2], 2.0)
+        assert time.time() - health.stat().st_mtime >= 0.45, "withdrawn only once stale"
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.wait_gateways([H1, H2], 2.0)
+        health.write_text(json.dumps({"final": True, "pid": lb.pid}))  # the LB's last one
+        bed.wait_gateways([H2], 1.0)
+        assert bed.status("h1")["healthy"] is False
+        health.write_text(json.dumps({"final": False, "pid": lb.pid}))
+        bed.wait_gateways([H1, H2], 2.0)
+        t0 = time.monotonic()
+        lb.kill()  # the writer dies: withdrawn through the pidfd, before the file is stale
+        took = bed.wait_gateways([H2], 0.4)
+        figure("SIGKILL of the stats file's writer -> out of t1's ECMP (pidfd)", took)
+        assert time.monotonic() - t0 < 0.45
+    finally:
+        lb.kill()
+        lb.wait()
+        bed.stop("holder-h1")
+
+
+def test_p4_follow_reads_the_real_birds(announced: BirdBed) -> None:
+    """p4-follow's view of the announcements (the LBs' BIRDs, through their control sockets)
+    drives t1's entries on the fake of p4-utils as BGP drives the Linux t1."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from fake_p4utils import FakeNetwork, FakeSwitch
+
+    from controller.p4follow import Follower, bird_announces
+    from controller.routes import compute_routes
+
+    bed = announced
+    dep = bed.dep
+    programs = compute_routes(dep.topology, dep.vip, dep.load_balancers, dep.vip_sources())
+    net = FakeNetwork([FakeSwitch("t1", 1, 9090)])
+    f = Follower(
+        dep.topology,
+        programs,
+        dep.vip,
+        dep.load_balancers,
+        lambda h: bird_announces(bed.files(h).ctl, dep.vip),
+        net.factory,
+    )
+    f.start()
+    assert f.step() == []
+    vip_key = f'["{dep.vip}/32"]'
+    t0 = time.monotonic()
+    bed.procs["holder-h1"].send_signal(signal.SIGKILL)
+    wait_for(lambda: bool(f.step()), 2.0, "p4-follow to see h1 go")
+    figure("SIGKILL of the holder -> p4-follow rewrote t1 (polling BIRD)", time.monotonic() - t0)
+    assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("set_nhop", ["00:00:0a:01:02:02", "2"])
+    bed.bird("h2", "disable vip")
+    try:
+        wait_for(lambda: bool(f.step()), 2.0, "p4-follow to see h2 drained")
+        assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("drop", [])
+    finally:
+        bed.bird("h2", "enable vip")
+    bed.start_holder("h1")
+
+    def both() -> bool:
+        f.step()
+        return f.live == ["h1", "h2"]
+
+    wait_for(both, 5.0, "p4-follow to see both back")
+    assert net.switch("t1").entries["ipv4_lpm"][vip_key] == ("ecmp_group", ["1", "2"])
