@@ -273,6 +273,9 @@ class AgentHealth:
             self.socket_errors += 1
 
     def stats(self, now: float) -> HealthStats:
+        """The snapshot; probes already queued are answered first, so that `probes` counts
+        every probe the core has delivered (a TUN write delivers in the writer's call)."""
+        self._answer(now)
         c = self.checker
         wall = self.wall()
         return HealthStats(

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, wait_for_lock
+from fatnet import LOCK_WAIT, wait_for_lock
 
 from bench.health_drill import Drill, Sampler
 from controller import render
 from controller.deployment import load_deployment
+from controller.netstate import NetState
 from l4lb.control import request
 
 pytestmark = pytest.mark.fattree
@@ -52,27 +53,19 @@ def test_soak_one_kill_meets_the_targets(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def drill() -> Iterator[Drill]:
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", services=True, wait=LOCK_WAIT) == 0
-    st = network.running()
-    d: Drill | None = None
+def drill(fattree_services: NetState) -> Iterator[Drill]:
+    """The drill over the module's fat tree with its services (conftest), once every LB has
+    heard from every agent; what it started is stopped after the module."""
+    d = Drill(load_deployment())
     try:
-        assert st is not None and st.ready
-        d = Drill(load_deployment())
         for lb in d.lbs:
             d.wait(f"{lb} hears every agent", lambda lb=lb: heard_all(d, lb), 10)  # type: ignore[misc]
         yield d
     finally:
-        if d is not None:
-            d.close()
-        down_if_ours([st.owner_pid] if st else [])
+        d.close()
 
 
-def heard_all(d: Drill | None, lb: str) -> bool:
-    assert d is not None
+def heard_all(d: Drill, lb: str) -> bool:
     return all(b["replies"] > 0 for b in d.lb_health(lb)["backends"].values())
 
 
