@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import check_mss
+from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
 from l4lb import cfgfile
@@ -106,6 +107,8 @@ class Deployment:
     """Health checks of every backend (l4lb.healthcfg; the file's `health` object over the
     defaults), rendered into every LB's and agent's configuration; None (`"health": null`):
     none, every backend counts as healthy."""
+    metrics_port: int = DEFAULT_PORT
+    """TCP port of every LB's and agent's Prometheus exporter, on its host's own address."""
     source: str = "<deployment>"
     """Where it came from, for messages."""
     path: Path | None = None
@@ -142,6 +145,7 @@ KEYS = frozenset(
         "mtu",
         "health",
         "bgp",
+        "metrics_port",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -209,9 +213,11 @@ def parse_deployment(
     mtu = data.get("mtu", 1500)
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
+    metrics_port = data.get("metrics_port", DEFAULT_PORT)
     try:  # the data planes' own rules (one definition each), on the deployment's values
         check_hash_seed(seed)
         check_mss(mss, mtu)
+        check_port("metrics_port", metrics_port)
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
@@ -236,6 +242,7 @@ def parse_deployment(
         www_root=(base / www).resolve(),
         mtu=mtu,
         health=health,
+        metrics_port=metrics_port,
         source=source,
         path=path,
         bgp=bgp,
@@ -281,6 +288,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
             "bfd_interval_ms": dep.bgp.bfd_interval_ms,
             "bfd_multiplier": dep.bgp.bfd_multiplier,
         },
+        "metrics_port": dep.metrics_port,
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

@@ -5,7 +5,9 @@ load balancer, a `fastpath.config.LbConfig` and, for every backend, an
 `agent.config.AgentConfig`, into `<state dir>/config/lb-<iface>.json` and
 `agent-<iface>.json`, and starts each process with `--config` on its file (controller.services).
 `python -m controller up` renders them as the network comes up (so an LB or agent started by
-hand in a node finds its file by default) and `down` removes them with the network.
+hand in a node finds its file by default) and `down` removes them with the network. Beside them:
+each LB's and agent's exporter configuration (controller.exporter.config.ExporterConfig, naming the
+process's file) and what the monitoring reaches (controller.targets, `monitor.json`).
 
 Rendering builds the dataclasses, so every value is checked by the data planes' own rules
 (controller.deployment calls this at load time: a bad deployment is refused before anything
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
+from controller import targets
+from controller.exporter.config import ExporterConfig
 from controller.netstate import STATE_DIR
 from fastpath.config import LbConfig
 from l4lb import cfgfile
@@ -74,8 +78,24 @@ def agent_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> Age
     )
 
 
+def exporter_path(state_dir: Path, kind: str, host: str) -> Path:
+    return state_dir / CONFIG_DIR / f"exporter-{kind}-{host}.json"
+
+
+def exporter_config(dep: Deployment, host: str, kind: str, state_dir: Path) -> ExporterConfig:
+    """The exporter beside the LB (kind "lb") or agent ("agent") on `host`."""
+    iface = dep.topology.host_interface(host).name
+    return ExporterConfig(
+        kind=kind,
+        process_config=str(config_path(state_dir, kind, iface)),
+        listen=dep.topology.host_ip(host),
+        port=dep.metrics_port,
+        server_ports=dep.vip_ports if kind == "agent" else (),
+    )
+
+
 def render(dep: Deployment, state_dir: Path = STATE_DIR) -> dict[Path, str]:
-    """Every process's configuration file: path -> text."""
+    """Every process's configuration file, the exporters' and monitor.json: path -> text."""
     topo = dep.topology
     files: dict[Path, str] = {}
     for host in dep.load_balancers:
@@ -86,6 +106,11 @@ def render(dep: Deployment, state_dir: Path = STATE_DIR) -> dict[Path, str]:
         files[config_path(state_dir, "agent", iface)] = cfgfile.dump(
             agent_config(dep, host, state_dir)
         )
+    for kind, hosts in (("lb", dep.load_balancers), ("agent", [h for h, _ in dep.backends])):
+        for host in hosts:
+            cfg = exporter_config(dep, host, kind, state_dir)
+            files[exporter_path(state_dir, kind, host)] = cfgfile.dump(cfg)
+    files[targets.path(state_dir)] = cfgfile.dump(targets.build(dep, state_dir))
     return files
 
 

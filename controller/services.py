@@ -22,6 +22,9 @@ dropped (io.rx_truncated) and be resent segment by segment. Measured on the fat 
 300 KB POSTs through the VIP lost 570 of 1221 frames at h1/h2 with the ports as mininet makes
 them, none with the ports segmenting.
 
+In fastpath mode an exporter runs beside every LB and agent, and with `monitor` / `dashboard`
+the monitoring's processes run in the root namespace (controller.monitor plans them).
+
 Each process is recorded (PID and kernel start time) in `<state_dir>/services.json` as soon as
 it starts, so `stop(state_dir)` stops exactly those processes by PID, even from another process
 or after a crash of the one that started them. Logs go to files, never pipes (`php -S` blocks
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from controller import netstate, render
+from l4lb import procnet
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment
@@ -72,8 +77,8 @@ class Service:
     """One long-running process in one node."""
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
-    node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy", "bgp", "announce"]
+    node: str  # mininet node it runs in ("": the root namespace, beside the controller)
+    role: Literal["lb", "agent", "www", "haproxy", "bgp", "announce", "exporter", "monitor"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
@@ -99,6 +104,7 @@ class Plan:
     services: tuple[Service, ...]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written before start
     settle: tuple[Command, ...] = ()  # checks run after every service is ready; must exit 0
+    dirs: tuple[str, ...] = ()  # directories the services fill, removed by stop()
 
 
 def python_bin() -> str:
@@ -155,8 +161,12 @@ def plan(
     mode: Mode,
     state_dir: Path = STATE_DIR,
     python: str | None = None,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> Plan:
-    """What runs where for a mode: pure, so it is tested without root or a network."""
+    """What runs where for a mode: pure, so it is tested without root or a network. In fastpath
+    mode, an exporter beside each LB and agent; `monitor` adds Prometheus and its scrape proxy,
+    `dashboard` the status page (controller.monitor)."""
     if mode not in MODES:
         raise ServiceError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     py = python or python_bin()
@@ -278,15 +288,19 @@ def plan(
                 )
             )
     settle: list[Command] = []
+    dirs: list[str] = []
     if mode == "fastpath":
         # The VIP announced by BGP from each LB host (controller.bgp): the ToR's static VIP
         # route gives way to BIRD's while the services run.
         from controller import bgp
+        from controller import monitor as mon  # it plans Services of this module
 
         b = bgp.plan(deployment, state_dir, py)
         setup += b.setup
-        services = [*b.daemons, *services, *b.announcers]
+        watch, watch_files, dirs = mon.services(deployment, state_dir, py, monitor, dashboard)
+        services = [*b.daemons, *services, *watch, *b.announcers]
         files.update(b.files)
+        files |= watch_files
         settle += b.settle
     return Plan(
         mode=mode,
@@ -294,6 +308,7 @@ def plan(
         services=tuple(services),
         files=files,
         settle=tuple(settle),
+        dirs=tuple(dirs),
     )
 
 
@@ -341,20 +356,9 @@ def proc_cpu_seconds(pid: int) -> float | None:
 
 
 def listening(pid: int, ip: str, port: int) -> bool:
-    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`.
-
-    /proc/PID/net/tcp is the table of that process's network namespace: no exec needed.
-    """
-    want = {_proc_net_addr(ip, port), _proc_net_addr("0.0.0.0", port)}
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines:
-        cols = line.split()
-        if len(cols) > 3 and cols[3] == "0A" and cols[1] in want:  # 0A: TCP_LISTEN
-            return True
-    return False
+    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`
+    (/proc/PID/net/tcp is that namespace's table: no exec needed)."""
+    return procnet.tcp_listening(pid, ip, port)
 
 
 def has_packet_socket(pid: int) -> bool:
@@ -374,12 +378,6 @@ def has_packet_socket(pid: int) -> bool:
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 return True
     return False
-
-
-def _proc_net_addr(ip: str, port: int) -> str:
-    # /proc/net/tcp prints the address as the host-order hex of the network-order u32.
-    octets = [int(x) for x in ip.split(".")]
-    return "".join(f"{o:02X}" for o in reversed(octets)) + f":{port:04X}"
 
 
 def _log_tail(path: str, lines: int = 8) -> str:
@@ -414,7 +412,19 @@ def running(state_dir: Path = STATE_DIR) -> list[dict]:
     return out
 
 
-def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: Path) -> None:
+def _pid_of(node_pid: NodePid, node: str) -> int | None:
+    """The PID of a node's shell; None for the root namespace ("")."""
+    return node_pid(node) if node else None
+
+
+def preflight(
+    node_pid: NodePid,
+    deployment: Deployment,
+    mode: Mode,
+    state_dir: Path,
+    monitor: bool = False,
+    dashboard: bool = False,
+) -> None:
     """Refuse before starting anything: services already recorded, a port already taken."""
     live = running(state_dir)
     if live:
@@ -423,15 +433,17 @@ def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: 
             f"services already running: {names}; stop them with `python -m controller down` "
             f"(or controller.services.stop())"
         )
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     for svc in p.services:
         if svc.listen is None:
             continue
-        pid = node_pid(svc.node)
-        if listening(pid, *svc.listen):
+        pid = _pid_of(node_pid, svc.node)
+        if listening(pid or os.getpid(), *svc.listen):
+            where = svc.node or "this machine (the root namespace)"
+            how = f"`python -m controller exec {svc.node} -- ss -ltnp`" if svc.node else "ss -ltnp"
             raise ServicesBusy(
-                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {svc.node}; stop what "
-                f"listens there (`python -m controller exec {svc.node} -- ss -ltnp`) and retry"
+                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {where}; stop what "
+                f"listens there ({how}) and retry"
             )
 
 
@@ -441,6 +453,8 @@ def start(
     mode: Mode = "fastpath",
     state_dir: Path = STATE_DIR,
     timeout: float = 20.0,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> list[dict]:
     """Start a mode's services in the running network; on any failure stop what started.
 
@@ -449,13 +463,14 @@ def start(
     tail of the failing service's log.
     """
     state_dir = Path(state_dir)
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    preflight(node_pid, deployment, mode, state_dir)
+    preflight(node_pid, deployment, mode, state_dir, monitor, dashboard)
     # Files this run makes (configs, counters, sockets), removed again by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
     made += [f for svc in p.services for f in svc.files]
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
+    state["dirs"] = list(p.dirs)
     _write_state(state_dir, state)
     try:
         # The processes' configurations (the network's files: `down` removes them), rendered
@@ -474,7 +489,7 @@ def start(
                 _write_state(state_dir, state)
         # Backends before load balancers, so the first balanced packet finds a server.
         for svc in p.services:
-            rec = _spawn(node_pid(svc.node), svc)
+            rec = _spawn(_pid_of(node_pid, svc.node), svc)
             state["services"].append(rec)
             _write_state(state_dir, state)
             _wait_ready(rec, svc, timeout)
@@ -500,12 +515,12 @@ def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
         raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why[-1]}")
 
 
-def _spawn(node: int, svc: Service) -> dict:
+def _spawn(node: int | None, svc: Service) -> dict:
     Path(svc.log).parent.mkdir(parents=True, exist_ok=True)
     with open(svc.log, "wb") as log:  # this run's log only (the driver counts requests in it)
         try:
             proc = subprocess.Popen(
-                _in_node(node, svc.argv),
+                _in_node(node, svc.argv) if node is not None else list(svc.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -572,11 +587,15 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state = _read_state(state_dir)
     recs = state.get("services", [])
     live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
-    # Load balancers (and their announcements) first, so no new flow reaches a server that is
-    # going away; BGP last, so an announcement sees its withdraw acknowledged.
-    order = {"lb": 0, "haproxy": 0, "announce": 0, "www": 1, "agent": 1, "bgp": 2}
-    for level in sorted({order.get(r["role"], 1) for r in live}):
-        wave = [r for r in live if order.get(r["role"], 1) == level]
+    # Watchers first (an exporter must not report a stopping LB as a fault); then load
+    # balancers (and their announcements), so no new flow reaches a server that is going away;
+    # BGP last, so an announcement sees its withdraw acknowledged.
+    order = {
+        "exporter": 0, "monitor": 0, "lb": 1, "haproxy": 1, "announce": 1,
+        "www": 2, "agent": 2, "bgp": 3,
+    }  # fmt: skip
+    for level in sorted({order.get(r["role"], 2) for r in live}):
+        wave = [r for r in live if order.get(r["role"], 2) == level]
         for rec in wave:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec["pid"], signal.SIGTERM)
@@ -599,6 +618,8 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     for d in {Path(f).parent for f in state.get("files", [])} - {state_dir}:
         with contextlib.suppress(OSError):
             d.rmdir()  # a directory of ours (bird/), if nothing else is in it
+    for d in state.get("dirs", []):
+        shutil.rmtree(d, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
     return len(live)

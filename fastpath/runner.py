@@ -152,7 +152,7 @@ def run(cfg: LbConfig) -> int:
             raise UsageError(f"--cpu {cfg.cpu}: {exc}") from None
 
     offloads = Offloads(ifname)
-    vip_drop = VipDrop(ifname, [ip for ip, _ in cfg.vips])
+    vip_drop = VipDrop(ifname, cfg.vips)
     steer: rps.Rps | None = None
     ring = RxRing(cfg.ring_frames)
     sock = txsock = None

@@ -117,7 +117,9 @@ def test_health_defaults_when_absent_and_rendered_everywhere(tmp_path: Path) -> 
     assert dep.health == HealthConfig(interval=1.0, timeout=0.5)
     assert load_deployment().health == HealthConfig()
     files = render.render(dep, tmp_path)
-    for path, text in files.items():
+    processes = {p: t for p, t in files.items() if p.name.startswith(("lb-", "agent-"))}
+    assert len(processes) == len(dep.load_balancers) + len(dep.backends)
+    for path, text in processes.items():
         cls = LbConfig if path.name.startswith("lb-") else AgentConfig
         (tmp_path / "f.json").write_text(text)
         assert cfgfile.load(cls, tmp_path / "f.json").health == dep.health  # type: ignore[attr-defined]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.decap import parse_args
 from agent.decap import resolve_config as agent_resolve
 from fastpath.config import LbConfig
@@ -14,7 +16,12 @@ from l4lb import cfgfile
 from l4lb.healthcfg import HealthConfig
 
 
-def test_command_lines_turn_health_on_and_off(tmp_path: Path) -> None:
+def test_command_lines_turn_health_on_and_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No rendered file by default (a fat tree up on this machine would have them in /run).
+    monkeypatch.setattr("fastpath.lb.CONFIG_DIR", tmp_path / "none")
+    monkeypatch.setattr("agent.decap.CONFIG_DIR", tmp_path / "none")
     base = ["h1-eth0", "--vip", "20.0.0.1:80", "--backend", "10.2.3.2"]
     assert lb_resolve(build_parser().parse_args(base)).health is None  # off without a file
     assert lb_resolve(build_parser().parse_args([*base, "--health"])).health == HealthConfig()

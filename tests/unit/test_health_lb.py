@@ -236,3 +236,19 @@ def test_lb_and_agent_round_trip_and_a_death_reaches_the_lb_by_push() -> None:
         lb.close()
         agent.close()
         replies.close()
+
+
+def test_exporter_shows_health_and_a_failed_backend_as_down() -> None:
+    from controller.exporter.view import lb_backends
+    from fastpath.config import LbConfig
+
+    cfg = LbConfig(iface="h1-eth0", vips=(("20.0.0.1", 80),), backends=((B1, 1), (B2, 0)))
+    show = {
+        "core": {"backends": {B1: 5, B2: 0}},
+        "health": {"backends": {B1: {"healthy": False, "missed": 3}, B2: {"healthy": True}}},
+    }
+    rows = {r["backend"]: r for r in lb_backends(show, cfg)}
+    assert (rows[B1]["state"], rows[B1]["healthy"], rows[B1]["health_missed"]) == ("DOWN", 0, 3)
+    assert (rows[B2]["state"], rows[B2]["healthy"]) == ("DRAIN", 1)  # drained stays drained
+    no_health = lb_backends({"core": {"backends": {}}}, cfg)
+    assert all("healthy" not in r and r["state"] in ("UP", "DRAIN") for r in no_health)
