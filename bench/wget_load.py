@@ -366,11 +366,15 @@ def _json_file(path: str | None) -> Any:
         return None
 
 
-def _php_requests(log: str) -> int:
-    # `php -S` logs one "[...] ip:port [200]: GET /path" line per request.
+def _php_requests(log: str, vip: str) -> int:
+    # `php -S` logs one "[...] ip:port [200]: GET /path" line per request. The agent's health
+    # checks come from the VIP itself (agent.healthsvc): not client requests.
+    own = f" {vip}:"
     try:
         with open(log, errors="replace") as f:
-            return sum(1 for line in f if "]: GET " in line or "]: HEAD " in line)
+            return sum(
+                1 for line in f if ("]: GET " in line or "]: HEAD " in line) and own not in line
+            )
     except OSError:
         return 0
 
@@ -422,7 +426,7 @@ def snapshot(fabric: Fabric, dep: Deployment, recs: Sequence[Mapping[str, Any]])
         if r["role"] in ("lb", "haproxy"):
             cpu[r["node"]] = services.proc_cpu_seconds(r["pid"]) or 0.0
         if r["role"] == "www":
-            php[r["node"]] = _php_requests(r["log"])
+            php[r["node"]] = _php_requests(r["log"], dep.vip)
         if r["role"] == "haproxy" and r.get("stats"):
             stats[r["name"]] = _haproxy_stats(r["stats"])
         elif r.get("stats"):
@@ -475,8 +479,13 @@ def counters(
         agent = after.stats.get(f"agent-{host}")
         if isinstance(agent, dict):
             d = _delta(agent, before.stats.get(f"agent-{host}"))
-            # The agent's own counters: frames decapsulated and delivered, drops by reason.
+            # The agent's own counters: frames decapsulated and delivered, drops by reason;
+            # the LBs' health probes are delivered too, and counted apart (not client traffic).
             entry["agent"] = {k: d[k] for k in ("frames", "delivered", "dropped") if k in d}
+            probes = (d.get("health") or {}).get("probes", 0)
+            if probes and "delivered" in entry["agent"]:
+                entry["agent"]["delivered"] -= probes
+                entry["agent"]["health_probes"] = probes
             drops = {k: v for k, v in (d.get("drops") or {}).items() if v}
             if drops:
                 entry["agent"]["drops"] = drops

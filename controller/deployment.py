@@ -16,8 +16,11 @@ from agent.config import check_mss
 from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import check_hash_seed
+from l4lb import cfgfile
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 
+DEFAULT_HEALTH = HealthConfig()
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
 
@@ -100,6 +103,10 @@ class Deployment:
     """Files the backend web servers serve."""
     mtu: int = 1500
     """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    health: HealthConfig | None = DEFAULT_HEALTH
+    """Health checks of every backend (l4lb.healthcfg; the file's `health` object over the
+    defaults), rendered into every LB's and agent's configuration; None (`"health": null`):
+    none, every backend counts as healthy."""
     metrics_port: int = DEFAULT_PORT
     """TCP port of every LB's and agent's Prometheus exporter, on its host's own address."""
     source: str = "<deployment>"
@@ -136,6 +143,7 @@ KEYS = frozenset(
         "server_mss",
         "www_root",
         "mtu",
+        "health",
         "bgp",
         "metrics_port",
     }
@@ -213,6 +221,15 @@ def parse_deployment(
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
+    health_data = data.get("health", {})
+    try:
+        health = (
+            None
+            if health_data is None
+            else cfgfile.from_dict(HealthConfig, health_data, f"{source}: health")
+        )
+    except ConfigError as exc:
+        raise DeploymentError(str(exc)) from None
     bgp = parse_bgp(data.get("bgp"), source)
     dep = Deployment(
         topology=topology,
@@ -224,6 +241,7 @@ def parse_deployment(
         server_mss=mss,
         www_root=(base / www).resolve(),
         mtu=mtu,
+        health=health,
         metrics_port=metrics_port,
         source=source,
         path=path,
@@ -263,6 +281,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
         "server_mss": dep.server_mss,
         "www_root": str(dep.www_root),
         "mtu": dep.mtu,
+        "health": cfgfile.to_dict(dep.health) if dep.health is not None else None,
         "bgp": {
             "tor_asn": dep.bgp.tor_asn,
             "lb_asn": dep.bgp.lb_asn,

@@ -71,6 +71,7 @@ def lb_config(
         stats_file=str(stats_path(state_dir, "lb", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "lb", host)),
+        health=dep.health,
     )
     return cfg if record is None else with_record(cfg, record)
 
@@ -105,6 +106,7 @@ def agent_config(dep: Deployment, host: str, state_dir: Path = STATE_DIR) -> Age
         stats_file=str(stats_path(state_dir, "agent", host)),
         stats_interval=STATS_INTERVAL,
         control_socket=str(control_path(state_dir, "agent", host)),
+        health=dep.health,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from l4lb.busypoll import busy_poll_error
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 from l4lb.wire import parse_ipv4, parse_mac
 
 
@@ -181,6 +182,9 @@ class LbConfig:
     """Leave IFACE's offloads as they are (GRO/LRO/TSO/GSO are turned off otherwise)."""
     nft: bool = True
     """Install the nftables ingress drop of VIP traffic on IFACE."""
+    health: HealthConfig | None = None
+    """Probe every backend's agent through the tunnel and apply its health (fastpath.health);
+    None: no health checks (every backend counts as healthy)."""
 
     def __post_init__(self) -> None:
         if not self.iface or "/" in self.iface or len(self.iface) > 15:

@@ -9,13 +9,15 @@ socket. Refuses to start (UsageError) when IPv4 forwarding is on in its namespac
 would route the VIP packets back into the fabric as well.
 
 The receive loop (fastpath.forward over l4lb.rxloop) forwards; the control plane
-(l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), and
-the stats tick (a JSON line and the stats file every `stats_interval`).
+(l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), the
+health probes of the backends (fastpath.healthsvc, when `health` is configured) and the stats
+tick (a JSON line and the stats file every `stats_interval`).
 
-Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `ping`, and the
-backend set's (fastpath.backend_commands: `backends`, `backends.replace`, `backend.add`, ...),
-applied through the `Backends` object this process keeps (fastpath.backends), which is also
-the health checker's interface (`set_health`, `probe_targets`).
+Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `health` (its
+health part), `ping`, and the backend set's (fastpath.backend_commands: `backends`,
+`backends.replace`, `backend.add`, ...), applied through the `Backends` object this process
+keeps (fastpath.backends), which is also what the health probes report to (`set_health`,
+`probe_targets`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,6 +38,7 @@ from fastpath.backends import BackendError, Backends, BackendSpec
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.forward import Forwarder
+from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
@@ -170,6 +174,7 @@ def run(cfg: LbConfig) -> int:
     ring = RxRing(cfg.ring_frames)
     sock = txsock = None
     control: ControlServer | None = None
+    health: LbHealth | None = None
     started = time.monotonic()
     kdrops = 0
     try:
@@ -220,6 +225,7 @@ def run(cfg: LbConfig) -> int:
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
                 rps_cpus=steer.mask if steer is not None else None,
                 nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
+                health=health.stats(now) if health is not None else None,
             )
             if advance:
                 last[:] = [now, io.rx_frames, io.tx_frames]
@@ -250,6 +256,10 @@ def run(cfg: LbConfig) -> int:
                 lambda req: snapshot(time.monotonic(), advance=False),
                 "counters, rates and state now (the stats file's fields)",
             ),
+            "health": Command(
+                lambda req: asdict(health.stats(time.monotonic())) if health else None,
+                "the backends' health as this LB sees it (null without health checks)",
+            ),
             "ping": Command(
                 lambda req: {"pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3)},
                 "is the process alive and its loop turning",
@@ -257,6 +267,9 @@ def run(cfg: LbConfig) -> int:
             **backend_commands(backends, time.monotonic),
         }
         plane = Plane(name="fastpath.lb")
+        if cfg.health is not None:
+            health = LbHealth(cfg.health, backends, core.local_ip, cfg.vips[0][0], time.monotonic())
+            plane.add(health)
         if cfg.control_socket != "":
             control = ControlServer(cfg.control_socket or default_socket("lb", ifname), commands)
             plane.add(ControlService(control))
@@ -281,7 +294,7 @@ def run(cfg: LbConfig) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control)
+        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control, health)
     for err in errors:
         print(f"fastpath.lb: cleanup: {err}", file=sys.stderr)
     return 1 if errors else 0
@@ -295,11 +308,13 @@ def _cleanup(
     offloads: Offloads,
     steer: rps.Rps | None,
     control: ControlServer | None,
+    health: LbHealth | None = None,
 ) -> list[str]:
     """Undo everything, each step even if an earlier one failed; returns the failures."""
     errors: list[str] = []
     steps = [
         *((control.close,) if control is not None else ()),
+        *((health.close,) if health is not None else ()),
         ring.close,
         *(s.close for s in (sock, txsock) if s is not None),
         vip_drop.remove,

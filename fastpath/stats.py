@@ -116,6 +116,62 @@ class IoStats:
 
 
 @dataclass
+class BackendHealthStats:
+    """One backend's health as this LB sees it (fastpath.health)."""
+
+    healthy: bool
+    """What this LB applies: reachable and the agent's verdict not down."""
+    reachable: bool
+    """The agent answers probes through the tunnel (fall misses make it false)."""
+    verdict: str
+    """The agent's verdict on its server: "up", "down" (it believes "up" until told)."""
+    suppressed: bool
+    """The agent holds the server down for flapping (dampening)."""
+    since: float
+    """Unix time `healthy` last changed (or the LB started)."""
+    reason: str
+    """Why it is what it is (the last change's cause)."""
+    agent_since: float | None
+    """Unix time the agent's verdict last changed, as the agent says."""
+    check_failures: int
+    """The agent's failed HTTP checks since it started."""
+    last_check: str
+    """The agent's last check outcome."""
+    probes: int
+    """Probes sent (not client traffic: not in core.backends)."""
+    replies: int
+    missed: int
+    """Probes not answered within the timeout."""
+    late: int
+    """Replies that came after their timeout (ignored)."""
+    pushes: int
+    """Verdicts the agent pushed on a change."""
+    rtt_ms: float | None
+    """The last probe's round trip."""
+    agent_restarts: int
+    """Changes of the agent's instance id seen."""
+    table_changes: int
+    """Health changes of this backend that changed the lookup table."""
+
+
+@dataclass
+class ProberStats:
+    """The LB's health probing."""
+
+    token: str
+    """This LB's probe token (hex): replies must echo it."""
+    backends: dict[str, BackendHealthStats]
+    """Per backend IP."""
+    malformed: dict[str, int]
+    """Replies ignored, by reason (l4lb.healthwire.BadMessage; zeros left out)."""
+    unknown_seq: int
+    """Replies carrying this LB's token for no probe awaiting one (late, duplicated)."""
+    socket_errors: int = 0
+    """Probes the raw socket refused (counted as missed when their time runs out) and errors
+    the reply socket reported."""
+
+
+@dataclass
 class LbStats:
     """One snapshot of a running `fastpath.lb`."""
 
@@ -153,6 +209,8 @@ class LbStats:
     """No backend is healthy: the table ignores health (fastpath.backends)."""
     table: TableStats | None = None
     """The lookup table (None only in a snapshot made without one, in tests)."""
+    health: ProberStats | None = None
+    """Health probing of the backends (None when the LB runs without health checks)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

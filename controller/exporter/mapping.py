@@ -29,8 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 Kind = Literal["counter", "gauge", "state"]
 BACKEND_STATES = ("UP", "DRAIN", "DOWN", "MAINT")
-"""haproxy's names. Today an LB's backend is UP (weight > 0) or DRAIN (weight 0); DOWN (failed
-health checks) and MAINT (taken out by an operator) come with backend health and control."""
+"""haproxy's names. An LB's backend is UP (weight > 0), DRAIN (weight 0) or DOWN (failed health
+checks); MAINT (taken out by an operator) comes with backend control."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,12 @@ LB = (
     Row("l4lb_backend_status", "state",
         "The backend's state on this load balancer: 1 for the current one.", "backends",
         BACKEND_LABELS, "state", BACKEND_STATES),
+    Row("l4lb_backend_healthy", "gauge",
+        "1 if the backend passes its health checks on this LB (its agent answers through the "
+        "tunnel and says its server is up), 0 if not.", "backends", BACKEND_LABELS, "healthy"),
+    Row("l4lb_backend_health_probes_missed_total", "counter",
+        "Health probes to the backend's agent not answered in time.", "backends",
+        BACKEND_LABELS, "health_missed"),
     *COMMON,
 )  # fmt: skip
 
@@ -123,6 +129,13 @@ AGENT = (
     Row("l4lb_agent_server_listening", "gauge",
         "1 if a TCP socket listens on the VIP's port on this host (the local server is there; "
         "not a proof that it answers).", "servers", ("vip", "port"), "listening"),
+    Row("l4lb_agent_health_checks_total", "counter",
+        "HTTP checks of the local server finished (agent.health).", "show.health.checks"),
+    Row("l4lb_agent_health_check_failures_total", "counter",
+        "HTTP checks of the local server that failed.", "show.health.check_failures"),
+    Row("l4lb_agent_health_probes_total", "counter",
+        "LB health probes answered (delivered through the tunnel, not client traffic).",
+        "show.health.probes"),
     *COMMON,
 )  # fmt: skip
 

@@ -50,12 +50,21 @@ def lb_backends(show: Mapping[str, Any] | None, cfg: LbConfig) -> list[dict[str,
     core = show.get("core") if show else None
     packets = core.get("backends") if isinstance(core, Mapping) else None
     packets = packets if isinstance(packets, Mapping) else {}
+    health = show.get("health") if show else None  # fastpath.stats.ProberStats, or None
+    checked = health.get("backends") if isinstance(health, Mapping) else None
+    checked = checked if isinstance(checked, Mapping) else {}
     rows = []
     for ip in dict.fromkeys([*weights, *packets]):
         row: dict[str, Any] = {"vip": vip, "backend": ip, "server": names.get(ip, ip)}
+        h = checked.get(ip)
+        if isinstance(h, Mapping):
+            row["healthy"] = int(bool(h.get("healthy")))
+            row["health_missed"] = h.get("missed", 0)
         if ip in weights:
             row["weight"] = weights[ip]
             row["state"] = "UP" if weights[ip] > 0 else "DRAIN"
+            if row.get("healthy") == 0:
+                row["state"] = "DOWN"  # failed health checks (fastpath.health)
         if show is not None:
             row["packets"] = packets.get(ip, 0)
         rows.append(row)
