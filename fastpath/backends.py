@@ -260,11 +260,7 @@ class Backends:
         if state == h.state:
             return False
         h.state, h.since = state, now
-        before = self._effective
-        if effective(self.specs, self.health) == before:
-            return False
-        self._drive(False)
-        return True
+        return self._drive(False).changed
 
     def probe_targets(self) -> list[str]:
         """Addresses of the backends in the set (down and drained included), in address
@@ -280,14 +276,16 @@ class Backends:
         return self._effective.state(self.spec(ip), self.health[ip])
 
     def _drive(self, changed: bool) -> Applied:
-        eff = effective(self.specs, self.health)
-        if eff == self._effective and not changed:
+        """Give the packet core the effective state, if what it serves changed (fail open
+        turning on with one backend, say, changes nothing it serves)."""
+        eff, old = effective(self.specs, self.health), self._effective
+        changed = changed or (eff.backends, eff.down) != (old.backends, old.down)
+        self._effective = eff
+        if not changed:
             return Applied(False, 0, 0.0)
         t0 = self._perf()
         moved = self.balancer.set_backends(eff.backends, eff.down)
         took = (self._perf() - t0) * 1000.0
-        changed = changed or eff != self._effective
-        self._effective = eff
         t = self.table
         t.digest = self.balancer.table_digest
         self.slots = self.balancer.slots_owned()

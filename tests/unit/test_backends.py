@@ -245,3 +245,11 @@ def test_stats_rows() -> None:
     assert (b.health, b.health_since, b.health_for_s, b.check_failures) == ("down", 998.5, 1.5, 1)
     assert (b.state, b.last_reason, b.slots) == ("unhealthy", "timeout", 0)
     assert sum(r.slots for r in rows.values()) == bk.table.size
+
+
+def test_fail_open_with_one_backend_changes_no_table() -> None:
+    bk = make((BackendSpec(A),))
+    changes = bk.table.changes
+    assert bk.set_health(A, False, 1.0, "refused") is False  # it serves as before
+    assert bk.fail_open and bk.state(A) == "fail_open" and bk.table.changes == changes
+    assert bk.set_health(A, True, 2.0, "ok") is False and not bk.fail_open
