@@ -14,6 +14,7 @@ fi
 APT_PACKAGES=(
   mininet iproute2 iputils-ping tcpdump ethtool nftables php-cli wget haproxy
   netsniff-ng python3-venv python3-dev procps bird2
+  prometheus chromium chromium-driver
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -23,9 +24,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "install.sh: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # haproxy's and bird2's packages would start system services (a BIRD in the root namespace
-  # would be a router of its own on this machine); policy-rc.d keeps them from doing so. The
-  # project runs its BIRDs itself, one per mininet node (controller/bgp.py).
+  # haproxy's, bird2's and prometheus' packages would start system services (a BIRD in the
+  # root namespace would be a router of its own on this machine); policy-rc.d keeps them from
+  # doing so. The project runs its BIRDs itself, one per mininet node (controller/bgp.py), and
+  # `up --monitor` its own prometheus, stopped by PID.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.l4lb
   chmod +x /usr/sbin/policy-rc.d.l4lb
   had_policy=0; [ -e /usr/sbin/policy-rc.d ] && had_policy=1

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from l4lb.busypoll import busy_poll_error
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 from l4lb.wire import IPV4_HLEN, TCP_HLEN, parse_ipv4
 
 
@@ -90,6 +91,9 @@ class AgentConfig:
     """CPUs for the stack's receive work of delivered packets: auto, off or a hex mask."""
     busy_poll_us: int = 0
     """After traffic, spin this long for the next frame before sleeping."""
+    health: HealthConfig | None = None
+    """Check the local server and answer the LBs' probes on VIP:port (agent.health); None:
+    neither (an LB probing this agent then finds it unreachable)."""
 
     def __post_init__(self) -> None:
         if not self.vips:

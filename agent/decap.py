@@ -14,7 +14,8 @@ Output: one JSON line at start ({"event": "ready", ...}), one every --stats-inte
 and one at exit ({"event": "stats" | "exit", ...}); the same counters, rewritten atomically, in
 /run/l4lb/agent-<iface>.json while it runs (the final figures stay there after exit); fields
 in agent.stats. The control channel (default /run/l4lb/agent-IFACE.ctl, root only;
-l4lb.control) answers `show` and `ping`.
+l4lb.control) answers `show`, `health` and `ping`. With `health` configured, the loop also
+checks the local server and answers the LBs' tunnelled probes (agent.healthsvc).
 Exit status: 0 after a signal, 2 for bad input, 1 when the host could not be set up.
 """
 
@@ -37,12 +38,14 @@ from typing import Any
 from agent.config import DELIVERY, AgentConfig, DecapConfig
 from agent.core import Decapsulator
 from agent.deliver import Delivery, RawDelivery, TunDelivery
+from agent.healthsvc import AgentHealth
 from agent.host import HostPlan, HostSetup, table_name, tun_name
 from agent.stats import AgentStats
 from l4lb import bpf, cfgfile, rps
 from l4lb.busypoll import add_busy_poll_option
 from l4lb.control import Command, ControlServer, default_socket
 from l4lb.errors import ConfigError, L4lbError, UsageError
+from l4lb.healthcfg import HealthConfig
 from l4lb.plane import Plane
 from l4lb.ring import RxRing, kernel_drops
 from l4lb.rxloop import RxLoop
@@ -90,6 +93,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--control-socket", help="default: /run/l4lb/agent-<iface>.ctl; '-' for none")
     ap.add_argument("--server-mss", type=int, help="MSS cap for SYN-ACKs (default 1440)")
     ap.add_argument("--deliver", choices=DELIVERY)
+    ap.add_argument(
+        "--health",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check the local server and answer the LBs' probes (the file's settings, else "
+        "l4lb.healthcfg's defaults); --no-health: neither (the default without a file)",
+    )
     ap.add_argument("--ring-frames", type=int)
     add_busy_poll_option(ap, default=None)
     ap.add_argument(
@@ -128,6 +138,8 @@ def resolve_config(args: argparse.Namespace) -> AgentConfig:
         given["vips"] = tuple(args.vip)
     if args.allow_lb:
         given["allowed_lbs"] = tuple(args.allow_lb)
+    if args.health is not None:
+        given["health"] = HealthConfig() if args.health else None
     for option in ("stats_file", "control_socket"):
         value = getattr(args, option)
         if value is not None:
@@ -137,6 +149,8 @@ def resolve_config(args: argparse.Namespace) -> AgentConfig:
             base = cfgfile.load(AgentConfig, path)
             if args.iface and base.iface and base.iface != args.iface:
                 raise UsageError(f"--config {path} is for {base.iface}, not {args.iface}")
+            if args.health and base.health is not None:
+                given["health"] = base.health  # --health keeps the file's settings
             return dataclasses.replace(base, **given)
         if "vips" not in given or "allowed_lbs" not in given:
             raise UsageError(
@@ -229,6 +243,7 @@ class Stats:
         self.ring_drops = 0
         self.started = time.monotonic()
         self.writer = StatsWriter(s.stats_file, "agent.decap")
+        self.health: AgentHealth | None = None
 
     def snapshot(self, event: str) -> AgentStats:
         self.ring_drops += self.sock_drops()
@@ -240,6 +255,7 @@ class Stats:
             uptime=self.uptime(),
             ring_drops=self.ring_drops,
             last_spoofed_source=self.core.last_spoofed_source(),
+            health=self.health.stats(time.monotonic()) if self.health is not None else None,
         )
 
     def uptime(self) -> float:
@@ -304,6 +320,7 @@ def run(s: Settings, stop: StopFlag) -> int:
     delivery: Delivery | None = None
     host: HostSetup | None = None
     control: ControlServer | None = None
+    health: AgentHealth | None = None
     stats = Stats(s, core, lambda: kernel_drops(sock)[1])
     try:
         delivery = open_delivery(s)
@@ -327,11 +344,25 @@ def run(s: Settings, stop: StopFlag) -> int:
             "pid": os.getpid(),
         }
         plane = Plane(name="agent.decap")
+        if s.conf.health is not None:  # after host.apply(): the VIP is there to bind
+            health = stats.health = AgentHealth(
+                s.conf.health, s.cfg.vips[0], s.cfg.local_ip, time.monotonic()
+            )
+            plane.add(health)
+            ready["health_port"] = s.conf.health.port
         if s.conf.control_socket != "":
             commands = {
                 "show": Command(
                     lambda req: stats.snapshot("show").as_dict(),
                     "counters and state now (the stats file's fields)",
+                ),
+                "health": Command(
+                    lambda req: (
+                        dataclasses.asdict(health.stats(time.monotonic()))
+                        if health is not None
+                        else None
+                    ),
+                    "the health checks of the local server (null without them)",
                 ),
                 "ping": Command(
                     lambda req: {"pid": os.getpid(), "uptime": stats.uptime()},
@@ -351,6 +382,8 @@ def run(s: Settings, stop: StopFlag) -> int:
     finally:
         if control is not None:
             control.close()
+        if health is not None:
+            health.close()
         if host is not None:
             host.undo()
         if delivery is not None:

@@ -11,6 +11,41 @@ from agent.counters import DecapCounters, DecapDrop
 
 
 @dataclass
+class HealthStats:
+    """The agent's health checks of its server (agent.health, agent.healthsvc)."""
+
+    verdict: str
+    """"up", "down" or "unknown" (no check finished yet): what every LB is told."""
+    since: float
+    """Unix time of the verdict's last change."""
+    suppressed: bool
+    """Held down by dampening (a flapping server), whatever its checks say now."""
+    penalty: float
+    """The flap penalty now (each up->down adds 1; halves every half_life)."""
+    changes: int
+    """Verdict changes since start."""
+    checks: int
+    """HTTP checks finished."""
+    check_failures: int
+    """HTTP checks failed."""
+    last_check: str
+    """The last check's outcome."""
+    probes: int
+    """LB probes answered: tunnelled UDP to VIP:port, inside `delivered` but not client
+    traffic (client packets = delivered - probes)."""
+    malformed: dict[str, int]
+    """Datagrams to VIP:port ignored, by reason (l4lb.healthwire.BadMessage; zeros left out)."""
+    pushes: int
+    """Replies pushed unasked to LBs on a verdict change."""
+    socket_errors: int
+    """Replies the socket refused and errors it reported (lost, counted)."""
+    lbs: list[str]
+    """The LBs (address:port) that probed lately: the ones a change is pushed to."""
+    instance: str
+    """This agent start's id (hex), as its replies carry it."""
+
+
+@dataclass
 class AgentStats:
     """One snapshot of a running `agent.decap`."""
 
@@ -37,6 +72,8 @@ class AgentStats:
     """Frames the kernel could not put in the ring because it was full."""
     last_spoofed_source: str | None
     """The latest outer source that was not an allowed load balancer, if any."""
+    health: HealthStats | None = None
+    """The health checks (None when the agent runs without them)."""
 
     @classmethod
     def of(
@@ -48,6 +85,7 @@ class AgentStats:
         uptime: float,
         ring_drops: int,
         last_spoofed_source: str | None,
+        health: HealthStats | None = None,
     ) -> AgentStats:
         return cls(
             event=event,
@@ -61,6 +99,7 @@ class AgentStats:
             drops={r.name.lower(): c.drops[r] for r in DecapDrop},
             ring_drops=ring_drops,
             last_spoofed_source=last_spoofed_source,
+            health=health,
         )
 
     def as_dict(self) -> dict[str, Any]:

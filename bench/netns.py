@@ -243,6 +243,23 @@ class NsProc:
         return self.proc.returncode
 
 
+class Procs:
+    """Processes a test or benchmark started in namespaces, each stopped by PID, in reverse
+    order (`stop_all`, from a `finally`)."""
+
+    def __init__(self) -> None:
+        self.items: list[NsProc] = []
+
+    def start(self, ns: str, argv: Sequence[str]) -> NsProc:
+        p = NsProc(ns, argv)
+        self.items.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        while self.items:
+            self.items.pop().stop()
+
+
 # Runs inside a namespace: optionally sends frames on one interface, captures every incoming
 # frame on another for a while, prints the captured frames as a JSON list of hex strings.
 _CAPTURE = r"""

@@ -11,6 +11,9 @@ Per round, interleaved (every system sees the same machine state within a round)
             local UDP layer, where bench/udp_sink.py holds the port (its /proc/net/snmp
             counters) per second
   latency   UDP request/reply one at a time through LB + agent vs routed by the kernel
+  scraped   fastpath as in its phase, while the exporter beside it (controller.exporter.exporter) is
+            scraped --scrape-hz times a second (the cost of being watched: compare with
+            fastpath, same placements, same round)
 Once per run: the LB's resident memory with 100,000 and 1,000,000 tracked flows.
 
 Saturation: bench/blast.py (sendmmsg on the generator core; trafgen's TX ring dies with EAGAIN
@@ -68,6 +71,7 @@ PHASES = (
     "scapy_sendp",
     "agent",
     "latency",
+    "scraped",
     "memory",
     "lb_memory",
 )
@@ -237,6 +241,58 @@ def lb_argv(ctx: Ctx, backends: Sequence[str] = tbm.BACKEND_IPS) -> list[str]:
     # The placement (place()) sets RPS; the LB's own --rps-cpus auto would undo dut-core.
     argv += ["--rps-cpus", "off"]
     return [*argv, *ctx.args.lb_arg]
+
+
+def run_scraped(ctx: Ctx) -> dict[str, Any]:
+    """fastpath from a configuration file like lb_argv's, its exporter beside it on the DUT's
+    address, and bench.scrape asking the exporter --scrape-hz times a second throughout."""
+    from controller.exporter.config import ExporterConfig
+    from fastpath.config import LbConfig
+    from l4lb import cfgfile
+
+    tb, log_dir = ctx.tb, ctx.procs.log_dir
+    lb_cfg, exp_cfg = log_dir / "lb-scraped.json", log_dir / "exporter-scraped.json"
+    lb = LbConfig(
+        iface="d0", vips=((tbm.VIP, None),), backends=tuple((ip, 1) for ip in tbm.BACKEND_IPS),
+        stats_file=str(log_dir / "lb-d0.json"), control_socket=str(log_dir / "lb-d0.ctl"),
+        rps_cpus="off",  # as lb_argv: the placement sets RPS
+    )  # fmt: skip
+    lb_cfg.write_text(cfgfile.dump(lb))
+    exp_cfg.write_text(cfgfile.dump(ExporterConfig("lb", str(lb_cfg), tbm.DUT_IP)))
+    exporter = ctx.procs.start("exporter", tb.dut, [PY, "-m", "controller.exporter", "--config",
+                                                    str(exp_cfg)])  # fmt: skip
+    bound = (ctx.args.warmup + ctx.args.duration + ctx.args.ready_timeout + 10) * 3
+    url = f"http://{tbm.DUT_IP}:9180/metrics"
+    scraper = ctx.procs.start(
+        "scraper", tb.dut,
+        [PY, "-m", "bench.scrape", "--url", url, "--hz", str(ctx.args.scrape_hz),
+         "--seconds", str(bound)],
+    )  # fmt: skip
+    try:
+        argv = [PY, "-m", "fastpath.lb", "d0", "--config", str(lb_cfg), *ctx.args.lb_arg]
+        out = run_forwarder(ctx, "scraped", argv, ctx.args.duration, ctx.args.placements)
+    finally:
+        ctx.procs.stop(scraper)
+        ctx.procs.stop(exporter)
+    out["scrapes"] = last_json(ctx.procs.log("scraper"))
+    out["scrape_hz"] = ctx.args.scrape_hz
+    say(f"scraped   {out['scrapes']} scrapes at {ctx.args.scrape_hz} Hz")
+    return out
+
+
+def scraped_ratio(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per placement: delivered pps scraped / not scraped, per round and the median."""
+    out: dict[str, Any] = {}
+    for placement in PLACEMENTS:
+        ratios = []
+        for r in rounds:
+            a = (r.get("fastpath") or {}).get(placement, {}).get("delivered_pps")
+            b = (r.get("scraped") or {}).get(placement, {}).get("delivered_pps")
+            if a and b:
+                ratios.append(round(b / a, 4))
+        if ratios:
+            out[placement] = {"rounds": ratios, "median": sorted(ratios)[len(ratios) // 2]}
+    return out
 
 
 def scapy_argv(persistent: bool) -> list[str]:
@@ -598,6 +654,7 @@ def run_round(ctx: Ctx, i: int, r: dict[str, Any]) -> None:
         ("scapy_sendp", lambda: run_scapy(ctx, "scapy-sendp", False)),
         ("agent", lambda: run_agent(ctx)),
         ("latency", lambda: run_latency(ctx)),
+        ("scraped", lambda: run_scraped(ctx)),
     ]
     # Rotate the order each round, so no system always runs first (or always after scapy).
     order = [p for p in phases if p[0] in a.phases]
@@ -702,6 +759,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(the generator core then also routes every delivered frame)",
     )
     p.add_argument("--paced-rate", type=int, default=300_000)
+    p.add_argument(
+        "--scrape-hz", type=float, default=10.0, help="scrapes per second in `scraped` (10)"
+    )
     p.add_argument(
         "--paced-placement",
         choices=PLACEMENTS,
@@ -850,6 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     line["pps_by_placement"] = summary["by_placement"]
     line["rounds"] = len(rounds)
+    if "scraped" in args.phases:
+        line["scraped_ratio"] = scraped_ratio(rounds)
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = os.getloadavg()
     meta["interrupted"] = interrupted

@@ -36,6 +36,8 @@ from typing import Any
 from bench.wget_summary import Fetch, format_summary, progress_line, summarize, verdict
 from controller import services
 from controller.deployment import Deployment, DeploymentError, load_deployment
+from controller.monitor import DASHBOARD_PORT
+from l4lb import procnet
 from l4lb.errors import UsageError  # bad option, missing tool, busy machine: exit 2 up front
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +79,7 @@ class Options:
     results: Path = RESULTS
     quiet: bool = False
     tool: str = "wget"  # or "python": the same downloads without a process per request
+    dashboard: bool = False  # the status page (controller.dashboard) while the load runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON result goes")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also run the status page on http://127.0.0.1:8145/ to watch the load (fastpath)",
+    )
+    ap.add_argument(
         "--cleanup",
         action="store_true",
         help="only clean up after a run that was killed (services, then the network it built)",
@@ -203,6 +211,8 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespa
         raise UsageError(f"--tool {args.tool!r}: choose wget or python")
     if args.lb not in services.MODES:
         raise UsageError(f"--lb {args.lb!r}: choose one of {', '.join(services.MODES)}")
+    if args.dashboard and args.lb != "fastpath":
+        raise UsageError("--dashboard reads the fastpath LBs' and agents' exporters: --lb fastpath")
     try:
         dep = load_deployment(args.deployment)
     except DeploymentError as exc:
@@ -243,6 +253,7 @@ def parse_options(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespa
         results=Path(args.results),
         quiet=args.quiet,
         tool=args.tool,
+        dashboard=args.dashboard,
     )
     return opts, args
 
@@ -339,13 +350,7 @@ class Fabric:
 
 def iface_counters(pid: int) -> dict[str, dict[str, int]]:
     """Interface counters in the netns of `pid` (/proc/PID/net/dev is that namespace's)."""
-    out = {}
-    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
-        name, _, rest = line.partition(":")
-        c = [int(x) for x in rest.split()]
-        out[name.strip()] = {"rx_bytes": c[0], "rx_packets": c[1], "tx_bytes": c[8],
-                             "tx_packets": c[9]}  # fmt: skip
-    return out
+    return procnet.net_dev(pid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,11 +366,15 @@ def _json_file(path: str | None) -> Any:
         return None
 
 
-def _php_requests(log: str) -> int:
-    # `php -S` logs one "[...] ip:port [200]: GET /path" line per request.
+def _php_requests(log: str, vip: str) -> int:
+    # `php -S` logs one "[...] ip:port [200]: GET /path" line per request. The agent's health
+    # checks come from the VIP itself (agent.healthsvc): not client requests.
+    own = f" {vip}:"
     try:
         with open(log, errors="replace") as f:
-            return sum(1 for line in f if "]: GET " in line or "]: HEAD " in line)
+            return sum(
+                1 for line in f if ("]: GET " in line or "]: HEAD " in line) and own not in line
+            )
     except OSError:
         return 0
 
@@ -417,7 +426,7 @@ def snapshot(fabric: Fabric, dep: Deployment, recs: Sequence[Mapping[str, Any]])
         if r["role"] in ("lb", "haproxy"):
             cpu[r["node"]] = services.proc_cpu_seconds(r["pid"]) or 0.0
         if r["role"] == "www":
-            php[r["node"]] = _php_requests(r["log"])
+            php[r["node"]] = _php_requests(r["log"], dep.vip)
         if r["role"] == "haproxy" and r.get("stats"):
             stats[r["name"]] = _haproxy_stats(r["stats"])
         elif r.get("stats"):
@@ -470,8 +479,13 @@ def counters(
         agent = after.stats.get(f"agent-{host}")
         if isinstance(agent, dict):
             d = _delta(agent, before.stats.get(f"agent-{host}"))
-            # The agent's own counters: frames decapsulated and delivered, drops by reason.
+            # The agent's own counters: frames decapsulated and delivered, drops by reason;
+            # the LBs' health probes are delivered too, and counted apart (not client traffic).
             entry["agent"] = {k: d[k] for k in ("frames", "delivered", "dropped") if k in d}
+            probes = (d.get("health") or {}).get("probes", 0)
+            if probes and "delivered" in entry["agent"]:
+                entry["agent"]["delivered"] -= probes
+                entry["agent"]["health_probes"] = probes
             drops = {k: v for k, v in (d.get("drops") or {}).items() if v}
             if drops:
                 entry["agent"]["drops"] = drops
@@ -768,8 +782,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"bringing up the fat tree (lb={opts.lb}, {len(opts.clients)} clients, "
                 f"{opts.rounds} rounds, files {','.join(opts.files)})")  # fmt: skip
             fabric.up(opts.wait_network, opts.deployment)
-            recs = services.start(fabric.node_pid, opts.deployment, opts.lb)
+            recs = services.start(
+                fabric.node_pid, opts.deployment, opts.lb, dashboard=opts.dashboard
+            )
             log(f"services up: {', '.join(r['name'] for r in recs)}")
+            if opts.dashboard:
+                log(f"status page: http://127.0.0.1:{DASHBOARD_PORT}/ (until the load ends)")
             res = run_load(opts, fabric, recs, log if not opts.quiet else lambda m: None)
         except KeyboardInterrupt:
             log("interrupted: tearing down")

@@ -1,8 +1,9 @@
-"""Command line: `python -m controller routes|up|down|exec|p4-program|p4-follow|lb|bird-config`,
-in the spirit of p4run.
+"""Command line: `python -m controller routes|up|down|exec|p4-program|p4-follow|lb|bird-config|
+dashboard|backend`, in the spirit of p4run.
 
 `routes`, `p4-program`, `p4-follow` and `bird-config` need neither root nor mininet; `up`,
-`down` and `exec` import controller.network only when run; `lb` reads the running network.
+`down` and `exec` import controller.network only when run; `lb` reads the running network;
+`backend ...` (controller.backend_cmd) talks to the running load balancers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from controller import backend_cmd
 from controller.deployment import DEFAULT_DEPLOYMENT, Deployment, load_deployment
 from controller.routes import SwitchProgram, compute_routes
 from controller.topology import DEFAULT_TOPOLOGY, Topology, load_topology
@@ -174,11 +176,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     topo = str(args.topo) if args.topo else None
     mode = "detach" if args.detach else "cli"
     dep = str(args.deployment) if args.deployment else None
-    return _network().up(topo, mode, services=args.services, deployment=dep)
+    if args.monitor and not args.services:
+        raise UsageError("up: --monitor watches the services: give --services too")
+    return _network().up(topo, mode, services=args.services, deployment=dep, monitor=args.monitor)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     return _network().down()
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from controller.dashboard import server
+
+    return server.run(args)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -237,8 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--cli", action="store_true", help="open the mininet CLI (default)")
     mode.add_argument("--detach", action="store_true", help="keep running in the background")
-    p.add_argument("--services", action="store_true", help="also start LBs, agents and servers")
+    p.add_argument(
+        "--services",
+        action="store_true",
+        help="also start LBs, agents, servers, their exporters and the status page",
+    )
+    p.add_argument(
+        "--monitor",
+        action="store_true",
+        help="with --services: also Prometheus on 127.0.0.1:9090, scraping every exporter",
+    )
     p.set_defaults(func=cmd_up, subparser=p)
+
+    p = sub.add_parser(
+        "dashboard", help="the live status page of the running network (http://127.0.0.1:8145/)"
+    )
+    from controller.dashboard import server
+
+    server.add_arguments(p)
+    p.set_defaults(func=cmd_dashboard, subparser=p)
 
     p = sub.add_parser("down", help="remove everything `up` made (root)")
     p.set_defaults(func=cmd_down, subparser=p)
@@ -289,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host", metavar="HOST")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p.set_defaults(func=cmd_exec, subparser=p)
+
+    backend_cmd.add_parser(sub)
     return parser
 
 

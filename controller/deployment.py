@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import check_mss
+from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
 from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER, check_hash_seed
+from l4lb import cfgfile
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 
+DEFAULT_HEALTH = HealthConfig()
 REPO_ROOT: Path = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT: Path = Path(__file__).resolve().parent / "deployment.json"
 
@@ -99,6 +103,12 @@ class Deployment:
     """Files the backend web servers serve."""
     mtu: int = 1500
     """The fabric's MTU (the veth default): server_mss + 60 must fit in it."""
+    health: HealthConfig | None = DEFAULT_HEALTH
+    """Health checks of every backend (l4lb.healthcfg; the file's `health` object over the
+    defaults), rendered into every LB's and agent's configuration; None (`"health": null`):
+    none, every backend counts as healthy."""
+    metrics_port: int = DEFAULT_PORT
+    """TCP port of every LB's and agent's Prometheus exporter, on its host's own address."""
     source: str = "<deployment>"
     """Where it came from, for messages."""
     path: Path | None = None
@@ -133,7 +143,9 @@ KEYS = frozenset(
         "server_mss",
         "www_root",
         "mtu",
+        "health",
         "bgp",
+        "metrics_port",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -201,12 +213,23 @@ def parse_deployment(
     mtu = data.get("mtu", 1500)
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
+    metrics_port = data.get("metrics_port", DEFAULT_PORT)
     try:  # the data planes' own rules (one definition each), on the deployment's values
         check_hash_seed(seed)
         check_mss(mss, mtu)
+        check_port("metrics_port", metrics_port)
     except ConfigError as exc:
         raise DeploymentError(f"{source}: {exc}") from None
     www = _need(data, "www_root", str, source)
+    health_data = data.get("health", {})
+    try:
+        health = (
+            None
+            if health_data is None
+            else cfgfile.from_dict(HealthConfig, health_data, f"{source}: health")
+        )
+    except ConfigError as exc:
+        raise DeploymentError(str(exc)) from None
     bgp = parse_bgp(data.get("bgp"), source)
     dep = Deployment(
         topology=topology,
@@ -218,6 +241,8 @@ def parse_deployment(
         server_mss=mss,
         www_root=(base / www).resolve(),
         mtu=mtu,
+        health=health,
+        metrics_port=metrics_port,
         source=source,
         path=path,
         bgp=bgp,
@@ -256,12 +281,14 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
         "server_mss": dep.server_mss,
         "www_root": str(dep.www_root),
         "mtu": dep.mtu,
+        "health": cfgfile.to_dict(dep.health) if dep.health is not None else None,
         "bgp": {
             "tor_asn": dep.bgp.tor_asn,
             "lb_asn": dep.bgp.lb_asn,
             "bfd_interval_ms": dep.bgp.bfd_interval_ms,
             "bfd_multiplier": dep.bgp.bfd_multiplier,
         },
+        "metrics_port": dep.metrics_port,
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

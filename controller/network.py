@@ -115,8 +115,12 @@ def up(
     wait: float = 0.0,
     state_dir: Path = STATE_DIR,
     deployment: str | None = None,
+    monitor: bool = False,
 ) -> int:
     """Build and route the network, then open the CLI (tearing down on exit) or detach.
+
+    `services`: the LBs, agents, servers, exporters and the status page; `monitor`: Prometheus
+    and its scrape proxy as well.
 
     `wait`: seconds to wait for the fat-tree lock if another network is up (default: refuse at
     once). Returns 0 when the network was up (cli: and is down again), 130 when interrupted.
@@ -126,18 +130,30 @@ def up(
     lock = _claim(state_dir, wait)
     try:
         if mode == "detach":
-            return _spawn_owner(topo_path, services, lock, state_dir, deployment)
-        return _foreground(topo, dep, programs, services, state_dir)
+            return _spawn_owner(topo_path, services, lock, state_dir, deployment, monitor)
+        return _foreground(topo, dep, programs, services, state_dir, monitor)
     finally:
         os.close(lock)  # the detached owner keeps its own descriptor: the lock stays held
 
 
-def _start_services(dep: Deployment, state_dir: Path, progress: Progress) -> None:
+def _start_services(
+    dep: Deployment, state_dir: Path, progress: Progress, monitor: bool = False
+) -> None:
     from controller import services as svc
 
     t0 = time.monotonic()
-    started = svc.start(lambda name: node_pid(name, state_dir), dep, "fastpath", state_dir)
+    started = svc.start(
+        lambda name: node_pid(name, state_dir), dep, "fastpath", state_dir,
+        monitor=monitor, dashboard=True,
+    )  # fmt: skip
     progress(f"up: {len(started)} services in {time.monotonic() - t0:.2f} s")
+    from controller.monitor import DASHBOARD_PORT, PROMETHEUS_PORT
+
+    progress(f"up: status page http://127.0.0.1:{DASHBOARD_PORT}/")
+    if monitor:
+        progress(
+            f"up: Prometheus http://127.0.0.1:{PROMETHEUS_PORT}/ (every exporter, each second)"
+        )
 
 
 def _foreground(
@@ -146,6 +162,7 @@ def _foreground(
     programs: dict[str, SwitchProgram],
     services: bool,
     state_dir: Path,
+    monitor: bool = False,
 ) -> int:
     signals = Signals()
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
@@ -155,7 +172,7 @@ def _foreground(
         took = network.build()
         say(f"up: network routed in {took:.2f} s")
         if services:
-            _start_services(dep, state_dir, say)
+            _start_services(dep, state_dir, say, monitor)
         from mininet.cli import CLI
 
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles Ctrl-C
@@ -181,7 +198,12 @@ def _foreground(
 
 
 def _spawn_owner(
-    topo_path: str | None, services: bool, lock: int, state_dir: Path, deployment: str | None
+    topo_path: str | None,
+    services: bool,
+    lock: int,
+    state_dir: Path,
+    deployment: str | None,
+    monitor: bool = False,
 ) -> int:
     """Start the detached owner, relay its progress, return when the network is routed."""
     r, w = os.pipe()
@@ -191,6 +213,7 @@ def _spawn_owner(
     argv += ["--topo", topo_path] if topo_path else []
     argv += ["--deployment", str(Path(deployment).resolve())] if deployment else []
     argv += ["--services"] if services else []
+    argv += ["--monitor"] if monitor else []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     try:
@@ -273,7 +296,7 @@ def _serve(args: argparse.Namespace) -> int:
         took = network.build(progress)
         progress(f"up: network routed in {took:.2f} s")
         if args.services:
-            _start_services(dep, state_dir, progress)
+            _start_services(dep, state_dir, progress, args.monitor)
         signals.check()
         with suppress(OSError):
             pipe.write("ready\n")
@@ -401,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--topo", default=None)
     p.add_argument("--deployment", default=None)
     p.add_argument("--services", action="store_true")
+    p.add_argument("--monitor", action="store_true")
     args = parser.parse_args(argv)
     return _serve(args)
 

@@ -21,6 +21,9 @@ dropped (io.rx_truncated) and be resent segment by segment. Measured on the fat 
 300 KB POSTs through the VIP lost 570 of 1221 frames at h1/h2 with the ports as mininet makes
 them, none with the ports segmenting.
 
+In fastpath mode an exporter runs beside every LB and agent, and with `monitor` / `dashboard`
+the monitoring's processes run in the root namespace (controller.monitor plans them).
+
 Each process is recorded (PID and kernel start time) in `<state_dir>/services.json` as soon as
 it starts, so `stop(state_dir)` stops exactly those processes by PID, even from another process
 or after a crash of the one that started them. Logs go to files, never pipes (`php -S` blocks
@@ -30,9 +33,9 @@ when its output pipe fills). The plan (what runs where) is pure and tested witho
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,9 +43,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from controller import netstate, render
+from controller import backend_record, netstate, render
+from l4lb import procnet
 
 if TYPE_CHECKING:
     from controller.deployment import Deployment
@@ -72,8 +76,8 @@ class Service:
     """One long-running process in one node."""
 
     name: str  # unique in a plan: "lb-h1", "agent-h3", "www-h3", ...
-    node: str  # mininet node it runs in
-    role: Literal["lb", "agent", "www", "haproxy", "bgp"]
+    node: str  # mininet node it runs in ("": the root namespace, beside the controller)
+    role: Literal["lb", "agent", "www", "haproxy", "bgp", "exporter", "monitor"]
     argv: tuple[str, ...]
     log: str  # file its stdout and stderr go to
     listen: tuple[str, int] | None = None  # ready when a TCP socket listens here (in its netns)
@@ -99,6 +103,7 @@ class Plan:
     services: tuple[Service, ...]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written before start
     settle: tuple[Command, ...] = ()  # checks run after every service is ready; must exit 0
+    dirs: tuple[str, ...] = ()  # directories the services fill, removed by stop()
 
 
 def python_bin() -> str:
@@ -150,17 +155,70 @@ backend servers
 """
 
 
+def backend_services(
+    deployment: Deployment,
+    host: str,
+    mode: Mode,
+    state_dir: Path = STATE_DIR,
+    python: str | None = None,
+) -> list[Service]:
+    """What a backend host runs in a mode: its agent (DSR modes), then its web server. Any
+    host but an LB may be one (a backend added by `controller backend add` needs these)."""
+    py = python or python_bin()
+    www = str(Path(deployment.www_root).resolve())
+    topo = deployment.topology
+    logs = state_dir / "logs"
+    services: list[Service] = []
+    if mode in DSR_MODES:
+        services.append(
+            Service(
+                name=f"agent-{host}",
+                node=host,
+                role="agent",
+                argv=(
+                    py,
+                    "-m",
+                    "agent.decap",
+                    "--config",
+                    str(render.config_path(state_dir, "agent", topo.host_interface(host).name)),
+                ),
+                log=str(logs / f"agent-{host}.log"),
+                # Ready once it writes its counters: by then the VIP is on the host, so
+                # the server started next can bind it.
+                ready_file=str(agent_stats_path(state_dir, host)),
+                stats=str(agent_stats_path(state_dir, host)),
+            )
+        )
+    # DSR modes serve on the VIP (the agent puts it on the host); the others on the host's own
+    # address, which haproxy proxies to and `none` clients fetch from directly.
+    addr = deployment.vip if mode in DSR_MODES else topo.host_ip(host)
+    services.append(
+        Service(
+            name=f"www-{host}",
+            node=host,
+            role="www",
+            argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
+            log=str(logs / f"www-{host}.log"),
+            listen=(addr, HTTP_PORT),
+        )
+    )
+    return services
+
+
 def plan(
     deployment: Deployment,
     mode: Mode,
     state_dir: Path = STATE_DIR,
     python: str | None = None,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> Plan:
-    """What runs where for a mode: pure, so it is tested without root or a network."""
+    """What runs where for a mode: pure, so it is tested without root or a network. In fastpath
+    mode, an exporter beside each LB and agent; `monitor` adds Prometheus and its scrape proxy,
+    `dashboard` the status page (controller.monitor)."""
     if mode not in MODES:
         raise ServiceError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     py = python or python_bin()
-    www = str(Path(deployment.www_root).resolve())
     vip = deployment.vip
     topo = deployment.topology
     logs = state_dir / "logs"
@@ -169,39 +227,7 @@ def plan(
     files: dict[str, str] = {}
 
     for host, _weight in deployment.backends:
-        if mode in DSR_MODES:
-            services.append(
-                Service(
-                    name=f"agent-{host}",
-                    node=host,
-                    role="agent",
-                    argv=(
-                        py,
-                        "-m",
-                        "agent.decap",
-                        "--config",
-                        str(render.config_path(state_dir, "agent", topo.host_interface(host).name)),
-                    ),
-                    log=str(logs / f"agent-{host}.log"),
-                    # Ready once it writes its counters: by then the VIP is on the host, so
-                    # the server started next can bind it.
-                    ready_file=str(agent_stats_path(state_dir, host)),
-                    stats=str(agent_stats_path(state_dir, host)),
-                )
-            )
-        # DSR modes serve on the VIP (the agent puts it on the host); the others on the host's own
-        # address, which haproxy proxies to and `none` clients fetch from directly.
-        addr = vip if mode in DSR_MODES else topo.host_ip(host)
-        services.append(
-            Service(
-                name=f"www-{host}",
-                node=host,
-                role="www",
-                argv=("php", "-S", f"{addr}:{HTTP_PORT}", "-t", www),
-                log=str(logs / f"www-{host}.log"),
-                listen=(addr, HTTP_PORT),
-            )
-        )
+        services.extend(backend_services(deployment, host, mode, state_dir, py))
 
     for host in deployment.load_balancers:
         iface = topo.host_interface(host).name
@@ -278,15 +304,19 @@ def plan(
                 )
             )
     settle: list[Command] = []
+    dirs: list[str] = []
     if mode == "fastpath":
         # The VIP announced by BGP from each LB host (controller.bgp): the ToR's static VIP
         # route gives way to BIRD's while the services run.
         from controller import bgp
+        from controller import monitor as mon  # it plans Services of this module
 
         b = bgp.plan(deployment, state_dir, py)
         setup += b.setup
-        services = [*b.daemons, *services]
+        watch, watch_files, dirs = mon.services(deployment, state_dir, py, monitor, dashboard)
+        services = [*b.daemons, *services, *watch]
         files.update(b.files)
+        files |= watch_files
         settle += b.settle
     return Plan(
         mode=mode,
@@ -294,6 +324,7 @@ def plan(
         services=tuple(services),
         files=files,
         settle=tuple(settle),
+        dirs=tuple(dirs),
     )
 
 
@@ -341,20 +372,9 @@ def proc_cpu_seconds(pid: int) -> float | None:
 
 
 def listening(pid: int, ip: str, port: int) -> bool:
-    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`.
-
-    /proc/PID/net/tcp is the table of that process's network namespace: no exec needed.
-    """
-    want = {_proc_net_addr(ip, port), _proc_net_addr("0.0.0.0", port)}
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    for line in lines:
-        cols = line.split()
-        if len(cols) > 3 and cols[3] == "0A" and cols[1] in want:  # 0A: TCP_LISTEN
-            return True
-    return False
+    """True when a TCP socket listens on ip:port (or the wildcard) in the netns of `pid`
+    (/proc/PID/net/tcp is that namespace's table: no exec needed)."""
+    return procnet.tcp_listening(pid, ip, port)
 
 
 def has_packet_socket(pid: int) -> bool:
@@ -374,12 +394,6 @@ def has_packet_socket(pid: int) -> bool:
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 return True
     return False
-
-
-def _proc_net_addr(ip: str, port: int) -> str:
-    # /proc/net/tcp prints the address as the host-order hex of the network-order u32.
-    octets = [int(x) for x in ip.split(".")]
-    return "".join(f"{o:02X}" for o in reversed(octets)) + f":{port:04X}"
 
 
 def _log_tail(path: str, lines: int = 8) -> str:
@@ -414,7 +428,19 @@ def running(state_dir: Path = STATE_DIR) -> list[dict]:
     return out
 
 
-def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: Path) -> None:
+def _pid_of(node_pid: NodePid, node: str) -> int | None:
+    """The PID of a node's shell; None for the root namespace ("")."""
+    return node_pid(node) if node else None
+
+
+def preflight(
+    node_pid: NodePid,
+    deployment: Deployment,
+    mode: Mode,
+    state_dir: Path,
+    monitor: bool = False,
+    dashboard: bool = False,
+) -> None:
     """Refuse before starting anything: services already recorded, a port already taken."""
     live = running(state_dir)
     if live:
@@ -423,15 +449,17 @@ def preflight(node_pid: NodePid, deployment: Deployment, mode: Mode, state_dir: 
             f"services already running: {names}; stop them with `python -m controller down` "
             f"(or controller.services.stop())"
         )
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     for svc in p.services:
         if svc.listen is None:
             continue
-        pid = node_pid(svc.node)
-        if listening(pid, *svc.listen):
+        pid = _pid_of(node_pid, svc.node)
+        if listening(pid or os.getpid(), *svc.listen):
+            where = svc.node or "this machine (the root namespace)"
+            how = f"`python -m controller exec {svc.node} -- ss -ltnp`" if svc.node else "ss -ltnp"
             raise ServicesBusy(
-                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {svc.node}; stop what "
-                f"listens there (`python -m controller exec {svc.node} -- ss -ltnp`) and retry"
+                f"port {svc.listen[0]}:{svc.listen[1]} is already taken on {where}; stop what "
+                f"listens there ({how}) and retry"
             )
 
 
@@ -441,6 +469,8 @@ def start(
     mode: Mode = "fastpath",
     state_dir: Path = STATE_DIR,
     timeout: float = 20.0,
+    monitor: bool = False,
+    dashboard: bool = False,
 ) -> list[dict]:
     """Start a mode's services in the running network; on any failure stop what started.
 
@@ -449,15 +479,21 @@ def start(
     tail of the failing service's log.
     """
     state_dir = Path(state_dir)
-    p = plan(deployment, mode, state_dir)
+    p = plan(deployment, mode, state_dir, monitor=monitor, dashboard=dashboard)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    preflight(node_pid, deployment, mode, state_dir)
-    # Files this run makes (configs, counters, sockets), removed again by stop().
+    preflight(node_pid, deployment, mode, state_dir, monitor, dashboard)
+    # Files this run makes (configs, counters, sockets, the backend record), removed again
+    # by stop().
     made = [*p.files, *(f for svc in p.services for f in (svc.stats, svc.ready_file) if f)]
+    made.append(str(backend_record.record_path(state_dir)))
     made += [f for svc in p.services for f in svc.files]
     state: dict = {"mode": mode, "services": [], "undo": [], "files": sorted(set(made))}
+    state["dirs"] = list(p.dirs)
     _write_state(state_dir, state)
     try:
+        # The backend set starts as the deployment's (a record left by a crashed run is
+        # replaced); `controller backend ...` changes it from here on.
+        backend_record.write_record(state_dir, backend_record.from_deployment(deployment))
         # The processes' configurations (the network's files: `down` removes them), rendered
         # from this deployment, which may not be the one the network came up with.
         render.write(deployment, state_dir)
@@ -474,7 +510,7 @@ def start(
                 _write_state(state_dir, state)
         # Backends before load balancers, so the first balanced packet finds a server.
         for svc in p.services:
-            rec = _spawn(node_pid(svc.node), svc)
+            rec = _spawn(_pid_of(node_pid, svc.node), svc)
             state["services"].append(rec)
             _write_state(state_dir, state)
             _wait_ready(rec, svc, timeout)
@@ -484,6 +520,103 @@ def start(
         stop(state_dir)
         raise
     return list(state["services"])
+
+
+def start_host(
+    node_pid: NodePid,
+    deployment: Deployment,
+    host: str,
+    state_dir: Path = STATE_DIR,
+    timeout: float = 20.0,
+) -> list[dict]:
+    """Start a backend's agent, web server and exporter on `host` beside the running fastpath
+    services (as `start` does for the deployment's backends), recorded so that `stop` or
+    `stop_host` stops them by PID; on a failure, what started is stopped again. (Prometheus, if
+    it runs, keeps the targets it started with.)"""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    if state.get("mode") != "fastpath" or not running(state_dir):
+        raise ServiceError("no fastpath services are running: start them first (up --services)")
+    if any(r["node"] == host for r in running(state_dir)):
+        raise ServicesBusy(f"{host} already runs services: {', '.join(_names_on(state, host))}")
+    from controller import monitor  # it plans Services of this module
+
+    svcs = backend_services(deployment, host, "fastpath", state_dir)
+    svcs.append(monitor.exporter_service(deployment, "agent", host, state_dir, python_bin()))
+    started: list[dict] = []
+    try:
+        for svc in svcs:
+            for f in (svc.stats, svc.ready_file):
+                if f:
+                    Path(f).unlink(missing_ok=True)
+                    state["files"] = sorted({*state["files"], f})
+            rec = _spawn(node_pid(svc.node), svc)
+            started.append(rec)
+            state["services"].append(rec)
+            _write_state(state_dir, state)
+            _wait_ready(rec, svc, timeout)
+    except BaseException:
+        stop_host(state_dir, host)
+        raise
+    return started
+
+
+def stop_host(state_dir: Path = STATE_DIR, host: str = "", timeout: float = 5.0) -> int:
+    """Stop the recorded services running on `host` by PID (the others keep running); returns
+    how many were running."""
+    state = _read_state(Path(state_dir))
+    return stop_named(state_dir, _names_on(state, host), timeout)
+
+
+def stop_named(state_dir: Path, names: Iterable[str], timeout: float = 5.0) -> int:
+    """Stop these recorded services by PID and forget them (the others keep running); returns
+    how many were running."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    names = set(names)
+    n = _terminate([r for r in state["services"] if r["name"] in names], timeout)
+    state["services"] = [r for r in state["services"] if r["name"] not in names]
+    _write_state(state_dir, state)
+    return n
+
+
+def restart(node_pid: NodePid, state_dir: Path, name: str, timeout: float = 20.0) -> dict:
+    """Stop one recorded service by PID and start it again as it was (an LB restarted this way
+    reads its rendered configuration afresh: the current backend set)."""
+    state_dir = Path(state_dir)
+    state = _read_state(state_dir)
+    rec = next((r for r in state["services"] if r["name"] == name), None)
+    if rec is None:
+        raise ServiceError(f"no service {name!r} is recorded ({', '.join(_names_on(state))})")
+    _terminate([rec], 5.0)
+    fields = {f: rec[f] for f in Service.__dataclass_fields__}
+    svc = Service(**{**fields, "argv": tuple(rec["argv"])})
+    if svc.ready_file:
+        Path(svc.ready_file).unlink(missing_ok=True)
+    new = _spawn(node_pid(svc.node), svc)
+    state["services"] = [new if r["name"] == name else r for r in state["services"]]
+    _write_state(state_dir, state)
+    _wait_ready(new, svc, timeout)
+    return new
+
+
+def _names_on(state: dict, host: str | None = None) -> list[str]:
+    return [r["name"] for r in state.get("services", []) if host is None or r["node"] == host]
+
+
+def _terminate(recs: list[dict], timeout: float) -> int:
+    """SIGTERM, then SIGKILL, the recorded processes that are still ours; reaps them."""
+    live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
+    for rec in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec["pid"], signal.SIGTERM)
+    _reap(live, timeout)
+    for rec in live:
+        if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec["pid"], signal.SIGKILL)
+    _reap(live, 2.0)
+    return len(live)
 
 
 def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
@@ -500,41 +633,12 @@ def _run_in_node(pid: int, cmd: Command, timeout: float) -> None:
         raise ServiceError(f"{cmd.node}: `{' '.join(cmd.argv)}` failed: {why[-1]}")
 
 
-def restart(name: str, state_dir: Path = STATE_DIR, timeout: float = 20.0) -> dict:
-    """Start a recorded service again, the way `start` did (same node, argv, readiness), once
-    its process is gone (killed, crashed); its record gets the new PID, so `stop` stops it.
-    Its log goes on (appended). Returns the new record; ServiceError if it still runs or is
-    not recorded."""
-    state_dir = Path(state_dir)
-    state = _read_state(state_dir)
-    recs = state.get("services", [])
-    rec = next((r for r in recs if r["name"] == name), None)
-    if rec is None:
-        known = ", ".join(r["name"] for r in recs) or "none"
-        raise ServiceError(f"no service {name!r} recorded (services: {known})")
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(rec["pid"], os.WNOHANG)  # ours and dead: reap it
-    if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
-        raise ServiceError(f"{name} still runs (pid {rec['pid']}): stop it first")
-    fields = {f.name for f in dataclasses.fields(Service)}
-    kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()}
-    svc = Service(**{k: v for k, v in kw.items() if k in fields})  # as `start` recorded it
-    if svc.ready_file:
-        Path(svc.ready_file).unlink(missing_ok=True)  # the dead process's file is no readiness
-    new = _spawn(rec["node_pid"], svc, append=True)
-    recs[recs.index(rec)] = new
-    _write_state(state_dir, state)
-    _wait_ready(new, svc, timeout)
-    return new
-
-
-def _spawn(node: int, svc: Service, append: bool = False) -> dict:
+def _spawn(node: int | None, svc: Service) -> dict:
     Path(svc.log).parent.mkdir(parents=True, exist_ok=True)
-    # this run's log only (the driver counts requests in it); a restart's goes on after it
-    with open(svc.log, "ab" if append else "wb") as log:
+    with open(svc.log, "wb") as log:  # this run's log only (the driver counts requests in it)
         try:
             proc = subprocess.Popen(
-                _in_node(node, svc.argv),
+                _in_node(node, svc.argv) if node is not None else list(svc.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -601,21 +705,16 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     state = _read_state(state_dir)
     recs = state.get("services", [])
     live = [r for r in recs if proc_start_time(r["pid"]) == r["start_time"]]
-    # Load balancers first (each withdraws its announcement and drains: fastpath.drain), so
-    # no new flow reaches a server that is going away; BGP last, so an LB sees its withdraw
-    # acknowledged.
-    order = {"lb": 0, "haproxy": 0, "www": 1, "agent": 1, "bgp": 2}
-    for level in sorted({order.get(r["role"], 1) for r in live}):
-        wave = [r for r in live if order.get(r["role"], 1) == level]
-        for rec in wave:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rec["pid"], signal.SIGTERM)
-        _reap(wave, timeout)
-    for rec in live:
-        if proc_start_time(rec["pid"]) == rec["start_time"] and proc_state(rec["pid"]) != "Z":
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rec["pid"], signal.SIGKILL)
-    _reap(live, 2.0)
+    # Watchers first (an exporter must not report a stopping LB as a fault); then load
+    # balancers (each withdraws its announcement and drains: fastpath.drain), so no new flow
+    # reaches a server that is going away; BGP last, so an LB sees its withdraw acknowledged.
+    order = {
+        "exporter": 0, "monitor": 0, "lb": 1, "haproxy": 1,
+        "www": 2, "agent": 2, "bgp": 3,
+    }  # fmt: skip
+    n = 0
+    for level in sorted({order.get(r["role"], 2) for r in live}):
+        n += _terminate([r for r in live if order.get(r["role"], 2) == level], timeout)
     for undo in reversed(state.get("undo", [])):
         # The node may be gone already (network down first): then so is what we changed.
         if proc_state(undo["node_pid"]) is None:
@@ -629,9 +728,11 @@ def stop(state_dir: Path = STATE_DIR, timeout: float = 5.0) -> int:
     for d in {Path(f).parent for f in state.get("files", [])} - {state_dir}:
         with contextlib.suppress(OSError):
             d.rmdir()  # a directory of ours (bird/), if nothing else is in it
+    for d in state.get("dirs", []):
+        shutil.rmtree(d, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (state_dir / STATE_FILE).unlink()
-    return len(live)
+    return n
 
 
 def _reap(recs: Iterable[dict], timeout: float) -> None:

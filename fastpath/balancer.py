@@ -4,8 +4,9 @@ an ICMP frag-needed to the sender, or a drop counted by reason out. Pure: no soc
 
 Backend choice. Every LB instance computes the same flow hash
     h = xxh3_64(key bytes, seed = (hash_seed << 8) | protocol)
-and the same lookup table (fastpath.lookup_table.rendezvous_table), so any instance picks
-table[h % table_size] for a new flow. The key bytes are:
+and the same lookup table (fastpath.lookup_table.rendezvous_table, kept current across
+changes by RendezvousTable), so any instance picks table[h % table_size] for a new flow. The
+key bytes are:
 - TCP/UDP, not fragmented: source IP, destination IP, source port, destination port (12 bytes);
 - every fragment (MF set or offset != 0, first fragment included) and ICMP echo: source IP,
   destination IP only (8 bytes). All fragments of one datagram thus reach one backend, which
@@ -15,7 +16,11 @@ table[h % table_size] for a new flow. The key bytes are:
   the quoted packet's tuple reversed (it was sent by the VIP to the client), so the error
   reaches the backend of the flow it is about (as Katran and GLB do).
 The connection table (keyed by h) sits in front of the lookup table: a tracked flow stays on
-its backend when the backend set changes, unless that backend was removed altogether.
+its backend when the backend set changes while that backend serves (in the set, not down;
+weight 0 drains: it serves its tracked flows but gets no new one). A flow tracked to a
+backend that does not serve is re-hashed at its next packet (as Maglev reuses a tracked flow
+only while its backend is healthy); one that left the set is forgotten for good: should it
+come back it gets a new backend id, so no old entry returns to it.
 
 Encapsulation (l4lb.wire.IPIP): Ethernet (src local_mac, dst next_hop_mac) + IPv4 (IHL 5, TOS
 and DF copied from the inner header, ID from a counter, TTL 64, protocol 4, src local_ip, dst
@@ -35,12 +40,17 @@ kernel verifies it after decapsulation anyway, and the check costs ~0.2 us per p
 from __future__ import annotations
 
 import ipaddress
+from array import array
+from collections import Counter
+from collections.abc import Collection, Sequence
+
+import xxhash
 
 from fastpath.config import BalancerConfig, check_backends
 from fastpath.conntrack import ConnTable
 from fastpath.counters import Counters
-from fastpath.kernel import NO_BACKEND, RingBatchFn, Tables, make_kernel
-from fastpath.lookup_table import rendezvous_table
+from fastpath.kernel import RingBatchFn, Tables, make_kernel
+from fastpath.lookup_table import RendezvousTable
 from l4lb.ring import ETH_MAC_OFFSET, FakeRing, SlotLayout
 from l4lb.wire import ETH, ETH_HLEN, ETH_P_IP, IPIP
 
@@ -83,7 +93,13 @@ class Balancer:
         self._local_ip = ipaddress.IPv4Address(cfg.local_ip).packed
         self._local_mac = bytes(cfg.local_mac)
         self._next_hop_mac = bytes(cfg.next_hop_mac)
-        self._backend_ips: list[bytes | None] = []  # per backend id; None once removed
+        self._backend_ips: list[bytes | None] = []  # per backend id; None while it serves not
+        self._ids: dict[str, int] = {}  # IP of each backend in the set -> its id
+        self._retired: dict[str, list[tuple[int, int]]] = {}  # IP -> (id, rotations then)
+        self._rt = RendezvousTable(cfg.table_size, self._tables.table)
+        self.table_digest = ""
+        """xxh64 of the table as the IPv4 of each slot's backend (equal on every LB instance
+        with the same set), hex; updated by set_backends."""
         self.set_next_hop_mac(self._next_hop_mac)
         self.set_backends(cfg.backends)
         self.bind_ring = make_kernel(self._tables, self.counters, self.conntrack)
@@ -118,18 +134,58 @@ class Balancer:
         self._tables.eth[:] = ETH.pack(self._next_hop_mac, self._local_mac, ETH_P_IP)
         self._rebuild_templates()
 
-    def set_backends(self, backends: tuple[tuple[str, int], ...]) -> None:
-        """Replace the backend set (ip, weight) and rebuild the lookup table. Tracked flows keep
-        their backend unless it left the set (weight 0 keeps it: it drains)."""
-        check_backends(backends)
-        ids = [self.counters.add_backend(ip) for ip, _ in backends]
+    def set_backends(self, backends: Sequence[tuple[str, int]], down: Collection[str] = ()) -> int:
+        """Make the backend set `backends` (ip, weight), in one table update at the cost of
+        the change; returns the number of table slots that changed backend.
+
+        A listed backend serves its tracked flows and gets new flows in proportion to its
+        weight (weight 0: none, it drains), unless it is in `down`: then it serves nothing and
+        its tracked flows are re-hashed at their next packet. A backend no longer listed is
+        forgotten with its tracked flows (see the module docstring). Raises ConfigError (and
+        changes nothing) for a bad entry, ValueError for a `down` IP not listed."""
+        check_backends(tuple(backends))
+        listed = {ip for ip, _ in backends}
+        if not listed.issuperset(down):
+            raise ValueError(f"down: {sorted(set(down) - listed)} not in the backend set")
+        rotations = self.conntrack.rotations
+        for ip, bid in self._ids.items():
+            if ip not in listed:
+                self._retired.setdefault(ip, []).append((bid, rotations))
+        self._ids = {ip: self._id_for(ip) for ip, _ in backends}
         ips: list[bytes | None] = [None] * len(self.counters.backend_names)
-        for bid, (ip, _) in zip(ids, backends, strict=True):
-            ips[bid] = ipaddress.IPv4Address(ip).packed
+        for ip, bid in self._ids.items():
+            if ip not in down:
+                ips[bid] = ipaddress.IPv4Address(ip).packed
         self._backend_ips = ips
         self._rebuild_templates()
-        slots = rendezvous_table(backends, self.cfg.table_size)
-        self._tables.table[:] = [NO_BACKEND if s == NO_BACKEND else ids[s] for s in slots]
+        moved = self._rt.update(
+            {self._ids[ip]: (ip, w) for ip, w in backends if w > 0 and ip not in down}
+        )
+        self.table_digest = self._digest()
+        return moved
+
+    def _id_for(self, ip: str) -> int:
+        """The backend id for `ip` (in the set, or joining it): its own, a retired one of its
+        no tracked flow can name any more (two rotations of the connection table since it
+        left), or a new one."""
+        bid = self._ids.get(ip)
+        if bid is not None:
+            return bid
+        retired = self._retired.get(ip, [])
+        for k, (old, at) in enumerate(retired):
+            if self.conntrack.rotations >= at + 2:
+                del retired[k]
+                return old
+        bid = self.counters.new_backend(ip)
+        counted = self.conntrack.add_value()
+        if counted != bid:  # one id space for counters and tracked flows
+            raise RuntimeError(f"backend id {bid} but tracked-flow counter {counted}")
+        return bid
+
+    def _digest(self) -> str:
+        # IPv4 as int per id, plus a 0 at the end for NO_BACKEND (-1) slots.
+        by_id = [int.from_bytes(ip, "big") if ip else 0 for ip in self._backend_ips] + [0]
+        return xxhash.xxh64_hexdigest(array("I", map(by_id.__getitem__, self._tables.table)))
 
     def _rebuild_templates(self) -> None:
         templates: list[bytes] = []
@@ -147,6 +203,16 @@ class Balancer:
 
     @property
     def backends(self) -> list[str]:
-        """IPs of the backends in the set now (weight 0 included)."""
-        names = self.counters.backend_names
-        return [names[i] for i, ip in enumerate(self._backend_ips) if ip is not None]
+        """IPs of the backends in the set now (weight 0 and down included), in the set's order."""
+        return list(self._ids)
+
+    def slots_owned(self) -> dict[str, int]:
+        """Lookup-table slots per backend of the set (its share of new flows is slots / size);
+        a count over the table, ~3 ms."""
+        owners = Counter(self._tables.table)
+        return {ip: owners.get(bid, 0) for ip, bid in self._ids.items()}
+
+    def tracked(self, ip: str) -> int:
+        """Flows tracked to a backend of the set now (0 for one not in the set)."""
+        bid = self._ids.get(ip)
+        return 0 if bid is None else self.conntrack.tracked(bid)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from l4lb.busypoll import busy_poll_error
 from l4lb.errors import ConfigError
+from l4lb.healthcfg import HealthConfig
 from l4lb.wire import parse_ipv4, parse_mac
 
 
@@ -67,16 +68,36 @@ def check_bfd(interval_ms: int, multiplier: int) -> None:
             raise ConfigError(f"{name}: must be an integer in {low}..{high}, not {value!r}")
 
 
+MAX_WEIGHT = 1000
+"""Largest backend weight. The table has 65,537 slots: at 1000:1 the lightest backend still owns
+~65 of them, so its share follows its weight to about 12% (binomial spread); past that the
+share stops meaning what the weight says. (haproxy stops at 256; 1000 allows per-mille.) A
+bound also catches a typo such as 10000 for 100."""
+MAX_BACKENDS = 64
+"""Most backends in a set: each owns ~1000 slots at 64, and each address an LB has never seen
+costs ~15-20 ms of its loop to score once (fastpath.lookup_table.raw_scores), so a whole new
+set of 64 pauses forwarding for about a second, the most we allow."""
+
+
+def check_weight(ip: str, weight: object) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ConfigError(
+            f"backends: weight of {ip} must be an integer 0..{MAX_WEIGHT}, not {weight!r}"
+        )
+
+
 def check_backends(backends: tuple[tuple[str, int], ...]) -> None:
-    """Raise ConfigError unless every backend is (IPv4 text, weight >= 0), each IP once."""
+    """Raise ConfigError unless every backend is (IPv4 text, weight 0..MAX_WEIGHT), each IP
+    once, at most MAX_BACKENDS."""
+    if len(backends) > MAX_BACKENDS:
+        raise ConfigError(f"backends: at most {MAX_BACKENDS}, not {len(backends)}")
     seen: set[str] = set()
     for entry in backends:
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise ConfigError(f"backends: {entry!r} is not an (ip, weight) pair")
         ip, weight = entry
         parse_ipv4("backends", ip)
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-            raise ConfigError(f"backends: weight of {ip} must be an integer >= 0, not {weight!r}")
+        check_weight(ip, weight)
         if ip in seen:
             raise ConfigError(f"backends: {ip} listed twice")
         seen.add(ip)
@@ -143,6 +164,8 @@ class LbConfig:
     """Virtual services: (IPv4, TCP/UDP port or None for every port)."""
     backends: tuple[tuple[str, int], ...]
     """Real servers at start: (IPv4, weight); weight 0 drains."""
+    backends_down: tuple[str, ...] = ()
+    """Backends of `backends` administratively down at start (the controller's record says so)."""
     hash_seed: int = 2026
     """Seed of the flow hash; every LB instance must share it to agree on backends."""
     names: tuple[tuple[str, str], ...] = ()
@@ -175,6 +198,9 @@ class LbConfig:
     """Leave IFACE's offloads as they are (GRO/LRO/TSO/GSO are turned off otherwise)."""
     nft: bool = True
     """Install the nftables ingress drop of VIP traffic on IFACE."""
+    health: HealthConfig | None = None
+    """Probe every backend's agent through the tunnel and apply its health (fastpath.health);
+    None: no health checks (every backend counts as healthy)."""
     announce: bool = False
     """Announce the VIPs by BGP once forwarding: hold the TUN `l4an-IFACE` and answer the host
     BIRD's BFD on it (fastpath.announce); SIGTERM withdraws, drains, then stops."""
@@ -188,6 +214,10 @@ class LbConfig:
             raise ConfigError(f"iface: {self.iface!r} is not an interface name")
         check_vips(self.vips)
         check_backends(self.backends)
+        listed = {ip for ip, _ in self.backends}
+        for ip in self.backends_down:
+            if ip not in listed:
+                raise ConfigError(f"backends_down: {ip} is not one of the backends")
         check_hash_seed(self.hash_seed)
         for ip, name in self.names:
             parse_ipv4("names", ip)

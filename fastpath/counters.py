@@ -47,25 +47,38 @@ _REASONS = tuple(DropReason)
 
 
 class Counters:
-    """Counts per drop reason and per backend id (fastpath.stats.CoreStats is their view)."""
+    """Counts per drop reason and per backend id (fastpath.stats.CoreStats is their view).
 
-    __slots__ = ("backend_names", "drops", "forwarded")
+    A backend may have several ids over the process's life (one that left the set and came
+    back gets a new one: fastpath.balancer), each with its own counts; an id always names the
+    same backend, so per-backend totals are sums over its ids."""
+
+    __slots__ = ("backend_names", "connections", "drops", "forwarded", "forwarded_bytes")
 
     def __init__(self) -> None:
         self.drops: list[int] = [0] * len(_REASONS)
         self.forwarded: list[int] = []
         """Frames forwarded, indexed by backend id (see backend_names)."""
+        self.forwarded_bytes: list[int] = []
+        """Bytes of the inner IPv4 packets forwarded (their total length), per backend id."""
+        self.connections: list[int] = []
+        """Flows the connection table started tracking (new connections), per backend id."""
         self.backend_names: list[str] = []
-        """Backend IP per backend id; ids are never reused while the process runs."""
+        """Backend IP per backend id."""
 
-    def add_backend(self, name: str) -> int:
-        """Register a backend name; returns its id (the existing one if known)."""
-        try:
-            return self.backend_names.index(name)
-        except ValueError:
-            self.backend_names.append(name)
-            self.forwarded.append(0)
-            return len(self.backend_names) - 1
+    def new_backend(self, name: str) -> int:
+        """A new backend id for `name`, its counts at 0."""
+        self.backend_names.append(name)
+        for counts in (self.forwarded, self.forwarded_bytes, self.connections):
+            counts.append(0)
+        return len(self.backend_names) - 1
+
+    def per_backend(self, counts: list[int]) -> dict[str, int]:
+        """`counts` (one of the per-id lists) summed per backend name, first seen first."""
+        out: dict[str, int] = {}
+        for name, n in zip(self.backend_names, counts, strict=True):
+            out[name] = out.get(name, 0) + n
+        return out
 
     @property
     def total(self) -> int:

@@ -138,6 +138,9 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
     """Build `bind_ring(slots) -> ring_batch` over `t` (see the module docstring)."""
     drops = counters.drops
     forwarded = counters.forwarded
+    fbytes = counters.forwarded_bytes
+    conns = counters.connections
+    young_n, old_n = ct.young_n, ct.old_n  # tracked flows per backend (fastpath.conntrack)
     vips_get = t.vips.get
     seeds = t.seeds
     table = t.table
@@ -168,32 +171,49 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
         out[0:_OUTER_LEN] = templates[bid]
         pack_ipv4_var(out, 15, tos, tl + _ADDED, ident, df, ttl_proto, csum)
         forwarded[bid] += 1
+        fbytes[bid] += tl
         return _OUTER_LEN + tl
 
     def choose(key: int, track: bool, now: float) -> int:
-        """Backend id for a flow hash: tracked (refreshed if `track`), else from the table."""
+        """Backend id for a flow hash: tracked (refreshed if `track`), else from the table. A
+        tracked flow whose backend is out of service (empty template) is re-hashed."""
         bid = ct.lookup(key, now) if track else ct.get(key)
         if bid is None or not templates[bid]:
+            if bid is not None and track:
+                ct.forget(key)
             bid = table[key % len(table)]
             if bid != NO_BACKEND and track:
                 ct.insert(key, bid)
+                conns[bid] += 1
         return bid
 
     half = ct.half
 
-    def miss(key: int) -> int:
-        """Fast path, not in the young generation (or its backend left the set): promote from
-        the old generation, else the table's choice; track it. The caller ticked the clock."""
-        bid = ct.old.pop(key, None)
-        if bid is None or not templates[bid]:
+    def miss(key: int, stale: int | None) -> int:
+        """Fast path, not in the young generation, or there as `stale` (its backend out of
+        service): promote from the old generation, else the table's choice (a new
+        connection); track it, counted per backend. The caller ticked the clock."""
+        if stale is not None:  # in the young generation, so not in the old one: re-hash
+            del ct.young[key]
+            young_n[stale] -= 1
+            bid = None
+        else:
+            bid = ct.old.pop(key, None)
+            if bid is not None:
+                old_n[bid] -= 1
+                if not templates[bid]:
+                    bid = None
+        if bid is None:
             bid = table[key % len(table)]
             if bid == NO_BACKEND:
                 return bid
+            conns[bid] += 1
         young = ct.young
         if len(young) >= half:
             ct.insert(key, bid)  # rotates the generations first
         else:
             young[key] = bid
+            young_n[bid] += 1
         return bid
 
     def too_big(frame: memoryview, out: memoryview, hl: int, tl: int, frag: int) -> int:
@@ -389,7 +409,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                                 key = h3(frame[26:38], seeds[proto])
                                 bid = young_get(key)
                                 if bid is None or not templates[bid]:
-                                    bid = miss(key)
+                                    bid = miss(key, bid)
                                     young_get = ct.young.get  # miss() may have rotated it
                                     if bid == NO_BACKEND:
                                         drops[_NO_BACKEND] += 1
@@ -405,6 +425,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                                 )  # fmt: skip
                                 out_len[i] = tl + 34
                                 forwarded[bid] += 1
+                                fbytes[bid] += tl
                                 continue
                     m = general(frame[:snap], outs[i], now)
                     young_get = ct.young.get  # general() may have rotated the generations

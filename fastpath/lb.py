@@ -30,6 +30,7 @@ from fastpath.runner import run
 from l4lb import cfgfile
 from l4lb.busypoll import add_busy_poll_option
 from l4lb.errors import ConfigError, L4lbError, UsageError
+from l4lb.healthcfg import HealthConfig
 from l4lb.statsfile import STATS_DIR
 
 CONFIG_DIR = STATS_DIR / "config"
@@ -182,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave IFACE's offloads as they are",
     )
     p.add_argument(
+        "--health",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="probe the backends' agents through the tunnel and apply their health (the "
+        "file's settings, else l4lb.healthcfg's defaults); --no-health: every backend counts "
+        "as healthy (the default without a file)",
+    )
+    p.add_argument(
         "--no-nft",
         dest="nft",
         action="store_false",
@@ -251,6 +260,10 @@ def resolve_config(args: argparse.Namespace) -> LbConfig:
         value = getattr(args, option)
         if value is not None:
             given[field] = value
+    if args.health is not None:
+        given["health"] = (
+            ((base.health if base else None) or HealthConfig()) if args.health else None
+        )
     for option, field in (("stats_file", "stats_file"), ("control_socket", "control_socket")):
         value = getattr(args, option)
         if value is not None:

@@ -10,17 +10,22 @@ would route the VIP packets back into the fabric as well.
 
 The receive loop (fastpath.forward over l4lb.rxloop) forwards; the control plane
 (l4lb.plane) runs from the same loop: the control channel (l4lb.control, commands below), the
-VIP announcement (`announce`: fastpath.announce, made once forwarding works, just before the
-loop runs, so BIRD exports the VIP only from an LB that forwards; its BFD answers come from
-this loop, so a hung loop is withdrawn), and the stats tick (a JSON line and the stats file
-every `stats_interval`).
+health probes of the backends (fastpath.healthsvc, when `health` is configured), the VIP
+announcement (`announce`: fastpath.announce, made once forwarding works, just before the loop
+runs, so BIRD exports the VIP only from an LB that forwards; its BFD answers come from this
+loop, so a hung loop is withdrawn), and the stats tick (a JSON line and the stats file every
+`stats_interval`).
 
 Signals: SIGTERM or SIGINT, while announcing, is a graceful stop (fastpath.drain): withdraw,
 keep forwarding until the ToR has moved the traffic away, then stop; a second one stops at
 once. Without the announcement the first one stops at once. At cleanup the announcement goes
 first (its TUN is deleted: BIRD withdraws at once, whatever else is still to undo).
 
-Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `ping`.
+Control commands: `show` (the stats snapshot, fastpath.stats.LbStats, live), `health` (its
+health part), `ping`, and the backend set's (fastpath.backend_commands: `backends`,
+`backends.replace`, `backend.add`, ...), applied through the `Backends` object this process
+keeps (fastpath.backends), which is also what the health probes report to (`set_health`,
+`probe_targets`).
 """
 
 from __future__ import annotations
@@ -31,16 +36,20 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastpath import bfd
 from fastpath.announce import AnnounceConfig, Announcer, tun_name
+from fastpath.backend_commands import backend_commands
+from fastpath.backends import BackendError, Backends, BackendSpec
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.drain import DrainService
 from fastpath.forward import Forwarder
+from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
@@ -139,6 +148,18 @@ def log(message: str) -> None:
     print(f"fastpath.lb: {message}", file=sys.stderr, flush=True)
 
 
+def make_backends(cfg: LbConfig, core: BalancerConfig, balancer: Balancer, now: float) -> Backends:
+    """The backend set at start (the configuration's, administrative states included)."""
+    down = set(cfg.backends_down)
+    specs = [BackendSpec(ip, w, "down" if ip in down else "up") for ip, w in cfg.backends]
+    forbidden = {ip: "a VIP" for ip, _ in cfg.vips}
+    forbidden[core.local_ip] = "this load balancer's own address"
+    try:
+        return Backends(balancer, specs, now, dict(cfg.names), forbidden)
+    except BackendError as exc:
+        raise UsageError(f"backends: {exc}") from None
+
+
 def run(cfg: LbConfig) -> int:
     """Run the load balancer until SIGINT/SIGTERM; 0, or 1 when the cleanup failed."""
     ifname = cfg.iface
@@ -146,6 +167,7 @@ def run(cfg: LbConfig) -> int:
     check_forwarding_off()
     core, next_hop = balancer_config(cfg)
     balancer = Balancer(core)
+    backends = make_backends(cfg, core, balancer, time.monotonic())
     if cfg.stats_file == "":
         stats_path = None
     else:
@@ -172,11 +194,12 @@ def run(cfg: LbConfig) -> int:
             raise UsageError(f"--cpu {cfg.cpu}: {exc}") from None
 
     offloads = Offloads(ifname)
-    vip_drop = VipDrop(ifname, [ip for ip, _ in cfg.vips])
+    vip_drop = VipDrop(ifname, cfg.vips)
     steer: rps.Rps | None = None
     ring = RxRing(cfg.ring_frames)
     sock = txsock = None
     control: ControlServer | None = None
+    health: LbHealth | None = None
     started = time.monotonic()
     mono_to_wall = time.time() - started
     kdrops = 0
@@ -208,6 +231,8 @@ def run(cfg: LbConfig) -> int:
             io = forwarder.io
             kdrops += kernel_drops(sock)[1]
             dt = max(now - last[0], 1e-9)
+            if advance:
+                backends.tick(now)
             snap = LbStats(
                 time=round(time.time(), 3),
                 iface=ifname,
@@ -220,11 +245,15 @@ def run(cfg: LbConfig) -> int:
                 io=io,
                 kernel_drops=kdrops,
                 tracked_flows=len(balancer.conntrack),
+                backends=backends.stats(now, time.time()),
+                fail_open=backends.fail_open,
+                table=backends.table,
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
                 rps_cpus=steer.mask if steer is not None else None,
                 nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
                 announce=announcer.stats(mono_to_wall) if announcer is not None else None,
                 drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
+                health=health.stats(now) if health is not None else None,
             )
             if advance:
                 last[:] = [now, io.rx_frames, io.tx_frames]
@@ -255,12 +284,20 @@ def run(cfg: LbConfig) -> int:
                 lambda req: snapshot(time.monotonic(), advance=False),
                 "counters, rates and state now (the stats file's fields)",
             ),
+            "health": Command(
+                lambda req: asdict(health.stats(time.monotonic())) if health else None,
+                "the backends' health as this LB sees it (null without health checks)",
+            ),
             "ping": Command(
                 lambda req: {"pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3)},
                 "is the process alive and its loop turning",
             ),
+            **backend_commands(backends, time.monotonic),
         }
         plane = Plane(name="fastpath.lb")
+        if cfg.health is not None:
+            health = LbHealth(cfg.health, backends, core.local_ip, cfg.vips[0][0], time.monotonic())
+            plane.add(health)
         if cfg.control_socket != "":
             control = ControlServer(cfg.control_socket or default_socket("lb", ifname), commands)
             plane.add(ControlService(control))
@@ -295,7 +332,7 @@ def run(cfg: LbConfig) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if drainer is not None:
             signal.set_wakeup_fd(-1)
-        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control, announcer)
+        errors = _cleanup(ring, sock, txsock, vip_drop, offloads, steer, control, health, announcer)
         if drainer is not None:
             drainer.close()
     for err in errors:
@@ -311,6 +348,7 @@ def _cleanup(
     offloads: Offloads,
     steer: rps.Rps | None,
     control: ControlServer | None,
+    health: LbHealth | None = None,
     announcer: Announcer | None = None,
 ) -> list[str]:
     """Undo everything, each step even if an earlier one failed; returns the failures."""
@@ -318,6 +356,7 @@ def _cleanup(
     steps = [
         *((announcer.close,) if announcer is not None else ()),
         *((control.close,) if control is not None else ()),
+        *((health.close,) if health is not None else ()),
         ring.close,
         *(s.close for s in (sock, txsock) if s is not None),
         vip_drop.remove,

@@ -5,7 +5,7 @@ the same object."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastpath.counters import Counters, DropReason
@@ -33,8 +33,65 @@ class CoreStats:
             forwarded=sum(c.forwarded),
             icmp_frag_needed_sent=c.drops[DropReason.FRAG_NEEDED],
             drops={r.name.lower(): c.drops[r] for r in DropReason},
-            backends=dict(zip(c.backend_names, c.forwarded, strict=True)),
+            backends=c.per_backend(c.forwarded),
         )
+
+
+@dataclass
+class BackendStats:
+    """One backend of the set now (fastpath.backends): configuration, health, effect, counts."""
+
+    ip: str
+    name: str | None
+    """Its host name, when the LB knows it."""
+    weight: int
+    """Configured weight (0: drained)."""
+    admin: str
+    """Administrative state: up or down."""
+    health: str
+    """up, down, or unknown (no verdict yet)."""
+    health_since: float
+    """Unix time of the last health change (of joining the set while unknown)."""
+    health_for_s: float
+    """Seconds in that health state."""
+    check_failures: int
+    """Health checks reported failed since it joined the set."""
+    last_reason: str
+    """The last health check's reason."""
+    state: str
+    """What it does now: active, draining, admin_down, unhealthy, or fail_open (health down,
+    used because no backend is healthy)."""
+    slots: int
+    """Lookup-table slots it owns: its share of new flows is slots / table.size."""
+    active_flows: int
+    """Flows tracked to it in the connection table now (a flow stays tracked until it idles
+    out: conn_idle_timeout, at most twice that)."""
+    connections: int
+    """Flows the connection table started tracking to it (new connections), since start."""
+    packets: int
+    """Frames forwarded to it since start."""
+    bytes: int
+    """Bytes of the inner IPv4 packets forwarded to it (their total length), since start."""
+    pps: float
+    """Frames per second forwarded to it, over the last stats interval."""
+    bps: float
+    """Inner bytes per second forwarded to it, over the last stats interval."""
+
+
+@dataclass
+class TableStats:
+    """The lookup table (fastpath.lookup_table.RendezvousTable)."""
+
+    size: int
+    """Slots."""
+    digest: str
+    """xxh64 of every slot's backend address: equal on every LB with the same set."""
+    changes: int = 0
+    """Changes applied since start (not counting the first build)."""
+    last_build_ms: float = 0.0
+    """Time the last change took the packet loop (table update and templates)."""
+    last_slots_moved: int = 0
+    """Slots that changed backend in the last change."""
 
 
 @dataclass
@@ -115,6 +172,62 @@ class DrainStats:
 
 
 @dataclass
+class BackendHealthStats:
+    """One backend's health as this LB sees it (fastpath.health)."""
+
+    healthy: bool
+    """What this LB applies: reachable and the agent's verdict not down."""
+    reachable: bool
+    """The agent answers probes through the tunnel (fall misses make it false)."""
+    verdict: str
+    """The agent's verdict on its server: "up", "down" (it believes "up" until told)."""
+    suppressed: bool
+    """The agent holds the server down for flapping (dampening)."""
+    since: float
+    """Unix time `healthy` last changed (or the LB started)."""
+    reason: str
+    """Why it is what it is (the last change's cause)."""
+    agent_since: float | None
+    """Unix time the agent's verdict last changed, as the agent says."""
+    check_failures: int
+    """The agent's failed HTTP checks since it started."""
+    last_check: str
+    """The agent's last check outcome."""
+    probes: int
+    """Probes sent (not client traffic: not in core.backends)."""
+    replies: int
+    missed: int
+    """Probes not answered within the timeout."""
+    late: int
+    """Replies that came after their timeout (ignored)."""
+    pushes: int
+    """Verdicts the agent pushed on a change."""
+    rtt_ms: float | None
+    """The last probe's round trip."""
+    agent_restarts: int
+    """Changes of the agent's instance id seen."""
+    table_changes: int
+    """Health changes of this backend that changed the lookup table."""
+
+
+@dataclass
+class ProberStats:
+    """The LB's health probing."""
+
+    token: str
+    """This LB's probe token (hex): replies must echo it."""
+    backends: dict[str, BackendHealthStats]
+    """Per backend IP."""
+    malformed: dict[str, int]
+    """Replies ignored, by reason (l4lb.healthwire.BadMessage; zeros left out)."""
+    unknown_seq: int
+    """Replies carrying this LB's token for no probe awaiting one (late, duplicated)."""
+    socket_errors: int = 0
+    """Probes the raw socket refused (counted as missed when their time runs out) and errors
+    the reply socket reported."""
+
+
+@dataclass
 class LbStats:
     """One snapshot of a running `fastpath.lb`."""
 
@@ -146,6 +259,14 @@ class LbStats:
     """The interface's RPS mask while the LB runs (hex), None when left alone."""
     nft_dropped: int | None
     """Frames the nftables ingress drop counted (final snapshot only; None before or without)."""
+    backends: list[BackendStats] = field(default_factory=list)
+    """The backend set, in its order."""
+    fail_open: bool = False
+    """No backend is healthy: the table ignores health (fastpath.backends)."""
+    table: TableStats | None = None
+    """The lookup table (None only in a snapshot made without one, in tests)."""
+    health: ProberStats | None = None
+    """Health probing of the backends (None when the LB runs without health checks)."""
     announce: AnnounceStats | None = None
     """The VIP announcement (None when the LB does not announce)."""
     drain: DrainStats | None = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import ipaddress
 import json
 import os
 import socket
@@ -345,6 +346,30 @@ def arg_int(req: Mapping[str, Any], name: str, lo: int, hi: int, default: int | 
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise CommandError(f"argument {name!r} must be an integer {lo}..{hi}, not {value!r}")
     return value
+
+
+def arg_bool(req: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = req.get(name, default)
+    if not isinstance(value, bool):
+        raise CommandError(f"argument {name!r} must be true or false, not {value!r}")
+    return value
+
+
+def arg_ipv4(req: Mapping[str, Any], name: str) -> str:
+    """An IPv4 address argument, as its canonical text."""
+    value = arg_str(req, name)
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise CommandError(f"argument {name!r} must be an IPv4 address, not {value!r}") from None
+
+
+def only_args(req: Mapping[str, Any], *names: str) -> None:
+    """Refuse arguments a command does not take (a typo must not pass for a default)."""
+    unknown = sorted(set(req) - {"cmd", *names})
+    if unknown:
+        known = ", ".join(names) or "none"
+        raise CommandError(f"unknown argument(s) {', '.join(map(repr, unknown))} (known: {known})")
 
 
 def arg_float(

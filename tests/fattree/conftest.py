@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from fatnet import LOCK_WAIT, down_if_ours, wait_for_lock
+from fatnet import fat_tree
 
 from controller.netstate import NetState
 
@@ -38,27 +38,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def _up(services: bool) -> Iterator[NetState]:
-    from controller import network
-
-    wait_for_lock()
-    assert network.up(None, "detach", services=services, wait=LOCK_WAIT) == 0
-    st = network.running()
-    try:
-        assert st is not None and st.ready
-        yield st
-    finally:
-        down_if_ours([st.owner_pid] if st else [])
-
-
 @pytest.fixture(scope="module")
 def fattree() -> Iterator[NetState]:
-    """The fat tree, up (detached) for a module's tests, and always taken down after (ours
-    only: if `up` failed, the network that is up belongs to someone else)."""
-    yield from _up(services=False)
+    """The fat tree, up (detached) for a module's tests, and always taken down after."""
+    with fat_tree() as st:
+        yield st
 
 
 @pytest.fixture(scope="module")
 def fattree_services() -> Iterator[NetState]:
-    """The same with its services (`up --services`: LBs, agents, servers, BGP)."""
-    yield from _up(services=True)
+    """The same with its services (`up --services`: LBs, agents, servers, BGP, exporters)."""
+    with fat_tree(services=True) as st:
+        yield st

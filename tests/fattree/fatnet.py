@@ -4,12 +4,14 @@ services (with the services up)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,23 @@ def assert_nothing_left(st: NetState) -> None:
     fd = netstate.take_lock()
     assert fd is not None, "the fat-tree lock is still held"
     os.close(fd)
+
+
+@contextlib.contextmanager
+def fat_tree(**up: Any) -> Iterator[NetState]:
+    """The fat tree up (detached; `up` as controller.network.up takes it: services=True, ...)
+    until the block ends, then down (ours only: if `up` failed, the network that is up belongs
+    to someone else)."""
+    from controller import network
+
+    wait_for_lock()
+    assert network.up(None, "detach", wait=LOCK_WAIT, **up) == 0
+    st = network.running()
+    try:
+        assert st is not None and st.ready
+        yield st
+    finally:
+        down_if_ours([st.owner_pid] if st else [])
 
 
 def down_if_ours(owners: list[int]) -> None:

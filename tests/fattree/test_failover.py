@@ -111,9 +111,11 @@ def nothing_broken(what: str, loops: RequestLoops, downloads: Downloads) -> None
     figure(f"{what}: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
 
 
-def restart(name: str) -> tuple[float, dict[str, Any]]:
+def restart(net: NetState, name: str) -> tuple[float, dict[str, Any]]:
+    """Start a recorded service again the way the services started it (its new PID recorded,
+    so `down` stops it); the time it was asked for."""
     t0 = time.monotonic()
-    rec = services.restart(name)
+    rec = services.restart(lambda node: net.nodes[node].pid, services.STATE_DIR, name)
     return t0, rec
 
 
@@ -134,7 +136,7 @@ def test_sigkill_of_an_lb_breaks_no_download_and_new_flows_fail_under_1s(
     net: NetState, spool: Path
 ) -> None:
     """The silent death: the TUN goes with the process, BIRD withdraws at once. Then the LB is
-    restarted the way the services started it (recorded, stopped later by PID)."""
+    restarted the way the services started it (services.restart: recorded, stopped by PID)."""
     with traffic(net, spool, seconds=14) as (downloads, loops):
         time.sleep(2.0)
         victim = service("lb-h1")
@@ -143,7 +145,7 @@ def test_sigkill_of_an_lb_breaks_no_download_and_new_flows_fail_under_1s(
         out = wait_gateways(net, [H2], 1.0)
         figure("SIGKILL of lb-h1 -> out of t1's ECMP", f"{out * 1000:.0f} ms")
         time.sleep(4.0)
-        t0, rec = restart("lb-h1")
+        t0, rec = restart(net, "lb-h1")
         assert rec["pid"] != victim["pid"]
         wait_gateways(net, [H1, H2], 3.0)
         back = time.monotonic() - t0
@@ -191,7 +193,7 @@ def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> Non
         assert drain["frames"] <= final["core"]["frames"] - frames0
         assert final["announce"]["withdraw_confirmed"]
         time.sleep(1.0)
-        restart("lb-h2")
+        restart(net, "lb-h2")
         wait_gateways(net, [H1, H2], 3.0)
         nothing_broken("SIGTERM", loops, downloads)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.netns import Netns, list_netns, missing
+from bench.netns import Netns, Procs, list_netns, missing
 
 
 @pytest.fixture
@@ -25,3 +25,14 @@ def netns(request: pytest.FixtureRequest) -> Iterator[Netns]:
         made = list(bed.made)
         bed.close()
         assert not set(made) & set(list_netns()), "a namespace was left behind"
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Processes the test starts in its namespaces (bench.netns.Procs), stopped by PID after
+    it, also when it fails."""
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.stop_all()

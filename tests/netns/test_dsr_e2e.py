@@ -17,13 +17,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.netns import PY, Netns, NsProc, py, sh
+from bench.netns import PY, Netns, Procs, py, sh
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("tcpdump", "ethtool", tun=True)]
 
@@ -114,31 +113,6 @@ def net(request: pytest.FixtureRequest, netns: Netns) -> dict[str, str]:
         "r2_mac": mac_of(r, names["r2"]),
         "mode": request.param,
     }
-
-
-class Procs:
-    """Processes started by the test, each stopped by PID in reverse order."""
-
-    def __init__(self) -> None:
-        self.items: list[NsProc] = []
-
-    def start(self, ns: str, argv: list[str]) -> NsProc:
-        p = NsProc(ns, argv)
-        self.items.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        while self.items:
-            self.items.pop().stop()
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    p = Procs()
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def tcpdump(ns: str, ifname: str, pcap: Path, direction: str) -> subprocess.Popen[bytes]:

@@ -3,15 +3,27 @@ changes."""
 
 from __future__ import annotations
 
+import random
+
 from core_flows import FIFTH, FOUR, backends_of, cfg, random_flows
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastpath.balancer import Balancer
 from fastpath.conntrack import ConnTable
 from fastpath.stats import CoreStats
 
 
+def conn_table(capacity: int, idle_timeout: float, values: int = 1000) -> ConnTable:
+    """A ConnTable with values 0..values-1 registered (its per-value counts need them)."""
+    ct = ConnTable(capacity, idle_timeout)
+    for _ in range(values):
+        ct.add_value()
+    return ct
+
+
 def test_kept_for_the_idle_timeout_and_gone_after_twice_it() -> None:
-    ct = ConnTable(capacity=100, idle_timeout=10.0)
+    ct = conn_table(capacity=100, idle_timeout=10.0)
     ct.tick(0.0)
     ct.insert(1, 7)
     for now in (0.5, 9.9, 10.0, 19.9):  # idle 19.9 s: still kept (a rotation happened at 10)
@@ -23,7 +35,7 @@ def test_kept_for_the_idle_timeout_and_gone_after_twice_it() -> None:
 
 
 def test_a_refreshed_flow_stays() -> None:
-    ct = ConnTable(capacity=100, idle_timeout=10.0)
+    ct = conn_table(capacity=100, idle_timeout=10.0)
     for now in range(0, 100, 3):  # a packet every 3 s for 100 s: tracked all along
         if ct.lookup(5, float(now)) is None:
             assert now == 0
@@ -33,7 +45,7 @@ def test_a_refreshed_flow_stays() -> None:
 
 
 def test_long_silence_clears_both_generations() -> None:
-    ct = ConnTable(capacity=100, idle_timeout=10.0)
+    ct = conn_table(capacity=100, idle_timeout=10.0)
     ct.tick(0.0)
     ct.insert(1, 1)
     ct.tick(5.0)
@@ -43,7 +55,7 @@ def test_long_silence_clears_both_generations() -> None:
 
 
 def test_capacity_bounds_the_table_and_keeps_recent_flows() -> None:
-    ct = ConnTable(capacity=10, idle_timeout=1e9)
+    ct = conn_table(capacity=10, idle_timeout=1e9)
     ct.tick(0.0)
     for key in range(1000):
         if ct.lookup(key, 0.0) is None:
@@ -54,7 +66,7 @@ def test_capacity_bounds_the_table_and_keeps_recent_flows() -> None:
 
 
 def test_eviction_is_least_recently_used_first() -> None:
-    ct = ConnTable(capacity=4, idle_timeout=1e9)
+    ct = conn_table(capacity=4, idle_timeout=1e9)
     ct.tick(0.0)
     for key in (1, 2):
         ct.insert(key, key)
@@ -113,3 +125,132 @@ def test_idle_flows_expire_then_follow_the_new_table() -> None:
         later.append(".".join(str(b) for b in out[30:34]))
     fresh = backends_of(Balancer(cfg(backends=(*FOUR, FIFTH))), flows)
     assert later == fresh != first
+
+
+# --- tracked flows per backend: counted as the table changes, exact ---------------------------
+
+
+def recount(ct: ConnTable) -> list[int]:
+    counts = [0] * len(ct.young_n)
+    for gen in (ct.young, ct.old):
+        for v in gen.values():
+            counts[v] += 1
+    return counts
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["lookup", "insert", "forget", "tick"]),
+            st.integers(0, 40),  # key
+            st.integers(0, 4),  # value
+            st.floats(0, 5),  # time step
+        ),
+        max_size=120,
+    )
+)
+def test_counts_per_value_follow_every_operation(ops) -> None:
+    ct = conn_table(capacity=12, idle_timeout=3.0, values=5)
+    now = 0.0
+    for op, key, value, dt in ops:
+        now += dt
+        if op == "lookup":
+            ct.lookup(key, now)
+        elif op == "insert":
+            ct.forget(key)
+            ct.insert(key, value)
+        elif op == "forget":
+            ct.forget(key)
+        else:
+            ct.tick(now)
+        assert [ct.tracked(v) for v in range(5)] == recount(ct)
+        assert sum(recount(ct)) == len(ct) <= 12
+
+
+def test_counts_through_the_packet_core_across_changes_and_rotations() -> None:
+    """The fast path's inline insert, re-hashes of flows whose backend is down or gone, and
+    rotations (a small table rotates by capacity and by time): the counts stay exact."""
+    bal = Balancer(cfg(conn_capacity=600, conn_idle_timeout=5.0))
+    out = memoryview(bytearray(1600))
+    flows = random_flows(900, seed=12)
+    rng = random.Random(3)
+    sets = [
+        ((*FOUR, FIFTH), ()),
+        (FOUR, (FOUR[1][0],)),
+        (FOUR[1:], ()),
+        (FOUR, ()),
+        (tuple((ip, 0 if ip == FOUR[2][0] else 1) for ip, _ in FOUR), ()),
+    ]
+    now = 1.0
+    for backends, down in sets * 2:
+        bal.set_backends(backends, down)
+        for f in rng.sample(flows, 400):
+            bal.process(memoryview(f), out, now)
+        now += 2.0
+        counts = recount(bal.conntrack)
+        assert [bal.conntrack.tracked(b) for b in range(len(counts))] == counts
+        assert sum(bal.tracked(ip) for ip in bal.backends) <= len(bal.conntrack)
+    # Every entry names a backend id that serves (or a stale one): none is lost or doubled.
+    assert sum(recount(bal.conntrack)) == len(bal.conntrack)
+
+
+def test_a_down_backend_s_tracked_flows_are_rehashed_and_it_gets_no_new_one() -> None:
+    flows = random_flows(2000, seed=21)
+    bal = Balancer(cfg())
+    before = backends_of(bal, flows)
+    down = FOUR[0][0]
+    assert bal.tracked(down) == before.count(down) > 0
+    bal.set_backends(FOUR, down=(down,))
+    after = backends_of(bal, flows)
+    assert down not in after
+    # Flows on the other backends stay; those of the down one go where the table says.
+    assert all(a == b for a, b in zip(before, after, strict=True) if a != down)
+    assert bal.tracked(down) == 0
+    fresh = backends_of(Balancer(cfg(backends=FOUR[1:])), flows)
+    assert [b for a, b in zip(before, after, strict=True) if a == down] == [
+        c for a, c in zip(before, fresh, strict=True) if a == down
+    ]
+
+
+def test_a_removed_backend_s_flows_do_not_return_when_it_is_added_back() -> None:
+    flows = random_flows(2000, seed=22)
+    bal = Balancer(cfg())
+    backends_of(bal, flows)
+    gone = FOUR[3][0]
+    bal.set_backends(FOUR[:3])
+    bal.set_backends(FOUR)  # back at once: the old entries are not its any more
+    assert bal.tracked(gone) == 0
+    assert bal.counters.backend_names.count(gone) == 2  # a new id
+    # Its flows were tracked to the old id: at their next packet they take the table's choice,
+    # which with the same set is the same backend again (rendezvous restores its slots).
+    assert backends_of(bal, flows) == backends_of(Balancer(cfg()), flows)
+    assert bal.tracked(gone) > 0
+
+
+def test_a_retired_id_is_reused_once_no_entry_can_name_it() -> None:
+    bal = Balancer(cfg(conn_idle_timeout=10.0))
+    out = memoryview(bytearray(1600))
+    for f in random_flows(100, seed=23):
+        bal.process(memoryview(f), out, 1.0)
+    gone = FOUR[3][0]
+    bal.set_backends(FOUR[:3])
+    for now in (11.0, 21.0):  # two rotations of the connection table
+        bal.process(memoryview(random_flows(1, seed=int(now))[0]), out, now)
+    bal.set_backends(FOUR)
+    assert bal.counters.backend_names.count(gone) == 1  # its old id again
+    assert bal.tracked(gone) == 0
+
+
+def test_bytes_and_connections_per_backend() -> None:
+    flows = random_flows(500, seed=24)
+    bal = Balancer(cfg())
+    got = backends_of(bal, flows)
+    backends_of(bal, flows)  # again: tracked now, no new connection
+    c = bal.counters
+    packets, nbytes, conns = (
+        c.per_backend(x) for x in (c.forwarded, c.forwarded_bytes, c.connections)
+    )
+    for ip, _ in FOUR:
+        n = got.count(ip)
+        assert (packets[ip], nbytes[ip], conns[ip]) == (2 * n, 2 * n * 40, n)

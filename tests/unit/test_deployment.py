@@ -8,12 +8,17 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
+from controller import render
 from controller.deployment import (
     DEFAULT_DEPLOYMENT,
     REPO_ROOT,
     DeploymentError,
     load_deployment,
 )
+from fastpath.config import LbConfig
+from l4lb import cfgfile
+from l4lb.healthcfg import HealthConfig
 
 
 def test_default_deployment():
@@ -106,3 +111,42 @@ def test_missing_key(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DeploymentError, match="missing key 'backends'"):
         load_deployment(path)
+
+
+def test_health_defaults_when_absent_and_rendered_everywhere(tmp_path: Path) -> None:
+    dep = load_deployment(_write(tmp_path, health={"interval": 1.0, "timeout": 0.5}))
+    assert dep.health == HealthConfig(interval=1.0, timeout=0.5)
+    assert load_deployment().health == HealthConfig()
+    files = render.render(dep, tmp_path)
+    processes = {p: t for p, t in files.items() if p.name.startswith(("lb-", "agent-"))}
+    # every LB, and an agent for every host that may serve (all but the LBs)
+    assert len(processes) == len(dep.topology.hosts())
+    for path, text in processes.items():
+        cls = LbConfig if path.name.startswith("lb-") else AgentConfig
+        (tmp_path / "f.json").write_text(text)
+        assert cfgfile.load(cls, tmp_path / "f.json").health == dep.health  # type: ignore[attr-defined]
+
+
+def test_health_null_turns_health_checks_off(tmp_path: Path) -> None:
+    dep = load_deployment(_write(tmp_path, health=None))
+    assert dep.health is None
+    assert render.lb_config(dep, "h1").health is None
+    assert render.agent_config(dep, "h3").health is None
+
+
+@pytest.mark.parametrize(
+    ("health", "message"),
+    [
+        ({"intervall": 1}, "health: unknown key(s) 'intervall'"),
+        ({"fall": 0}, "health: fall: must be an integer 1..100"),
+        ({"timeout": 2.0}, "health: timeout: must be <= interval"),
+        ({"port": "9181"}, "health: port: must be an integer"),
+        ([], "health: must be a JSON object"),
+    ],
+)
+def test_bad_health_is_refused_naming_the_field(
+    tmp_path: Path, health: object, message: str
+) -> None:
+    with pytest.raises(DeploymentError) as exc:
+        load_deployment(_write(tmp_path, health=health))
+    assert message in str(exc.value)

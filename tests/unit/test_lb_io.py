@@ -179,8 +179,37 @@ def test_nft_ruleset_names_the_device_and_vips() -> None:
     text = nft.ruleset("h1-eth0", ["20.0.0.1", "20.0.0.3", "20.0.0.1"])
     assert nft.table_name("h1-eth0") == "l4lb_h1_eth0"
     assert 'hook ingress device "h1-eth0"' in text
-    assert "ip daddr { 20.0.0.1, 20.0.0.3 } counter drop" in text
+    assert "ip daddr { 20.0.0.1, 20.0.0.3 } counter name vip_tapped drop" in text
+    assert "th dport" not in text  # every port served: no frame to a VIP is filtered
     assert text.index("delete table netdev l4lb_h1_eth0") < text.rindex("table netdev")
+
+
+def test_nft_ruleset_counts_wrong_ports_apart_as_the_bpf_filter_drops_them() -> None:
+    vips = [("20.0.0.1", 80), ("20.0.0.1", 443), ("20.0.0.2", None), ("20.0.0.3", 53)]
+    vips.append(("20.0.0.3", None))  # any port wins over a port list, as in the BPF filter
+    text = nft.ruleset("h1-eth0", vips)
+    wrong = [line.strip() for line in text.splitlines() if "th dport" in line]
+    assert wrong == [
+        "ip daddr 20.0.0.1 meta l4proto { tcp, udp } th dport != { 80, 443 } "
+        "counter name filtered_wrong_port drop"
+    ]
+    assert "counter filtered_wrong_port { }" in text and "counter vip_tapped { }" in text
+    # The wrong-port rule comes first: the catch-all would otherwise count those frames.
+    assert text.index("filtered_wrong_port drop") < text.index("vip_tapped drop")
+    assert "ip daddr { 20.0.0.1, 20.0.0.2, 20.0.0.3 } counter name vip_tapped drop" in text
+
+
+def test_nft_counters_parse_from_nft_json() -> None:
+    text = (
+        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, '
+        '{"counter": {"family": "netdev", "name": "filtered_wrong_port", "table": "l4lb_v0", '
+        '"handle": 2, "packets": 1000, "bytes": 60000}}, {"counter": {"family": "netdev", '
+        '"name": "vip_tapped", "table": "l4lb_v0", "handle": 3, "packets": 7, "bytes": 420}}]}'
+    )
+    assert nft.parse_counters(text) == {"filtered_wrong_port": 1000, "vip_tapped": 7}
+    assert nft.parse_counters('{"nftables": []}') == {}
+    with pytest.raises(ValueError):
+        nft.parse_counters("not json")
 
 
 def test_neighbour_lookup_uses_usable_states(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,11 +30,14 @@ def by_node(plan: services.Plan) -> dict[str, list[str]]:
 def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     p = services.plan(dep, "fastpath", STATE, python="/py")
     nodes = by_node(p)
-    # on each LB host: its BIRD and the LB, which holds its announcement (controller.bgp)
-    assert nodes["h1"] == ["bgp", "lb"] and nodes["h2"] == ["bgp", "lb"]
+    # on each LB host: its BIRD, the LB (which holds its announcement: controller.bgp), the
+    # LB's exporter (controller.monitor)
+    for h in ("h1", "h2"):
+        assert nodes[h] == ["bgp", "lb", "exporter"]
     assert nodes["t1"] == ["bgp"]
     for h, _ in dep.backends:
-        assert nodes[h] == ["agent", "www"]
+        assert nodes[h] == ["agent", "www", "exporter"]
+    assert "" not in nodes  # nothing in the root namespace without monitor or dashboard
     lb = next(s for s in p.services if s.name == "lb-h1")
     assert lb.argv == (
         "/py", "-m", "fastpath.lb", "h1-eth0", "--config", str(STATE / "config/lb-h1-eth0.json"),
@@ -53,6 +56,7 @@ def test_fastpath_plan_runs_lbs_agents_and_vip_servers(dep) -> None:
     roles = [s.role for s in p.services]
     assert roles.index("lb") > max(i for i, r in enumerate(roles) if r == "www")
     assert set(p.files) == {str(STATE / "bird" / f"{n}.conf") for n in ("t1", "h1", "h2")}
+    assert p.dirs == ()
     # Hosts are left as the network made them; the switch port facing each LB segments, so
     # the LB's tap never gets a client's GSO frame (t1-eth1 faces h1, t1-eth2 h2). (Then t1's
     # static VIP route gives way to BIRD's: tests/unit/test_bgp.py.)
@@ -116,12 +120,6 @@ def test_unknown_mode_is_a_clear_error(dep) -> None:
         services.plan(dep, "nginx", STATE)  # type: ignore[arg-type]
 
 
-def test_proc_net_addr_matches_kernel_format() -> None:
-    # /proc/net/tcp shows 127.0.0.1:80 as 0100007F:0050
-    assert services._proc_net_addr("127.0.0.1", 80) == "0100007F:0050"
-    assert services._proc_net_addr("20.0.0.1", 80) == "01000014:0050"
-
-
 def test_listening_sees_a_real_listener_and_start_time_identifies_process(tmp_path) -> None:
     import socket
 
@@ -168,19 +166,38 @@ def test_stop_kills_recorded_process_by_pid_and_spares_reused_pids(tmp_path: Pat
             p.wait()
 
 
-def test_restart_refuses_an_unknown_or_running_service_and_changes_nothing(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        rec = {"name": "lb-h1", "node": "h1", "role": "lb", "argv": ["x"], "log": "l",
-               "pid": proc.pid, "start_time": services.proc_start_time(proc.pid),
-               "node_pid": 1}  # fmt: skip
-        services._write_state(tmp_path, {"mode": "fastpath", "services": [rec], "undo": []})
-        before = (tmp_path / services.STATE_FILE).read_text()
-        with pytest.raises(services.ServiceError, match=r"no service 'lb-h9' recorded .*lb-h1"):
-            services.restart("lb-h9", tmp_path)
-        with pytest.raises(services.ServiceError, match=f"lb-h1 still runs .pid {proc.pid}."):
-            services.restart("lb-h1", tmp_path)
-        assert (tmp_path / services.STATE_FILE).read_text() == before
-    finally:
-        proc.kill()
-        proc.wait()
+def test_exporters_follow_their_process_on_the_hosts_own_address(dep) -> None:
+    p = services.plan(dep, "fastpath", STATE, python="/py")
+    roles = [s.name for s in p.services]
+    exporters = [s for s in p.services if s.role == "exporter"]
+    assert sorted(s.node for s in exporters) == sorted(["h1", "h2", *(h for h, _ in dep.backends)])
+    for s in exporters:
+        kind = "lb" if s.node in dep.load_balancers else "agent"
+        process = f"lb-{s.node}" if kind == "lb" else f"agent-{s.node}"
+        assert roles.index(s.name) > roles.index(process)  # started once its process is up
+        assert s.listen == (dep.topology.host_ip(s.node), dep.metrics_port)
+        assert s.argv == (
+            "/py", "-m", "controller.exporter", "--config",
+            str(STATE / f"config/exporter-{kind}-{s.node}.json"),
+        )  # fmt: skip
+    # No exporter where there is no control channel to ask (scapy's LB, haproxy, none).
+    for mode in ("scapy", "haproxy", "none"):
+        assert not [s for s in services.plan(dep, mode, STATE).services if s.role == "exporter"]
+
+
+def test_monitor_and_dashboard_run_in_the_root_namespace_on_loopback(dep) -> None:
+    p = services.plan(dep, "fastpath", STATE, python="/py", monitor=True, dashboard=True)
+    root = {s.name: s for s in p.services if s.node == ""}
+    assert sorted(root) == ["dashboard", "prometheus", "scrapeproxy"]
+    assert all(s.listen and s.listen[0] == "127.0.0.1" for s in root.values())
+    prom = root["prometheus"]
+    conf = STATE / "prometheus" / "prometheus.yml"
+    assert f"--config.file={conf}" in prom.argv
+    assert f"--storage.tsdb.path={STATE / 'prometheus' / 'data'}" in prom.argv
+    assert p.dirs == (str(STATE / "prometheus"),)  # its data goes with `down`
+    text = p.files[str(conf)]
+    for h in ("h1", "h2", *(h for h, _ in dep.backends)):
+        assert f'["{dep.topology.host_ip(h)}:{dep.metrics_port}"]' in text
+        assert f'host: "{h}"' in text
+    assert text.count("proxy_url: http://127.0.0.1:9189") == 2  # job lb, job agent
+    assert "scrape_interval: 1s" in text

@@ -18,6 +18,7 @@ from bench import wget_load as wl
         (["--file", "2k.bin"], "--file: 2k.bin not in"),
         (["--concurrency", "-1"], "--concurrency -1: must be between 1 and 64"),
         (["--timeout", "x"], "--timeout 'x': not a number"),
+        (["--lb", "haproxy", "--dashboard"], "--dashboard reads the fastpath LBs'"),
     ],
 )
 def test_bad_option_exits_2_with_reason(argv, message, capsys) -> None:

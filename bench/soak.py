@@ -1,0 +1,228 @@
+"""The soak: clients fetch in a loop over the fat tree while web servers are killed and restored
+on a schedule; `bench/soak.sh [--seconds 60]` runs it (as root, after ./install.sh).
+
+Brings up the fat tree with the fastpath services (waiting its turn for the machine's one fat
+tree), waits until every LB has heard from every agent, captures the new flows reaching each
+backend, starts bench/fetch_loop.py in the client hosts, then every `--period` seconds kills
+the next backend's web server (SIGKILL) and restores it `--down-for` seconds later. It prints a
+line per event and at the end: the requests, the failed ones (apart: those in flight on a
+killed server or sent to it before the LBs knew, bench.health_drill.classify), per kill the
+time from the kill to the last new flow sent to that server (target < 2 s, per LB too) and
+from its return to its first new flow (target < 3 s), each LB's RSS at start and end, and as
+its last line one JSON object (also written to bench/results/soak-<time>.json).
+
+Cluster changes (drain, add, remove a backend) belong in the schedule too; they need
+`python -m controller backend` (issue 8 item 3, another branch). `cluster_step` is the hook:
+until that command exists it does nothing and the result says so (`cluster_steps`).
+Everything started is stopped on exit, failure, Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.health_drill import Drill, Outage, classify
+from bench.wget_load import Fabric, interrupts_as_exceptions, safe_streams, teardown
+from controller import services
+from controller.deployment import Deployment, DeploymentError, load_deployment
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+TARGET_LAST_NEW_FLOW = 2.0
+TARGET_BACK = 3.0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/soak.sh", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=60.0, help="length of the load (default 60)")
+    ap.add_argument("--period", type=float, default=8.0, help="seconds between kills (default 8)")
+    ap.add_argument(
+        "--down-for", type=float, default=3.0, help="seconds a killed server stays dead (3)"
+    )
+    ap.add_argument("--clients", default="", help="client hosts, e.g. h4,h16 (default: all)")
+    ap.add_argument("--threads", type=int, default=2, help="request loops per client (2)")
+    ap.add_argument("--pace", type=float, default=0.05, help="seconds between requests (0.05)")
+    ap.add_argument("--path", default="/1k.bin", help="what the clients fetch (/1k.bin)")
+    ap.add_argument("--deployment", help="deployment file (default: the controller's)")
+    ap.add_argument("--wait-network", type=float, default=0.0, metavar="S",
+                    help="wait this long for another run's fat tree to go away")  # fmt: skip
+    ap.add_argument("--results", default=str(RESULTS), help="where the JSON result goes")
+    args = ap.parse_args(argv)
+    if not 5 <= args.seconds <= 3600:
+        ap.error("--seconds must be 5..3600")
+    if not 0.5 <= args.down_for < args.period:
+        ap.error("--down-for must be >= 0.5 and below --period")
+    return args
+
+
+def cluster_commands_available() -> bool:
+    """True once `python -m controller backend` exists (the backends branch on main)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "controller", "backend", "--help"], capture_output=True,
+        cwd=REPO, timeout=30,
+    )  # fmt: skip
+    return res.returncode == 0
+
+
+def cluster_step(step: str, host: str) -> str:
+    """Drain, undrain, remove or add `host` on every LB through the cluster commands: the
+    schedule's hook for issue 8 item 3's commands (not exercised until they exist)."""
+    argv = {
+        "drain": ["drain", host],
+        "undrain": ["weight", host, "1"],
+        "remove": ["remove", host],
+        "add": ["add", host],
+    }[step]
+    res = subprocess.run(
+        [sys.executable, "-m", "controller", "backend", *argv], capture_output=True, text=True,
+        cwd=REPO, timeout=30,
+    )  # fmt: skip
+    return "ok" if res.returncode == 0 else f"exit {res.returncode}: {res.stderr.strip()}"
+
+
+def heard_all(drill: Drill, lb: str) -> bool:
+    return all(b["replies"] > 0 for b in drill.lb_health(lb)["backends"].values())
+
+
+def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> dict[str, Any]:
+    backends = [h for h, _ in dep.backends]
+    clients = [c for c in args.clients.split(",") if c] or dep.clients()
+    for lb in dep.load_balancers:  # every LB has heard from every agent
+        drill.wait(f"{lb} hears every agent", lambda lb=lb: heard_all(drill, lb), 10)  # type: ignore[misc]
+    rss_start = drill.lb_rss_kb()
+    drill.capture_syns(backends)
+    drill.start_clients(clients, args.seconds, args.threads, args.pace, args.path)
+    t0 = time.time()
+    log(f"soak: {len(clients)} clients x {args.threads} loops for {args.seconds:g} s; a server "
+        f"killed every {args.period:g} s for {args.down_for:g} s")  # fmt: skip
+    cluster = cluster_commands_available()
+    steps: list[dict[str, Any]] = []
+    outages: list[Outage] = []
+    down: Outage | None = None
+    drained: str | None = None
+    k = 0
+    while time.time() - t0 < args.seconds:
+        now = time.time() - t0
+        if down is None and now >= 2.0 + k * args.period and now + args.down_for < args.seconds:
+            if drained is not None:  # the drained backend back first
+                steps.append({"undrain": drained, "result": cluster_step("undrain", drained)})
+                drained = None
+            down = drill.kill_server(backends[k % len(backends)])
+            log(f"{now:6.1f} s  killed the web server on {down.host}")
+        elif down is not None and time.time() - down.killed >= args.down_for:
+            down.restored = drill.start_server(down.host)
+            log(f"{time.time() - t0:6.1f} s  restored it on {down.host}")
+            outages.append(down)
+            if cluster:  # between two kills, another backend drained
+                drained = backends[(k + 2) % len(backends)]
+                steps.append({"drain": drained, "result": cluster_step("drain", drained)})
+            down = None
+            k += 1
+        time.sleep(0.01)
+    if down is not None:
+        down.restored = drill.start_server(down.host)
+        outages.append(down)
+    results = drill.client_results(timeout=30)
+    time.sleep(0.2)  # the captures' last packets
+    for o in outages:
+        o.judge(drill.syns(o.host))
+    reqs = classify(outages, results)
+    rss_end = drill.lb_rss_kb()
+    kills = [
+        {"host": o.host, "last_new_flow_s": o.last_new_flow, "by_lb": o.last_new_flow_by_lb,
+         "back_after_s": o.back_after}
+        for o in outages
+    ]  # fmt: skip
+    worst = max((o.last_new_flow or 0.0 for o in outages), default=None)
+    backs = [o.back_after for o in outages if o.back_after is not None]
+    health = {
+        lb: {ip: b["table_changes"] for ip, b in drill.lb_health(lb)["backends"].items()}
+        for lb in dep.load_balancers
+    }
+    return {
+        "seconds": args.seconds,
+        "clients": len(clients),
+        **reqs,
+        "kills": kills,
+        "max_last_new_flow_s": worst,
+        "max_back_after_s": max(backs) if backs else None,
+        "targets_met": (
+            reqs["failed"] == 0
+            and worst is not None
+            and worst < TARGET_LAST_NEW_FLOW
+            and len(backs) == len(outages)
+            and max(backs, default=0.0) < TARGET_BACK
+        ),
+        "lb_rss_kb": {lb: {"start": rss_start[lb], "end": rss_end[lb]} for lb in rss_start},
+        "table_changes": health,
+        "cluster_steps": steps
+        if cluster
+        else "skipped: `python -m controller backend` is not "
+        "there yet (issue 8 item 3); bench.soak.cluster_step is the hook",
+    }
+
+
+def summary(res: dict[str, Any]) -> str:
+    lines = [
+        f"requests {res['requests']}, ok {res['ok']}, failed {res['failed']} (target 0), "
+        f"failed in flight on a killed server {res['failed_on_killed_server']} (counted apart)",
+    ]
+    for k in res["kills"]:
+        by = ", ".join(f"{lb} {t:.2f} s" for lb, t in sorted(k["by_lb"].items()))
+        lines.append(
+            f"kill {k['host']}: last new flow {k['last_new_flow_s']:.2f} s after the kill "
+            f"({by or 'none after it'}); new flows again {k['back_after_s']} s after its return"
+        )
+    for lb, r in res["lb_rss_kb"].items():
+        lines.append(f"{lb}: RSS {r['start']} kB at start, {r['end']} kB at the end")
+    lines.append(f"targets met: {res['targets_met']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    args = parse_args(argv)
+    try:
+        dep = load_deployment(args.deployment)
+    except DeploymentError as exc:
+        log(f"soak: {exc}")
+        return 2
+    fabric = Fabric()
+    drill: Drill | None = None
+    res: dict[str, Any] | None = None
+    safe_streams()
+    with interrupts_as_exceptions():
+        try:
+            fabric.up(args.wait_network, dep)
+            services.start(fabric.node_pid, dep, "fastpath")
+            drill = Drill(dep)
+            res = soak(args, dep, drill, log)
+        except KeyboardInterrupt:
+            log("interrupted: tearing down")
+            return 130
+        except (services.ServiceError, RuntimeError) as exc:
+            log(f"soak: {exc}")
+            return 1
+        finally:
+            if drill is not None:
+                drill.close()
+            teardown(fabric, log)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(res, indent=1))
+    print(summary(res))
+    print(json.dumps(res))
+    return 0 if res["targets_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
