@@ -12,7 +12,7 @@ fi
 
 # Debian packages, by the command or file that proves each is present.
 APT_PACKAGES=(
-  mininet iproute2 iputils-ping tcpdump ethtool nftables php-cli wget haproxy
+  mininet iproute2 iputils-ping tcpdump ethtool nftables php-cli wget curl haproxy
   netsniff-ng python3-venv python3-dev procps bird2
   prometheus chromium chromium-driver
 )

@@ -1,8 +1,9 @@
 """Clients of the fat-tree failover tests: long downloads that are really on the wire, short
 requests in a loop, and which LB t1 sends each flow to.
 
-- `Downloads`: one rate-limited 10 MB download per client (`wget --limit-rate`, one try: a
-  broken connection is a failure, never a silent retry), each checked by sha256. The hosts
+- `Downloads`: rate-limited 10 MB downloads (`curl --limit-rate`, which never retries: a
+  broken connection is a failure; from a given source port where a test places the flow),
+  each checked by sha256. The hosts
   inherit a 32 MiB `tcp_rmem` maximum, so a whole reply would land in the client's socket
   buffer in a second and only the reading would be slow (DESIGN.md's trap): each client's
   namespace gets `tcp_rmem` capped at 256 KiB while it downloads (the old value put back).
@@ -33,7 +34,7 @@ from controller.deployment import Deployment
 from controller.netstate import NetState
 
 RMEM_CAP = "4096 131072 262144"  # bytes: min, default, max (256 KiB)
-RATE = "600k"  # wget's bytes/s: 10 MiB in about 17.5 s
+RATE = "600k"  # curl's bytes/s: 10 MiB in about 17.5 s
 FETCH = REPO / "bench" / "fetch_loop.py"
 
 
@@ -52,6 +53,7 @@ class Download:
     t0: float
     t1: float | None = None
     sport: int | None = None
+    """The client's source port (given, or read once connected: map_flows)."""
     lb: str | None = None
     """The LB t1 sent the flow to when it started (its address)."""
 
@@ -61,26 +63,31 @@ class Download:
 
 
 class Downloads:
-    """10 MB downloads from each of `clients`, on the wire for about 17 s each."""
+    """10 MB downloads, on the wire for about 17 s each: one per client in `flows`, from its
+    source port when one is given (else the kernel's)."""
 
-    def __init__(self, st: NetState, dep: Deployment, clients: list[str], spool: Path) -> None:
+    def __init__(
+        self, st: NetState, dep: Deployment, flows: list[tuple[str, int | None]], spool: Path
+    ) -> None:
         self.st, self.dep, self.spool = st, dep, spool
         self.want = hashlib.sha256((dep.www_root / "10m.bin").read_bytes()).hexdigest()
         self.rmem: dict[str, str] = {}
         self.items: list[Download] = []
         try:
-            for c in clients:
+            for c in dict.fromkeys(c for c, _ in flows):
                 self.rmem[c] = node_run(st, c, ["sysctl", "-n", "net.ipv4.tcp_rmem"]).strip()
                 node_run(st, c, ["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={RMEM_CAP}"])
-            for c in clients:
-                path = spool / f"{c}-10m.bin"
-                argv = ["wget", "-q", "-O", str(path), "--tries=1", "--read-timeout=10",
-                        f"--limit-rate={RATE}", f"http://{dep.vip}/10m.bin"]  # fmt: skip
+            for i, (c, port) in enumerate(flows):
+                path = spool / f"{c}-{i}-10m.bin"
+                argv = ["curl", "-sS", "-o", str(path), "--limit-rate", RATE,
+                        "--speed-limit", "1", "--speed-time", "10",  # a stall of 10 s fails
+                        *(("--local-port", str(port)) if port else ()),
+                        f"http://{dep.vip}/10m.bin"]  # fmt: skip
                 proc = subprocess.Popen(
                     in_node(st.nodes[c].pid, argv),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
-                self.items.append(Download(c, proc, path, time.time()))
+                self.items.append(Download(c, proc, path, time.time(), sport=port))
         except BaseException:
             self.close()
             raise
@@ -93,7 +100,7 @@ class Downloads:
                 out = node_run(self.st, d.client, ["ss", "-Htn", "state", "established",
                                                    "dst", self.dep.vip])  # fmt: skip
                 ports = [int(line.split()[2].rsplit(":", 1)[1]) for line in out.splitlines()]
-                if ports:
+                if ports:  # one download per client when the kernel picks the port
                     d.sport = ports[0]
                 elif time.monotonic() > deadline:
                     raise AssertionError(f"{d.client}: no connection to the VIP")
@@ -120,7 +127,7 @@ class Downloads:
                 ok = hashlib.sha256(d.path.read_bytes()).hexdigest() == self.want
             except OSError:
                 ok = False
-            out.append({"client": d.client, "rc": rc, "sha256_ok": ok,
+            out.append({"client": d.client, "sport": d.sport, "rc": rc, "sha256_ok": ok,
                         "seconds": round(d.seconds, 1), "lb": d.lb})  # fmt: skip
         return out
 
