@@ -9,8 +9,12 @@ requests in a loop, and which LB t1 sends each flow to.
   namespace gets `tcp_rmem` capped at 256 KiB while it downloads (the old value put back).
 - `RequestLoops`: bench/fetch_loop.py in some clients' namespaces (a new connection per
   request, every failure with its start time), so a test can tell when new flows failed.
-- `lb_of`: t1's own choice for a flow (`ip route get ... ipproto tcp sport dport`, which hashes
-  the L4 ports as its multipath route does).
+- `carriers`: which LB t1 sends each flow to, seen on t1's ports toward the LBs (tcpdump):
+  not computed, because t1's multipath choice is not a function of the 5-tuple here:
+  `ip route get ... ipproto tcp sport dport` (which hashes the 5-tuple) named the right LB for
+  5 of 10 live flows, a coin's score. The likely cause: the kernel's multipath hash takes an
+  skb's L4 hash when it has one (fib_multipath_hash), and a locally sent TCP segment carries
+  its socket's random hash (sk_txhash) across the veths.
 
 Every process started here is stopped by PID in `close()`, also after a failure.
 """
@@ -93,7 +97,7 @@ class Downloads:
             raise
 
     def map_flows(self, timeout: float = 5.0) -> dict[str, int]:
-        """Each download's source port and t1's choice of LB for it; LB address -> count."""
+        """Each download's source port and the LB t1 sends it to; LB address -> count."""
         deadline = time.monotonic() + timeout
         for d in self.items:
             while d.sport is None:
@@ -106,7 +110,10 @@ class Downloads:
                     raise AssertionError(f"{d.client}: no connection to the VIP")
                 else:
                     time.sleep(0.05)
-            d.lb = lb_of(self.st, self.dep, d.client, d.sport)
+        seen = carriers(self.st, self.dep)
+        for d in self.items:
+            d.lb = seen.get((self.dep.topology.host_ip(d.client), d.sport))
+            assert d.lb is not None, f"{d.client}:{d.sport}: no packet seen at t1 toward an LB"
         counts: dict[str, int] = {}
         for d in self.items:
             counts[str(d.lb)] = counts.get(str(d.lb), 0) + 1
@@ -142,13 +149,32 @@ class Downloads:
                 node_run(self.st, c, ["sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={old}"])
 
 
-def lb_of(st: NetState, dep: Deployment, client: str, sport: int) -> str:
-    """The LB address t1's multipath route picks for client:sport -> VIP:80 (TCP)."""
-    src = dep.topology.host_ip(client)
-    iif = dep.topology.gateway("h1").node + "-eth3"  # t1's first uplink: where clients come in
-    out = node_run(st, "t1", ["ip", "-j", "route", "get", dep.vip, "from", src, "iif", iif,
-                              "ipproto", "tcp", "sport", str(sport), "dport", "80"])  # fmt: skip
-    return str(json.loads(out)[0]["gateway"])
+def carriers(st: NetState, dep: Deployment, seconds: float = 1.5) -> dict[tuple[str, int], str]:
+    """(client address, source port) -> the LB address t1 sent its packets to, for every TCP
+    flow to VIP:80 seen on t1's ports toward the LBs during `seconds`."""
+    procs = {}
+    try:
+        for lb in dep.load_balancers:
+            port = dep.topology.gateway(lb)
+            argv = ["tcpdump", "-nn", "-l", "-q", "-i", port.name, "-c", "5000",
+                    f"tcp and dst host {dep.vip} and dst port 80"]  # fmt: skip
+            procs[dep.topology.host_ip(lb)] = subprocess.Popen(
+                in_node(st.nodes[port.node].pid, argv), text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        time.sleep(seconds)
+    finally:
+        for p in procs.values():
+            p.terminate()
+    seen: dict[tuple[str, int], str] = {}
+    for lb, p in procs.items():
+        out, _ = p.communicate(timeout=10)
+        for line in out.splitlines():  # "12:00:00.1 IP 10.2.4.2.31001 > 20.0.0.1.80: tcp 0"
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "IP":
+                ip, _, sport = fields[2].rpartition(".")
+                seen[(ip, int(sport))] = lb
+    return seen
 
 
 class RequestLoops:
