@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller import network, nodeconfig, render, services
+from controller import netstate, network, nodeconfig, render, services
 from controller.deployment import Deployment
 from l4lb.control import ControlUnavailable, RequestRefused, request
 
@@ -199,6 +199,30 @@ class Drill:
                 raise RuntimeError(f"the web server on {host} did not listen again")
             time.sleep(0.005)
         return time.time()
+
+    def kill_lb(self, lb: str) -> tuple[float, float]:
+        """SIGKILL the LB on `lb`: (wall time of the kill, seconds until its ToR stopped
+        routing the VIP over it)."""
+        from controller import lbctl  # (it reads the running network)
+
+        st = netstate.read_state(self.state_dir)
+        assert st is not None, "no network"
+        killed = time.time()
+        os.kill(self.records[f"lb-{lb}"]["pid"], signal.SIGKILL)
+        return killed, lbctl.wait_ecmp(st, self.dep, lb, present=False, timeout=5.0)
+
+    def restart_lb(self, lb: str) -> float:
+        """Start the LB on `lb` again as the services started it (recorded, stopped by PID);
+        seconds from the restart until its ToR routes the VIP over it again."""
+        from controller import lbctl
+
+        st = netstate.read_state(self.state_dir)
+        assert st is not None, "no network"
+        t0 = time.monotonic()
+        rec = services.restart(self.node_pid, self.state_dir, f"lb-{lb}")
+        self.records[rec["name"]] = rec
+        lbctl.wait_ecmp(st, self.dep, lb, present=True, timeout=5.0)
+        return time.monotonic() - t0
 
     def kill_agent(self, host: str) -> float:
         pid = self.records[f"agent-{host}"]["pid"]

@@ -4,12 +4,16 @@ on a schedule; `bench/soak.sh [--seconds 60]` runs it (as root, after ./install.
 Brings up the fat tree with the fastpath services (waiting its turn for the machine's one fat
 tree), waits until every LB has heard from every agent, captures the new flows reaching each
 backend, starts bench/fetch_loop.py in the client hosts, then every `--period` seconds kills
-the next backend's web server (SIGKILL) and restores it `--down-for` seconds later. It prints a
-line per event and at the end: the requests, the failed ones (apart: those in flight on a
-killed server or sent to it before the LBs knew, bench.health_drill.classify), per kill the
+the next backend's web server (SIGKILL) and restores it `--down-for` seconds later; and every
+`--lb-period` seconds (offset by half of it) it SIGKILLs the next load balancer and restarts
+it `--down-for` seconds later as the services started it. It prints a line per event and at
+the end: the requests, the failed ones (apart: those in flight on a killed server or sent to it
+before the LBs knew, bench.health_drill.classify; a killed LB's are not excused), per kill the
 time from the kill to the last new flow sent to that server (target < 2 s, per LB too) and
-from its return to its first new flow (target < 3 s), each LB's RSS at start and end, and as
-its last line one JSON object (also written to bench/results/soak-<time>.json).
+from its return to its first new flow (target < 3 s), per LB kill the time until its ToR
+stopped using it (target < 1 s) and from its restart until it used it again (target < 3 s),
+each LB's RSS at start and end, and as its last line one JSON object (also written to
+bench/results/soak-<time>.json).
 
 Cluster changes (drain, add, remove a backend) belong in the schedule too; they need
 `python -m controller backend` (issue 8 item 3, another branch). `cluster_step` is the hook:
@@ -37,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 TARGET_LAST_NEW_FLOW = 2.0
 TARGET_BACK = 3.0
+TARGET_LB_OUT = 1.0  # s: a killed LB out of its ToR's ECMP (issue 9)
+TARGET_LB_BACK = 3.0  # s: a restarted one back in it
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,6 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--down-for", type=float, default=3.0, help="seconds a killed server stays dead (3)"
     )
+    ap.add_argument(
+        "--lb-period", type=float, default=20.0,
+        help="seconds between LB kills, the first at half of it (default 20; 0: none)",
+    )  # fmt: skip
     ap.add_argument("--clients", default="", help="client hosts, e.g. h4,h16 (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="request loops per client (2)")
     ap.add_argument("--pace", type=float, default=0.05, help="seconds between requests (0.05)")
@@ -59,6 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error("--seconds must be 5..3600")
     if not 0.5 <= args.down_for < args.period:
         ap.error("--down-for must be >= 0.5 and below --period")
+    if args.lb_period and args.lb_period <= args.down_for:
+        ap.error("--lb-period must be 0 (none) or above --down-for")
     return args
 
 
@@ -107,9 +119,23 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
     outages: list[Outage] = []
     down: Outage | None = None
     drained: str | None = None
-    k = 0
+    lb_kills: list[dict[str, Any]] = []
+    lb_down: tuple[str, float] | None = None  # the killed LB and when
+    k = j = 0
     while time.time() - t0 < args.seconds:
         now = time.time() - t0
+        lb_at = 2.0 + args.lb_period * (j + 0.5)
+        if args.lb_period and lb_down is None and lb_at <= now < args.seconds - args.down_for:
+            lb = drill.lbs[j % len(drill.lbs)]
+            killed, out = drill.kill_lb(lb)
+            lb_down = (lb, killed)
+            lb_kills.append({"lb": lb, "out_of_ecmp_s": round(out, 3), "back_in_ecmp_s": None})
+            log(f"{now:6.1f} s  killed the LB on {lb}: out of its ToR's ECMP in {out:.3f} s")
+        elif lb_down is not None and time.time() - lb_down[1] >= args.down_for:
+            back = drill.restart_lb(lb_down[0])
+            lb_kills[-1]["back_in_ecmp_s"] = round(back, 3)
+            log(f"{time.time() - t0:6.1f} s  restarted it: back in ECMP in {back:.3f} s")
+            lb_down, j = None, j + 1
         if down is None and now >= 2.0 + k * args.period and now + args.down_for < args.seconds:
             if drained is not None:  # the drained backend back first
                 steps.append({"undrain": drained, "result": cluster_step("undrain", drained)})
@@ -129,6 +155,8 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
     if down is not None:
         down.restored = drill.start_server(down.host)
         outages.append(down)
+    if lb_down is not None:
+        lb_kills[-1]["back_in_ecmp_s"] = round(drill.restart_lb(lb_down[0]), 3)
     results = drill.client_results(timeout=30)
     time.sleep(0.2)  # the captures' last packets
     for o in outages:
@@ -153,12 +181,18 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
         "kills": kills,
         "max_last_new_flow_s": worst,
         "max_back_after_s": max(backs) if backs else None,
+        "lb_kills": lb_kills,
         "targets_met": (
             reqs["failed"] == 0
             and worst is not None
             and worst < TARGET_LAST_NEW_FLOW
             and len(backs) == len(outages)
             and max(backs, default=0.0) < TARGET_BACK
+            and all(x["out_of_ecmp_s"] < TARGET_LB_OUT for x in lb_kills)
+            and all(
+                x["back_in_ecmp_s"] is not None and x["back_in_ecmp_s"] < TARGET_LB_BACK
+                for x in lb_kills
+            )
         ),
         "lb_rss_kb": {lb: {"start": rss_start[lb], "end": rss_end[lb]} for lb in rss_start},
         "table_changes": health,
@@ -179,6 +213,11 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(
             f"kill {k['host']}: last new flow {k['last_new_flow_s']:.2f} s after the kill "
             f"({by or 'none after it'}); new flows again {k['back_after_s']} s after its return"
+        )
+    for x in res["lb_kills"]:
+        lines.append(
+            f"kill of the LB on {x['lb']}: out of its ToR's ECMP {x['out_of_ecmp_s']:.3f} s "
+            f"after, back {x['back_in_ecmp_s']} s after its restart"
         )
     for lb, r in res["lb_rss_kb"].items():
         lines.append(f"{lb}: RSS {r['start']} kB at start, {r['end']} kB at the end")

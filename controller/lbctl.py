@@ -224,7 +224,7 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _wait_ecmp(st: NetState, dep: Deployment, host: str, present: bool, timeout: float) -> float:
+def wait_ecmp(st: NetState, dep: Deployment, host: str, present: bool, timeout: float) -> float:
     """Seconds until the ToR's kernel does (not) use `host`; raises LbError after `timeout`."""
     tor = dep.topology.gateway(host).node
     addr = dep.topology.host_ip(host)
@@ -254,7 +254,7 @@ def drain(dep: Deployment, state_dir: Path, host: str, force: bool = False) -> s
     reply = birdctl.query(ctl, f"disable {bgp.STATIC_PROTOCOL}")
     if any(code == 8 for code, _ in reply):  # BIRD's reply code 0008: "already disabled"
         return f"{host}: already drained"
-    took = _wait_ecmp(st, dep, host, present=False, timeout=5.0)
+    took = wait_ecmp(st, dep, host, present=False, timeout=5.0)
     return (
         f"{host}: drained; out of {dep.topology.gateway(host).node}'s ECMP in {took * 1000:.0f} ms"
     )
@@ -268,7 +268,7 @@ def undrain(dep: Deployment, state_dir: Path, host: str) -> str:
     if any(code == 10 for code, _ in reply):  # 0010: "already enabled"
         return f"{host}: not drained"
     try:
-        took = _wait_ecmp(st, dep, host, present=True, timeout=5.0)
+        took = wait_ecmp(st, dep, host, present=True, timeout=5.0)
     except LbError as e:
         return f"{host}: undrained, but not back in ECMP: {e} (is its LB announcing?)"
     tor = dep.topology.gateway(host).node
