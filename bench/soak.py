@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--lb-period", type=float, default=20.0,
-        help="seconds between LB kills, the first at half of it (default 20; 0: none)",
+        help="seconds between LB kills, the first 2 s + half of it in (default 20; 0: none)",
     )  # fmt: skip
     ap.add_argument("--clients", default="", help="client hosts, e.g. h4,h16 (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="request loops per client (2)")
