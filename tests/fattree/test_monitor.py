@@ -95,16 +95,19 @@ def test_prometheus_scrapes_every_exporter_and_has_per_backend_rates(monitored: 
         deadline = time.monotonic() + 30
         while True:  # until every series has had two scrapes within its 5 s window
             rates = by(prom("backend:l4lb_backend_packets:rate5s"), "server")
+            new_flows = by(prom("backend:l4lb_backend_connections:rate5s"), "server")
             lbs = by(prom("host:l4lb_forwarded_packets:rate5s"), "host")
             decap = by(prom("host:l4lb_agent_decap:rate5s"), "host")
             dsr = prom(":l4lb_dsr_byte_ratio:rate5s")
             ready = [*(rates.get(b, 0) for b in BACKENDS), *(lbs.get(h, 0) for h in ("h1", "h2"))]
+            ready += [new_flows.get(b, 0) for b in BACKENDS]
             if (all(ready) and dsr) or time.monotonic() > deadline:
                 break
             time.sleep(1)
     finally:
         load.stop()
     assert sorted(rates) == sorted(BACKENDS) and all(rates[b] > 0 for b in BACKENDS), rates
+    assert all(new_flows.get(b, 0) > 0 for b in BACKENDS), new_flows  # downloads: new flows
     assert lbs.get("h1", 0) > 0 and lbs.get("h2", 0) > 0, lbs
     assert all(decap.get(b, 0) > 0 for b in BACKENDS), decap
     # Replies bypass the LBs: their hosts send a small fraction of the backends' bytes (100 KB
