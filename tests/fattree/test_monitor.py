@@ -238,10 +238,10 @@ def test_status_page_in_a_real_browser(monitored: NetState, browser: Any) -> Non
 
         # The operator drains h7 and withdraws h2's VIP: the page says DRAIN and WITHDRAWN;
         # then both come back.
-        operator("backend", "drain", "h7")
+        operator("backend", "drain", "h7")  # returns once both LBs applied it
+        assert wait_rows(browser, lambda r: r["h7"]["state"] == "DRAIN", 2.0), page_rows(browser)
         operator("lb", "drain", "h2")
-        assert wait_rows(browser, lambda r: r["h7"]["state"] == "DRAIN"
-                         and r["h2"]["state"] == "WITHDRAWN"), page_rows(browser)  # fmt: skip
+        assert wait_rows(browser, lambda r: r["h2"]["state"] == "WITHDRAWN"), page_rows(browser)
         operator("backend", "weight", "h7", "1")
         operator("lb", "undrain", "h2")
         assert wait_rows(browser, lambda r: r["h7"]["state"] == "UP"
