@@ -92,7 +92,10 @@ def backend_commands(backends: Backends, clock: Callable[[], float]) -> dict[str
             listed = [asdict(s) for s in new]
             if dry:
                 return {"dry_run": True, "changed": new != backends.specs, "backends": listed}
-            applied = backends.apply(new, clock())
+            try:
+                applied = backends.apply(new, clock())
+            except BackendError as exc:  # the core refused it (a worker): rolled back
+                raise CommandError(str(exc)) from None
             backends.names.update(names)
             return {
                 "dry_run": False,

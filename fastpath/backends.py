@@ -32,14 +32,38 @@ control request can be checked alone (dry run) and a refused one changes nothing
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from fastpath.balancer import Balancer
 from fastpath.config import MAX_BACKENDS, MAX_WEIGHT
+from fastpath.counters import Counters
 from fastpath.stats import BackendStats, TableStats
 from l4lb.errors import L4lbError
 from l4lb.wire import parse_ipv4
+
+
+class PacketCore(Protocol):
+    """What `Backends` drives and reads: a fastpath.balancer.Balancer, or the workers of a
+    multi-process LB together (fastpath.workers.WorkerPool)."""
+
+    @property
+    def table_size(self) -> int: ...
+
+    @property
+    def table_digest(self) -> str: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    def set_backends(
+        self, backends: Sequence[tuple[str, int]], down: Collection[str] = ()
+    ) -> int: ...
+
+    def slots_owned(self) -> dict[str, int]: ...
+
+    def tracked(self, ip: str) -> int: ...
+
 
 ADMIN = ("up", "down")
 HEALTH = ("up", "down", "unknown")
@@ -176,7 +200,7 @@ class Backends:
 
     def __init__(
         self,
-        balancer: Balancer,
+        balancer: PacketCore,
         specs: Iterable[BackendSpec],
         now: float = 0.0,
         names: Mapping[str, str] | None = None,
@@ -193,7 +217,7 @@ class Backends:
         self.health: dict[str, Health] = {}
         self.health_ignored = 0
         """set_health calls for an address not in the set (a checker behind a change)."""
-        self.table = TableStats(size=balancer.cfg.table_size, digest="")
+        self.table = TableStats(size=balancer.table_size, digest="")
         self.slots: dict[str, int] = {}
         """Lookup-table slots per backend (updated with each change)."""
         self.rates = Rates()
@@ -242,9 +266,14 @@ class Backends:
         stay, `unknown` since `now` for new ones, forgotten for those that leave."""
         health = {s.ip: self.health.get(s.ip) or Health(since=now) for s in specs}
         changed = specs != self.specs
+        old = self.specs, self.health
         self.specs = specs
         self.health = health
-        return self._drive(changed)
+        try:
+            return self._drive(changed)
+        except BackendError:  # the core refused it and changed nothing (fastpath.workers)
+            self.specs, self.health = old
+            raise
 
     def set_health(self, ip: str, healthy: bool, now: float, reason: str) -> bool:
         """The health checker's verdict on backend `ip`; True if the effective table changed
@@ -280,12 +309,13 @@ class Backends:
         turning on with one backend, say, changes nothing it serves)."""
         eff, old = effective(self.specs, self.health), self._effective
         changed = changed or (eff.backends, eff.down) != (old.backends, old.down)
-        self._effective = eff
         if not changed:
+            self._effective = eff
             return Applied(False, 0, 0.0)
         t0 = self._perf()
         moved = self.balancer.set_backends(eff.backends, eff.down)
         took = (self._perf() - t0) * 1000.0
+        self._effective = eff
         t = self.table
         t.digest = self.balancer.table_digest
         self.slots = self.balancer.slots_owned()

@@ -202,6 +202,10 @@ class Balancer:
         self._tables.templates[:] = templates
 
     @property
+    def table_size(self) -> int:
+        return self.cfg.table_size
+
+    @property
     def backends(self) -> list[str]:
         """IPs of the backends in the set now (weight 0 and down included), in the set's order."""
         return list(self._ids)

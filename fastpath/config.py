@@ -147,6 +147,14 @@ class BalancerConfig:
 
 
 BATCH_MAX = 256  # the sender's and the loop's largest batch
+MAX_WORKERS = 64
+"""Most forwarding processes of one LB (`--workers`): far more than the cores of any machine it
+is meant for; a fanout group takes up to 256 sockets (PACKET_FANOUT_MAX on older kernels)."""
+
+
+def check_workers(workers: object) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"workers: must be an integer 1..{MAX_WORKERS}, not {workers!r}")
 
 
 @dataclass(frozen=True)
@@ -208,6 +216,9 @@ class LbConfig:
     """The announcement's BFD interval: BIRD withdraws a hung LB after multiplier x this."""
     bfd_multiplier: int = 3
     """The announcement's BFD detect multiplier."""
+    workers: int = 1
+    """Forwarding processes (fastpath.workers): 1 forwards in this process; N > 1 makes it a
+    supervisor of N worker processes in one PACKET_FANOUT group on IFACE, each on its core."""
 
     def __post_init__(self) -> None:
         if not self.iface or "/" in self.iface or len(self.iface) > 15:
@@ -237,6 +248,12 @@ class LbConfig:
         if self.ring_frames < 16:
             raise ConfigError(f"ring_frames: must be >= 16, not {self.ring_frames}")
         check_bfd(self.bfd_interval_ms, self.bfd_multiplier)
+        check_workers(self.workers)
+        if self.workers > 1 and self.cpu is not None:
+            raise ConfigError(
+                "cpu: pins the single forwarding process; with workers > 1 each worker is "
+                "pinned to its own CPU (leave cpu unset, or taskset the supervisor)"
+            )
 
     def name_of(self, ip: str) -> str | None:
         """The host name of an address, if the configuration knows it."""

@@ -53,7 +53,7 @@ from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
-from fastpath.stats import CoreStats, LbStats
+from fastpath.stats import CoreStats, IoStats, LbStats
 from l4lb import bpf, rps
 from l4lb.control import Command, ControlServer, default_socket
 from l4lb.errors import ConfigError, UsageError
@@ -160,6 +160,88 @@ def make_backends(cfg: LbConfig, core: BalancerConfig, balancer: Balancer, now: 
         raise UsageError(f"backends: {exc}") from None
 
 
+def steer_rps(cfg: LbConfig, ifindex: int) -> rps.Rps | None:
+    """RPS of cfg.iface's receive queue as cfg.rps_cpus says (restored by Rps.restore), or
+    None when it is left alone."""
+    mask = rps.parse_mask(cfg.rps_cpus, "--rps-cpus")
+    if cfg.rps_cpus == "auto" and not (mask and rps.sys_matches(cfg.iface, ifindex)):
+        mask = None  # auto: only where it can be done (pinned, /sys showing this namespace)
+    if mask is None:
+        return None
+    try:
+        return rps.Rps(cfg.iface, mask, ifindex)
+    except UsageError as exc:
+        raise UsageError(f"--rps-cpus: {exc}") from None
+
+
+class Reporter:
+    """The LbStats snapshot from what the process keeps (one definition for the single process
+    and the supervisor of workers, fastpath.workers); the caller gives the packet counters."""
+
+    def __init__(
+        self,
+        ifname: str,
+        backends: Backends,
+        steer: rps.Rps | None,
+        vip_drop: VipDrop,
+        started: float,
+    ) -> None:
+        self.ifname, self.backends, self.steer, self.vip_drop = ifname, backends, steer, vip_drop
+        self.started = started
+        self.mono_to_wall = time.time() - started
+        self.last = (started, 0, 0)
+        self.health: LbHealth | None = None
+        self.announcer: Announcer | None = None
+        self.drainer: DrainService | None = None
+
+    def snapshot(
+        self,
+        now: float,
+        final: bool,
+        advance: bool,
+        *,
+        core: CoreStats,
+        io: IoStats,
+        kernel_drops: int,
+        tracked_flows: int,
+        next_hop_mac: str,
+        workers: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The stats now; `advance` starts the next rate interval (the stats tick does)."""
+        t0, rx0, tx0 = self.last
+        dt = max(now - t0, 1e-9)
+        if advance:
+            self.backends.tick(now)
+        vip_drop, mono_to_wall = self.vip_drop, self.mono_to_wall
+        announcer, drainer, health = self.announcer, self.drainer, self.health
+        snap = LbStats(
+            time=round(time.time(), 3),
+            iface=self.ifname,
+            pid=os.getpid(),
+            uptime_s=round(now - self.started, 3),
+            final=final,
+            rx_pps=round((io.rx_frames - rx0) / dt),
+            tx_pps=round((io.tx_frames - tx0) / dt),
+            core=core,
+            io=io,
+            kernel_drops=kernel_drops,
+            tracked_flows=tracked_flows,
+            backends=self.backends.stats(now, time.time()),
+            fail_open=self.backends.fail_open,
+            table=self.backends.table,
+            next_hop_mac=next_hop_mac,
+            rps_cpus=self.steer.mask if self.steer is not None else None,
+            nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
+            announce=announcer.stats(mono_to_wall) if announcer is not None else None,
+            drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
+            health=health.stats(now) if health is not None else None,
+            workers=workers,
+        )
+        if advance:
+            self.last = (now, io.rx_frames, io.tx_frames)
+        return snap.as_dict()
+
+
 def run(cfg: LbConfig) -> int:
     """Run the load balancer until SIGINT/SIGTERM; 0, or 1 when the cleanup failed."""
     ifname = cfg.iface
@@ -201,17 +283,9 @@ def run(cfg: LbConfig) -> int:
     control: ControlServer | None = None
     health: LbHealth | None = None
     started = time.monotonic()
-    mono_to_wall = time.time() - started
     kdrops = 0
     try:
-        mask = rps.parse_mask(cfg.rps_cpus, "--rps-cpus")
-        if cfg.rps_cpus == "auto" and not (mask and rps.sys_matches(ifname, ifindex)):
-            mask = None  # auto: only where it can be done (pinned, /sys showing this namespace)
-        if mask is not None:
-            try:
-                steer = rps.Rps(ifname, mask, ifindex)
-            except UsageError as exc:
-                raise UsageError(f"--rps-cpus: {exc}") from None
+        steer = steer_rps(cfg, ifindex)
         if not cfg.keep_offloads:
             offloads.apply()
         if cfg.nft:
@@ -222,42 +296,23 @@ def run(cfg: LbConfig) -> int:
         forwarder = Forwarder(
             ring.slots, sock.fileno(), sender, balancer, cfg.batch, cfg.busy_poll_us
         )
-        last = [started, 0, 0]
+        reporter = Reporter(ifname, backends, steer, vip_drop, started)
 
         def snapshot(now: float, final: bool = False, advance: bool = True) -> dict[str, Any]:
             """The stats; `advance` starts the next rate interval (the stats tick does)."""
             nonlocal kdrops
             assert forwarder is not None and sock is not None
-            io = forwarder.io
             kdrops += kernel_drops(sock)[1]
-            dt = max(now - last[0], 1e-9)
-            if advance:
-                backends.tick(now)
-            snap = LbStats(
-                time=round(time.time(), 3),
-                iface=ifname,
-                pid=os.getpid(),
-                uptime_s=round(now - started, 3),
-                final=final,
-                rx_pps=round((io.rx_frames - last[1]) / dt),
-                tx_pps=round((io.tx_frames - last[2]) / dt),
+            return reporter.snapshot(
+                now,
+                final,
+                advance,
                 core=CoreStats.of(balancer.counters),
-                io=io,
+                io=forwarder.io,
                 kernel_drops=kdrops,
                 tracked_flows=len(balancer.conntrack),
-                backends=backends.stats(now, time.time()),
-                fail_open=backends.fail_open,
-                table=backends.table,
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
-                rps_cpus=steer.mask if steer is not None else None,
-                nft_dropped=vip_drop.dropped() if vip_drop.installed and final else None,
-                announce=announcer.stats(mono_to_wall) if announcer is not None else None,
-                drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
-                health=health.stats(now) if health is not None else None,
             )
-            if advance:
-                last[:] = [now, io.rx_frames, io.tx_frames]
-            return snap.as_dict()
 
         warned = False
 
@@ -298,6 +353,7 @@ def run(cfg: LbConfig) -> int:
         if cfg.health is not None:
             health = LbHealth(cfg.health, backends, core.local_ip, cfg.vips[0][0], time.monotonic())
             plane.add(health)
+            reporter.health = health
         if cfg.control_socket != "":
             control = ControlServer(cfg.control_socket or default_socket("lb", ifname), commands)
             plane.add(ControlService(control))
@@ -320,6 +376,7 @@ def run(cfg: LbConfig) -> int:
             drainer = DrainService(announcer, lambda: balancer.counters.total, forwarder.stop, log)
             plane.add(announcer)
             plane.add(drainer)
+            reporter.announcer, reporter.drainer = announcer, drainer
             signal.set_wakeup_fd(drainer.wakeup_fd, warn_on_full_buffer=False)
             log(f"announcing {vip_text} through {announcer.tun} (BFD {cfg.bfd_interval_ms} ms "
                 f"x {cfg.bfd_multiplier})")  # fmt: skip

@@ -271,6 +271,10 @@ class LbStats:
     """The VIP announcement (None when the LB does not announce)."""
     drain: DrainStats | None = None
     """The graceful stop, from the first SIGTERM on (None before)."""
+    workers: list[dict[str, Any]] | None = None
+    """Each worker's own counters (fastpath.workerproto.WorkerStats: worker, pid, cpu, core,
+    io, kernel_drops, tracked_flows, per_backend), whose sums are the fields above; None for
+    a single-process LB (`--workers 1`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -298,11 +298,13 @@ def open_filtered(
     prog: Program | bytes,
     setup: Callable[[socket.socket], None] | None = None,
     ignore_outgoing: bool = True,
+    bound: Callable[[socket.socket], None] | None = None,
 ) -> socket.socket:
     """An AF_PACKET raw socket on `ifname` that has only ever queued frames passing `prog`.
 
     socket(protocol 0: receives nothing) -> drop-all filter -> `setup(sock)` (e.g. map a ring,
-    which must precede traffic) -> bind(ifname, ETH_P_ALL) -> drain -> the real filter.
+    which must precede traffic) -> bind(ifname, ETH_P_ALL) -> `bound(sock)` (e.g. join a
+    PACKET_FANOUT group, which needs a bound socket) -> drain -> the real filter.
     `ignore_outgoing` also keeps the kernel from cloning this host's transmissions to the socket.
     Raises OSError (e.g. ENODEV for an unknown interface); the socket is closed on failure.
     """
@@ -315,6 +317,8 @@ def open_filtered(
         if setup is not None:
             setup(sock)
         sock.bind((ifname, ETH_P_ALL))
+        if bound is not None:
+            bound(sock)
         drain(sock)
         attach(sock, code)
     except BaseException:
