@@ -12,7 +12,9 @@ The data plane reads no deployment or topology itself: the controller renders th
 Counters: one JSON line on stdout every --stats-interval seconds and at exit; the latest
 snapshot is in --stats-file (default /run/l4lb/lb-IFACE.json); fields in fastpath.stats. The
 control channel (default /run/l4lb/lb-IFACE.ctl, root only; l4lb.control) answers `show`.
-Exit status: 0 after a signal, 1 on a runtime failure, 2 on bad arguments or refusal.
+With `--workers N` (N > 1) this process supervises N forwarding processes (fastpath.workers).
+Exit status: 0 after a signal, 1 on a runtime failure (a worker that died included), 2 on bad
+arguments or refusal.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastpath.config import BATCH_MAX, LbConfig
+from fastpath.config import BATCH_MAX, MAX_WORKERS, LbConfig
 from fastpath.runner import run
 from l4lb import cfgfile
 from l4lb.busypoll import add_busy_poll_option
@@ -92,6 +94,18 @@ def positive_int(text: str) -> int:
     return v
 
 
+def workers_count(text: str) -> int:
+    try:
+        v = int(text)
+        if not 1 <= v <= MAX_WORKERS:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--workers must be an integer 1..{MAX_WORKERS}, not {text!r}"
+        ) from None
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastpath.lb",
@@ -137,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="control channel, root only (default /run/l4lb/lb-IFACE.ctl; '-' for none)",
     )
     p.add_argument("--cpu", type=int, metavar="N", help="pin the forwarding loop to CPU N")
+    p.add_argument(
+        "--workers",
+        type=workers_count,
+        metavar="N",
+        help=f"forwarding processes (default 1: this one; 2..{MAX_WORKERS}: this process "
+        "supervises N workers sharing IFACE by flow hash, worker i pinned to the i-th CPU it "
+        "may use, round robin; fastpath.workers)",
+    )
     p.add_argument(
         "--rps-cpus",
         metavar="auto|off|HEXMASK",
@@ -245,6 +267,7 @@ def resolve_config(args: argparse.Namespace) -> LbConfig:
     for option, field in (
         ("stats_interval", "stats_interval"),
         ("cpu", "cpu"),
+        ("workers", "workers"),
         ("rps_cpus", "rps_cpus"),
         ("local_ip", "local_ip"),
         ("next_hop_mac", "next_hop_mac"),

@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -44,7 +44,7 @@ from typing import Any
 from fastpath import bfd
 from fastpath.announce import AnnounceConfig, Announcer, tun_name
 from fastpath.backend_commands import backend_commands
-from fastpath.backends import BackendError, Backends, BackendSpec
+from fastpath.backends import BackendError, Backends, BackendSpec, PacketCore
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.drain import DrainService
@@ -148,7 +148,9 @@ def log(message: str) -> None:
     print(f"fastpath.lb: {message}", file=sys.stderr, flush=True)
 
 
-def make_backends(cfg: LbConfig, core: BalancerConfig, balancer: Balancer, now: float) -> Backends:
+def make_backends(
+    cfg: LbConfig, core: BalancerConfig, balancer: PacketCore, now: float
+) -> Backends:
     """The backend set at start (the configuration's, administrative states included)."""
     down = set(cfg.backends_down)
     specs = [BackendSpec(ip, w, "down" if ip in down else "up") for ip, w in cfg.backends]
@@ -242,19 +244,121 @@ class Reporter:
         return snap.as_dict()
 
 
+def stats_writer(cfg: LbConfig) -> StatsWriter:
+    """The JSON line on stdout and the stats file (cfg.stats_file: "" none, None default)."""
+    if cfg.stats_file == "":
+        return StatsWriter(None, "fastpath.lb")
+    path = Path(cfg.stats_file) if cfg.stats_file else default_path("lb", cfg.iface)
+    return StatsWriter(path, "fastpath.lb")
+
+
+def warn_truncated(n: int, ifname: str) -> None:
+    log(
+        f"warning: {n} frames larger than a ring slot arrived on {ifname} (dropped, counted "
+        "as io.rx_truncated). Segmentation offload upstream hands the tap unsegmented TCP "
+        f"super-frames: turn off tso and gso on the interface at the other end of {ifname}."
+    )
+
+
+def lb_commands(
+    snapshot: Callable[..., dict[str, Any]],
+    reporter: Reporter,
+    backends: Backends,
+    ping_extra: Mapping[str, Any],
+) -> dict[str, Command]:
+    """The control requests of an LB process (the module docstring's list)."""
+
+    def health(req: Mapping[str, Any]) -> Any:
+        h = reporter.health
+        return asdict(h.stats(time.monotonic())) if h is not None else None
+
+    def ping(req: Mapping[str, Any]) -> dict[str, Any]:
+        up = round(time.monotonic() - reporter.started, 3)
+        return {"pid": os.getpid(), "uptime_s": up, **ping_extra}
+
+    return {
+        "show": Command(
+            lambda req: snapshot(time.monotonic(), advance=False),
+            "counters, rates and state now (the stats file's fields)",
+        ),
+        "health": Command(
+            health, "the backends' health as this LB sees it (null without health checks)"
+        ),
+        "ping": Command(ping, "is the process alive and its loop turning"),
+        **backend_commands(backends, time.monotonic),
+    }
+
+
+def control_plane(
+    cfg: LbConfig,
+    core: BalancerConfig,
+    backends: Backends,
+    commands: Mapping[str, Command],
+    reporter: Reporter,
+    plane: Plane,
+) -> tuple[ControlServer | None, LbHealth | None]:
+    """The health probes (when configured) and the control socket (unless "") on `plane`."""
+    health = control = None
+    if cfg.health is not None:
+        health = LbHealth(cfg.health, backends, core.local_ip, cfg.vips[0][0], time.monotonic())
+        plane.add(health)
+        reporter.health = health
+    if cfg.control_socket != "":
+        control = ControlServer(cfg.control_socket or default_socket("lb", cfg.iface), commands)
+        plane.add(ControlService(control))
+    return control, health
+
+
+def vip_text(cfg: LbConfig) -> str:
+    return ", ".join(f"{ip}:{p or '*'}" for ip, p in cfg.vips)
+
+
+def start_line(cfg: LbConfig, core: BalancerConfig, control: ControlServer | None) -> None:
+    """The line on stderr saying what runs."""
+    backend_text = ", ".join(
+        f"{cfg.name_of(ip) or ip}={w}" if cfg.name_of(ip) else f"{ip}={w}" for ip, w in cfg.backends
+    )
+    log(
+        f"{cfg.iface} {core.local_ip} -> next hop {format_mac(core.next_hop_mac)}; "
+        f"VIPs {vip_text(cfg)}; backends {backend_text}"
+        + (f"; control {control.path}" if control else "")
+        + (f"; {cfg.workers} workers" if cfg.workers > 1 else "")
+    )
+
+
+def start_announcing(
+    cfg: LbConfig,
+    plane: Plane,
+    reporter: Reporter,
+    frames: Callable[[], int],
+    stop: Callable[[], None],
+) -> tuple[Announcer, DrainService]:
+    """Announce the VIPs from now on; the first SIGTERM/SIGINT then drains (fastpath.drain),
+    counting the VIP frames with `frames()` and ending the loop with `stop()`."""
+    announcer = Announcer(announce_config(cfg), time.monotonic())
+    drainer = DrainService(announcer, frames, stop, log)
+    plane.add(announcer)
+    plane.add(drainer)
+    reporter.announcer, reporter.drainer = announcer, drainer
+    signal.set_wakeup_fd(drainer.wakeup_fd, warn_on_full_buffer=False)
+    log(f"announcing {vip_text(cfg)} through {announcer.tun} (BFD {cfg.bfd_interval_ms} ms "
+        f"x {cfg.bfd_multiplier})")  # fmt: skip
+    return announcer, drainer
+
+
 def run(cfg: LbConfig) -> int:
     """Run the load balancer until SIGINT/SIGTERM; 0, or 1 when the cleanup failed."""
+    if cfg.workers > 1:
+        from fastpath.workers import run_workers  # it builds on this module
+
+        return run_workers(cfg)
     ifname = cfg.iface
     ifindex = if_index(ifname)
     check_forwarding_off()
     core, next_hop = balancer_config(cfg)
     balancer = Balancer(core)
     backends = make_backends(cfg, core, balancer, time.monotonic())
-    if cfg.stats_file == "":
-        stats_path = None
-    else:
-        stats_path = Path(cfg.stats_file) if cfg.stats_file else default_path("lb", ifname)
-    writer = StatsWriter(stats_path, "fastpath.lb")
+    writer = stats_writer(cfg)
 
     forwarder: Forwarder | None = None
     announcer: Announcer | None = None
@@ -325,61 +429,17 @@ def run(cfg: LbConfig) -> int:
             writer.emit(snapshot(now))
             if forwarder is not None and forwarder.rx_truncated and not warned:
                 warned = True  # once: the counter keeps the count
-                print(
-                    f"fastpath.lb: warning: {forwarder.rx_truncated} frames larger than a "
-                    f"ring slot arrived on {ifname} (dropped, counted as io.rx_truncated). "
-                    "Segmentation offload upstream hands the tap unsegmented TCP super-frames: "
-                    f"turn off tso and gso on the interface at the other end of {ifname}.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                warn_truncated(forwarder.rx_truncated, ifname)
 
-        commands: dict[str, Command] = {
-            "show": Command(
-                lambda req: snapshot(time.monotonic(), advance=False),
-                "counters, rates and state now (the stats file's fields)",
-            ),
-            "health": Command(
-                lambda req: asdict(health.stats(time.monotonic())) if health else None,
-                "the backends' health as this LB sees it (null without health checks)",
-            ),
-            "ping": Command(
-                lambda req: {"pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 3)},
-                "is the process alive and its loop turning",
-            ),
-            **backend_commands(backends, time.monotonic),
-        }
+        commands = lb_commands(snapshot, reporter, backends, {})
         plane = Plane(name="fastpath.lb")
-        if cfg.health is not None:
-            health = LbHealth(cfg.health, backends, core.local_ip, cfg.vips[0][0], time.monotonic())
-            plane.add(health)
-            reporter.health = health
-        if cfg.control_socket != "":
-            control = ControlServer(cfg.control_socket or default_socket("lb", ifname), commands)
-            plane.add(ControlService(control))
-
-        vip_text = ", ".join(f"{ip}:{p or '*'}" for ip, p in cfg.vips)
-        backend_text = ", ".join(
-            f"{cfg.name_of(ip) or ip}={w}" if cfg.name_of(ip) else f"{ip}={w}"
-            for ip, w in cfg.backends
-        )
-        print(
-            f"fastpath.lb: {ifname} {core.local_ip} -> next hop {format_mac(core.next_hop_mac)}; "
-            f"VIPs {vip_text}; backends {backend_text}"
-            + (f"; control {control.path}" if control else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+        control, health = control_plane(cfg, core, backends, commands, reporter, plane)
+        start_line(cfg, core, control)
         writer.emit(snapshot(time.monotonic()))
         if cfg.announce:  # forwarding works: announce from now on
-            announcer = Announcer(announce_config(cfg), time.monotonic())
-            drainer = DrainService(announcer, lambda: balancer.counters.total, forwarder.stop, log)
-            plane.add(announcer)
-            plane.add(drainer)
-            reporter.announcer, reporter.drainer = announcer, drainer
-            signal.set_wakeup_fd(drainer.wakeup_fd, warn_on_full_buffer=False)
-            log(f"announcing {vip_text} through {announcer.tun} (BFD {cfg.bfd_interval_ms} ms "
-                f"x {cfg.bfd_multiplier})")  # fmt: skip
+            announcer, drainer = start_announcing(
+                cfg, plane, reporter, lambda: balancer.counters.total, forwarder.stop
+            )
         forwarder.run(tick, cfg.stats_interval, plane)
         writer.emit(snapshot(time.monotonic(), final=True))
     except Stop:
@@ -398,7 +458,7 @@ def run(cfg: LbConfig) -> int:
 
 
 def _cleanup(
-    ring: RxRing,
+    ring: RxRing | None,
     sock: Any,
     txsock: Any,
     vip_drop: VipDrop,
@@ -414,7 +474,7 @@ def _cleanup(
         *((announcer.close,) if announcer is not None else ()),
         *((control.close,) if control is not None else ()),
         *((health.close,) if health is not None else ()),
-        ring.close,
+        *((ring.close,) if ring is not None else ()),
         *(s.close for s in (sock, txsock) if s is not None),
         vip_drop.remove,
         offloads.restore,

@@ -17,7 +17,7 @@ import ctypes
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import FrameType
 from typing import Any
 
@@ -112,7 +112,7 @@ def run_worker(
     cpu: int | None,
     cfg: LbConfig,
     core: BalancerConfig,
-    initial: tuple[Sequence[tuple[str, int]], Sequence[str]],
+    initial: tuple[Sequence[tuple[str, int]], Collection[str]],
     chan: socket.socket,
     group: int | None,
 ) -> int:

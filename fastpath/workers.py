@@ -1,0 +1,535 @@
+"""`python -m fastpath.lb IFACE --workers N` with N > 1: this process supervises N forwarding
+workers (fastpath.worker), one per core.
+
+The supervisor keeps what there is once per LB, as the single process does (fastpath.runner,
+whose pieces it reuses): the backend set and its health (fastpath.backends, healthsvc), the
+control socket, the VIP announcement and graceful drain, nftables, offloads, RPS, the stats.
+It forwards nothing. Each worker is a process (forwarding is pure Python: the GIL would
+serialise threads) forked after the interface is set up and before any control socket is
+opened, so it holds only its own: an AF_PACKET socket with its TPACKET ring in one
+PACKET_FANOUT group (hash mode: a flow always reaches the same worker; l4lb.fanout), its TX
+socket, its Balancer (connection table and counters), pinned to CPU i % n of the CPUs the
+supervisor may use.
+
+`WorkerPool` is the packet core `Backends` drives (fastpath.backends.PacketCore): a backend
+change goes to every worker over its socket pair (fastpath.workerproto) and is answered only
+when all have applied it and their lookup tables have the digest of the supervisor's own
+(a `shadow` Balancer that sees no packets, for the table's digest and slots); if one refuses,
+the previous set goes back to all and the request is refused. The counters `show` and the
+stats report are the workers' sums (workerproto.merge), with each worker's own in `workers`.
+
+Lifecycle: SIGTERM/SIGINT stops as the single process does (drain first when announcing),
+then each worker is sent SIGTERM by PID and waited for (SIGKILL after STOP_TIMEOUT). A worker
+that dies is reported with its exit status and the supervisor stops the others, cleans up and
+exits 1: the fanout group shrank, flows moved between the survivors and lost their tracked
+state, which a restart would not undo, so the service manager (controller.services) restarts
+the LB whole. A supervisor that dies takes its workers along (PR_SET_PDEATHSIG, and EOF on
+their socket pairs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from fastpath.announce import Announcer
+from fastpath.backends import BackendError
+from fastpath.balancer import Balancer
+from fastpath.config import BalancerConfig, LbConfig
+from fastpath.counters import Counters
+from fastpath.drain import DrainService
+from fastpath.nft import VipDrop
+from fastpath.offload import Offloads
+from fastpath.runner import (
+    Reporter,
+    Stop,
+    _cleanup,
+    balancer_config,
+    check_forwarding_off,
+    control_plane,
+    if_index,
+    lb_commands,
+    log,
+    make_backends,
+    start_announcing,
+    start_line,
+    stats_writer,
+    steer_rps,
+    warn_truncated,
+)
+from fastpath.stats import CoreStats, IoStats
+from fastpath.worker import die_with_parent, run_worker
+from fastpath.workerproto import LineReader, ProtocolError, counters_of, encode, merge
+from l4lb.control import ControlServer
+from l4lb.errors import L4lbError
+from l4lb.plane import Plane
+from l4lb.wire import format_mac
+
+START_TIMEOUT = 20.0
+"""Seconds for a worker to map its ring, join the group and say it is ready."""
+REPLY_TIMEOUT = 5.0
+"""Seconds for every worker to answer a request (a change to 64 new backends costs a worker's
+loop about a second: fastpath.config.MAX_BACKENDS; they work on it in parallel)."""
+STOP_TIMEOUT = 5.0
+"""Seconds between SIGTERM and SIGKILL for a worker at stop."""
+IDLE_MAX = 0.05
+"""Longest sleep of the supervisor's loop (bounds its reaction to a signal's stop)."""
+
+
+class WorkerFailed(L4lbError):
+    """A worker died, refused, or did not answer in time; the message says which and why."""
+
+
+def worker_cpus(n: int, allowed: Collection[int]) -> list[int]:
+    """The CPU of each of `n` workers: worker i on the i-th allowed CPU, round robin."""
+    cpus = sorted(allowed)
+    if not cpus:
+        raise ValueError("no CPU allowed")
+    return [cpus[i % len(cpus)] for i in range(n)]
+
+
+def exit_text(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+@dataclass
+class Worker:
+    index: int
+    cpu: int
+    pid: int
+    sock: socket.socket
+    reader: LineReader = field(default_factory=LineReader)
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+    exited: str | None = None
+    """How it ended, once reaped."""
+
+
+class WorkerPool:
+    """The workers as one packet core (module docstring), and their plane service."""
+
+    def __init__(
+        self,
+        cfg: LbConfig,
+        core: BalancerConfig,
+        cpus: Sequence[int],
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg, self.core, self.cpus = cfg, core, list(cpus)
+        self.shadow = Balancer(core)
+        """The table's digest and slots per backend without packets (identical in workers)."""
+        self.on_failure = on_failure
+        self.current: tuple[tuple[tuple[str, int], ...], frozenset[str]] = (
+            tuple(core.backends),
+            frozenset(),
+        )
+        self.workers: list[Worker] = []
+        self.failed: str | None = None
+        """Why the pool stopped working (None while it works)."""
+        self.results: list[dict[str, Any]] = []
+        """Each worker's last stats answer (fastpath.workerproto.WorkerStats as a dict)."""
+        self._counters = Counters()
+        self._tracked: dict[str, int] = {}
+        self._seq = 0
+
+    # --- fastpath.backends.PacketCore -----------------------------------------------------
+
+    @property
+    def table_size(self) -> int:
+        return self.core.table_size
+
+    @property
+    def table_digest(self) -> str:
+        return self.shadow.table_digest
+
+    @property
+    def counters(self) -> Counters:
+        """Per-backend counts summed over the workers, as of the last `poll`."""
+        return self._counters
+
+    def slots_owned(self) -> dict[str, int]:
+        return self.shadow.slots_owned()
+
+    def tracked(self, ip: str) -> int:
+        return self._tracked.get(ip, 0)
+
+    def set_backends(self, backends: Sequence[tuple[str, int]], down: Collection[str] = ()) -> int:
+        """Balancer.set_backends on the shadow and every worker, or on none (BackendError)."""
+        old = self.current
+        moved = self.shadow.set_backends(backends, down)  # a bad set raises here, nothing sent
+        new = (tuple(backends), frozenset(down))
+        if not self.workers:  # before start: the workers begin with it
+            self.current = new
+            return moved
+        try:
+            digests = {r["table_digest"] for r in self.request(self._backends_msg(new))}
+            if digests != {self.shadow.table_digest}:
+                raise WorkerFailed(
+                    f"workers' tables differ from the supervisor's: {sorted(digests)} vs "
+                    f"{self.shadow.table_digest}"
+                )
+        except WorkerFailed as exc:
+            self.shadow.set_backends(*old)
+            try:
+                self.request(self._backends_msg(old))
+            except WorkerFailed as again:
+                self.fail(f"rollback failed: {again}")
+            raise BackendError(f"not applied (rolled back on every worker): {exc}") from None
+        self.current = new
+        return moved
+
+    def set_next_hop_mac(self, mac: bytes) -> None:
+        self.shadow.set_next_hop_mac(mac)
+        self.request({"op": "next_hop", "mac": format_mac(mac)})
+
+    @staticmethod
+    def _backends_msg(
+        state: tuple[tuple[tuple[str, int], ...], frozenset[str]],
+    ) -> dict[str, Any]:
+        backends, down = state
+        return {"op": "backends", "backends": [list(b) for b in backends], "down": sorted(down)}
+
+    # --- starting, asking, stopping -------------------------------------------------------
+
+    def start(self) -> None:
+        """Fork the workers; returns once every one forwards (WorkerFailed otherwise). The
+        first creates the fanout group, the others join the id it reports."""
+        group: int | None = None
+        for i, cpu in enumerate(self.cpus):
+            self._fork(i, cpu, group)
+            if group is None:
+                group = int(self._ready(self.workers[0])["group"])
+        for w in self.workers[1:]:
+            self._ready(w)
+
+    def _fork(self, index: int, cpu: int, group: int | None) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        me = os.getpid()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's stack
+            status = 1
+            try:
+                parent.close()
+                for w in self.workers:
+                    w.sock.close()
+                die_with_parent(me)
+                status = run_worker(index, cpu, self.cfg, self.core, self.current, child, group)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        child.close()
+        self.workers.append(Worker(index, cpu, pid, parent))
+
+    def _ready(self, w: Worker) -> dict[str, Any]:
+        msg = self._next(w, time.monotonic() + START_TIMEOUT)
+        if not msg.get("ok") or msg["seq"] != 0:
+            raise WorkerFailed(f"worker {w.index} did not start: {msg.get('error', msg)}")
+        result: dict[str, Any] = msg["result"]
+        return result
+
+    def _next(self, w: Worker, deadline: float) -> dict[str, Any]:
+        """The next message from `w` (WorkerFailed if it dies or stays silent)."""
+        while not w.inbox:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"worker {w.index} (pid {w.pid}) did not answer in time")
+            ready, _, _ = select.select([w.sock], [], [], left)
+            if ready:
+                self._read(w)
+        return w.inbox.pop(0)
+
+    def _read(self, w: Worker) -> None:
+        try:
+            data = w.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._reap(w, block=True)
+            raise WorkerFailed(f"worker {w.index} (pid {w.pid}) exited: {w.exited}")
+        try:
+            w.inbox.extend(w.reader.feed(data))
+        except ProtocolError as exc:
+            raise WorkerFailed(f"worker {w.index}: {exc}") from None
+
+    def _reap(self, w: Worker, block: bool) -> bool:
+        if w.exited is not None:
+            return True
+        deadline = time.monotonic() + (1.0 if block else 0.0)
+        while True:
+            pid, status = os.waitpid(w.pid, os.WNOHANG)
+            if pid:
+                w.exited = exit_text(status)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def request(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """`msg` to every worker; their results in worker order, or WorkerFailed (one
+        refused, died or was silent: the reasons of all)."""
+        if self.failed:
+            raise WorkerFailed(self.failed)
+        self._seq += 1
+        seq = self._seq
+        line = encode({"seq": seq, **msg})
+        for w in self.workers:
+            try:
+                w.sock.sendall(line)
+            except OSError as exc:
+                self.fail(f"worker {w.index} (pid {w.pid}): {exc}")
+                raise WorkerFailed(self.failed or str(exc)) from None
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        results: list[dict[str, Any]] = []
+        errors: list[str] = []
+        for w in self.workers:
+            try:
+                reply = self._next(w, deadline)
+                while reply["seq"] != seq:  # a late answer to an earlier request
+                    reply = self._next(w, deadline)
+            except WorkerFailed as exc:
+                self.fail(str(exc))
+                raise
+            if reply.get("ok"):
+                results.append(reply["result"])
+            else:
+                errors.append(f"worker {w.index}: {reply.get('error')}")
+        if errors:
+            raise WorkerFailed("; ".join(errors))
+        return results
+
+    def fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            log(f"workers: {why}; stopping")
+            self.on_failure()
+
+    def stop(self) -> list[str]:
+        """SIGTERM every worker by PID and wait (SIGKILL after STOP_TIMEOUT); the failures."""
+        errors: list[str] = []
+        for w in self.workers:
+            if w.exited is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for w in self.workers:
+            while not self._reap(w, block=False) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if w.exited is None:
+                os.kill(w.pid, signal.SIGKILL)
+                _, status = os.waitpid(w.pid, 0)
+                w.exited = exit_text(status)
+                errors.append(f"worker {w.index} (pid {w.pid}) ignored SIGTERM: killed")
+            elif w.exited != "exit status 0" and self.failed is None:
+                errors.append(f"worker {w.index} (pid {w.pid}): {w.exited}")
+            w.sock.close()
+        return errors
+
+    # --- counters -------------------------------------------------------------------------
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Every worker's stats now (kept in `results`, summed into `counters`)."""
+        self.results = self.request({"op": "stats"})
+        per = merge([r["per_backend"] for r in self.results])
+        self._counters = counters_of(per)
+        self._tracked = {ip: c["active_flows"] for ip, c in per.items()}
+        return self.results
+
+    def summed(self) -> tuple[CoreStats, IoStats, int, int]:
+        """The core and I/O counters, kernel drops and tracked flows of all, from `results`."""
+        r = self.results
+        return (
+            CoreStats(**merge([x["core"] for x in r])),
+            IoStats(**merge([x["io"] for x in r])),
+            sum(x["kernel_drops"] for x in r),
+            sum(x["tracked_flows"] for x in r),
+        )
+
+    def frames(self) -> int:
+        """Frames the workers' cores have seen, now (the drain's count)."""
+        try:
+            return sum(r["core"]["frames"] for r in self.poll())
+        except WorkerFailed:
+            return -1  # the loop is stopping anyway; a change of count keeps the drain going
+
+    # --- l4lb.plane service: a worker that dies or speaks out of turn ---------------------
+
+    def fds(self) -> Sequence[int]:
+        return [w.sock.fileno() for w in self.workers if w.exited is None]
+
+    def service(self, now: float) -> float:
+        for w in self.workers:
+            if w.exited is not None or self.failed:
+                continue
+            ready, _, _ = select.select([w.sock], [], [], 0)
+            if not ready:
+                continue
+            try:
+                self._read(w)
+                stray = w.inbox.pop(0) if w.inbox else None
+                if stray is not None and not stray.get("ok"):
+                    raise WorkerFailed(f"worker {w.index}: {stray.get('error')}")
+            except WorkerFailed as exc:
+                self.fail(str(exc))
+        return math.inf  # woken by its sockets only
+
+
+class Running:
+    """The supervisor loop's flag (stop() is safe in a signal handler)."""
+
+    def __init__(self) -> None:
+        self.on = True
+
+    def stop(self) -> None:
+        self.on = False
+
+
+def serve(
+    plane: Plane,
+    tick: Callable[[float], None],
+    tick_every: float,
+    running: Running,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """The supervisor's loop: the plane's services when due or woken by their sockets, and
+    `tick` every `tick_every` seconds, until `running.stop()`."""
+    poller = select.poll()
+    watched: set[int] = set()
+    next_tick = clock() + tick_every
+    due = plane.run(clock())
+    while running.on:
+        fds = set(plane.fds())
+        for fd in watched - fds:
+            poller.unregister(fd)
+        for fd in fds - watched:
+            poller.register(fd, select.POLLIN | select.POLLERR)
+        watched = fds
+        now = clock()
+        wait = min(due, next_tick, now + IDLE_MAX) - now
+        events = poller.poll(max(0, math.ceil(wait * 1000)))
+        now = clock()
+        if events or now >= due:
+            due = plane.run(now)
+        if running.on and now >= next_tick:
+            tick(now)
+            next_tick = now + tick_every
+
+
+def run_workers(cfg: LbConfig) -> int:
+    """fastpath.runner.run for cfg.workers > 1: 0 after a signal, 1 when a worker failed or
+    the cleanup did."""
+    ifname = cfg.iface
+    ifindex = if_index(ifname)
+    check_forwarding_off()
+    core, next_hop = balancer_config(cfg)
+    running = Running()
+    pool = WorkerPool(cfg, core, worker_cpus(cfg.workers, os.sched_getaffinity(0)), running.stop)
+    backends = make_backends(cfg, core, pool, time.monotonic())
+    writer = stats_writer(cfg)
+    started = time.monotonic()
+    forwarding = False
+    announcer: Announcer | None = None
+    drainer: DrainService | None = None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not forwarding:
+            raise Stop
+        if drainer is not None and drainer.request():
+            return  # the first: withdraw and drain, the workers forwarding on
+        running.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    offloads = Offloads(ifname)
+    vip_drop = VipDrop(ifname, cfg.vips)
+    steer = None
+    control: ControlServer | None = None
+    health = None
+    failed = False
+    try:
+        steer = steer_rps(cfg, ifindex)
+        if not cfg.keep_offloads:
+            offloads.apply()
+        if cfg.nft:
+            vip_drop.install()
+        pool.start()  # before any socket of the control plane exists: workers inherit none
+        forwarding = True
+        reporter = Reporter(ifname, backends, steer, vip_drop, started)
+
+        def snapshot(now: float, final: bool = False, advance: bool = True) -> dict[str, Any]:
+            results = pool.poll()
+            core_stats, io, kdrops, tracked = pool.summed()
+            return reporter.snapshot(
+                now,
+                final,
+                advance,
+                core=core_stats,
+                io=io,
+                kernel_drops=kdrops,
+                tracked_flows=tracked,
+                next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
+                workers=results,
+            )
+
+        warned = False
+
+        def tick(now: float) -> None:
+            nonlocal warned
+            if next_hop is not None:
+                mac = next_hop.refresh(now)
+                if mac is not None:
+                    pool.set_next_hop_mac(mac)
+            snap = snapshot(now)
+            writer.emit(snap)
+            if snap["io"]["rx_truncated"] and not warned:
+                warned = True
+                warn_truncated(snap["io"]["rx_truncated"], ifname)
+
+        pids = {"workers": [w.pid for w in pool.workers]}
+        commands = lb_commands(snapshot, reporter, backends, pids)
+        plane = Plane([pool], name="fastpath.lb")
+        control, health = control_plane(cfg, core, backends, commands, reporter, plane)
+        start_line(cfg, core, control)
+        log("workers " + ", ".join(f"{w.index}: pid {w.pid} cpu {w.cpu}" for w in pool.workers))
+        writer.emit(snapshot(time.monotonic()))
+        if cfg.announce:
+            announcer, drainer = start_announcing(cfg, plane, reporter, pool.frames, running.stop)
+        serve(plane, tick, cfg.stats_interval, running)
+        if pool.failed is None:
+            writer.emit(snapshot(time.monotonic(), final=True))
+    except Stop:
+        pass
+    except WorkerFailed as exc:
+        pool.fail(str(exc))
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if drainer is not None:
+            signal.set_wakeup_fd(-1)
+        errors = pool.stop()
+        errors += _cleanup(None, None, None, vip_drop, offloads, steer, control, health, announcer)
+        if drainer is not None:
+            drainer.close()
+        failed = pool.failed is not None
+    for err in errors:
+        log(f"cleanup: {err}")
+    if failed:
+        log(f"stopped because {pool.failed}")
+    return 1 if errors or failed else 0
