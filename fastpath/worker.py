@@ -26,11 +26,13 @@ from fastpath.config import BalancerConfig, LbConfig
 from fastpath.forward import Forwarder
 from fastpath.workerproto import LineReader, ProtocolError, WorkerStats, encode
 from l4lb import bpf, fanout
+from l4lb.errors import L4lbError
 from l4lb.plane import Plane
 from l4lb.ring import RxRing, kernel_drops
 from l4lb.tx import ZeroCopySender, open_tx_socket
 from l4lb.wire import parse_mac
 
+Handler = Callable[[dict[str, Any]], Any]
 PR_SET_PDEATHSIG = 1
 IO_EVERY = 0.1
 """Seconds between two updates of the loop's I/O counters (l4lb.rxloop folds them in at its
@@ -55,7 +57,7 @@ class Channel:
     def __init__(
         self,
         sock: socket.socket,
-        handlers: dict[str, Callable[[dict[str, Any]], Any]],
+        handlers: dict[str, Handler],
         on_eof: Callable[[], None],
     ) -> None:
         self.sock = sock
@@ -103,8 +105,22 @@ class Channel:
             return {"seq": seq, "ok": False, "error": f"unknown op {op!r}"}
         try:
             return {"seq": seq, "ok": True, "result": handler(msg)}
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, L4lbError) as exc:  # refused: nothing changed
             return {"seq": seq, "ok": False, "error": f"{op}: {exc}"}
+
+
+def handlers(balancer: Balancer, stats: Handler) -> dict[str, Handler]:
+    """The requests a worker serves (fastpath.workerproto), on its `balancer`."""
+
+    def backends(msg: dict[str, Any]) -> dict[str, Any]:
+        pairs = tuple((str(ip), int(w)) for ip, w in msg["backends"])
+        moved = balancer.set_backends(pairs, frozenset(msg["down"]))
+        return {"slots_moved": moved, "table_digest": balancer.table_digest}
+
+    def next_hop(msg: dict[str, Any]) -> None:
+        balancer.set_next_hop_mac(parse_mac(msg["mac"]))
+
+    return {"stats": stats, "backends": backends, "next_hop": next_hop}
 
 
 def run_worker(
@@ -160,17 +176,7 @@ def run_worker(
             io = forwarder.io  # its frame counts lag by up to IO_EVERY; the core's do not
             return WorkerStats.of(index, os.getpid(), cpu, balancer, io, kdrops[0]).as_dict()
 
-        def backends(msg: dict[str, Any]) -> dict[str, Any]:
-            pairs = tuple((str(ip), int(w)) for ip, w in msg["backends"])
-            moved = balancer.set_backends(pairs, frozenset(msg["down"]))
-            return {"slots_moved": moved, "table_digest": balancer.table_digest}
-
-        def next_hop(msg: dict[str, Any]) -> None:
-            balancer.set_next_hop_mac(parse_mac(msg["mac"]))
-
-        channel = Channel(
-            chan, {"stats": stats, "backends": backends, "next_hop": next_hop}, forwarder.stop
-        )
+        channel = Channel(chan, handlers(balancer, stats), forwarder.stop)
         stopping.append(forwarder)
         ready = {"ready": True, "pid": os.getpid(), "cpu": cpu, "group": joined[0]}
         channel.send({"seq": 0, "ok": True, "result": ready})
