@@ -15,7 +15,7 @@ from typing import Any
 from agent.config import check_mss
 from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
-from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER, check_hash_seed
+from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER, check_hash_seed, check_workers
 from l4lb import cfgfile
 from l4lb.errors import ConfigError
 from l4lb.healthcfg import HealthConfig
@@ -115,6 +115,8 @@ class Deployment:
     """The file it was read from, if it was read from one."""
     bgp: BgpSettings = BgpSettings()
     """AS numbers and BFD timers of the VIP announcements."""
+    lb_workers: int = 1
+    """Forwarding processes per load balancer (LbConfig.workers; fastpath.workers)."""
 
     def backend_ips(self) -> tuple[tuple[str, int], ...]:
         """(backend IP, weight), in the file's order."""
@@ -146,6 +148,7 @@ KEYS = frozenset(
         "health",
         "bgp",
         "metrics_port",
+        "lb_workers",
     }
 )
 """Every key a deployment file may have: any other is a typo, refused with its name."""
@@ -214,7 +217,9 @@ def parse_deployment(
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
     metrics_port = data.get("metrics_port", DEFAULT_PORT)
+    lb_workers = data.get("lb_workers", 1)
     try:  # the data planes' own rules (one definition each), on the deployment's values
+        check_workers(lb_workers, "lb_workers")
         check_hash_seed(seed)
         check_mss(mss, mtu)
         check_port("metrics_port", metrics_port)
@@ -246,6 +251,7 @@ def parse_deployment(
         source=source,
         path=path,
         bgp=bgp,
+        lb_workers=lb_workers,
     )
     from controller import render  # render imports this module
 

@@ -152,9 +152,10 @@ MAX_WORKERS = 64
 is meant for; a fanout group takes up to 256 sockets (PACKET_FANOUT_MAX on older kernels)."""
 
 
-def check_workers(workers: object) -> None:
+def check_workers(workers: object, name: str = "workers") -> None:
+    """`name`: the field's name where it was given (the deployment's is lb_workers)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
-        raise ConfigError(f"workers: must be an integer 1..{MAX_WORKERS}, not {workers!r}")
+        raise ConfigError(f"{name}: must be an integer 1..{MAX_WORKERS}, not {workers!r}")
 
 
 @dataclass(frozen=True)

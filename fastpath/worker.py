@@ -71,6 +71,9 @@ class Channel:
         self.sock.setblocking(True)  # replies are small; the supervisor reads them at once
         try:
             self.sock.sendall(encode(msg))
+        except OSError:  # the supervisor is gone: stop, as at EOF
+            self.eof = True
+            self.on_eof()
         finally:
             self.sock.setblocking(False)
 
@@ -96,6 +99,8 @@ class Channel:
                     self.send(self.reply(msg))
             except ProtocolError as exc:
                 self.send({"seq": -1, "ok": False, "error": f"protocol: {exc}"})
+            if self.eof:
+                break
         return now + CHANNEL_EVERY
 
     def reply(self, msg: dict[str, Any]) -> dict[str, Any]:

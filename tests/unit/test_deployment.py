@@ -66,6 +66,9 @@ def _write(tmp_path: Path, **changes: Any) -> Path:
         ({"hash_seed": 2**56 - 1}, None),
         ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, bgp, hash_seed,"),
         ({"topology": "nope.json"}, "topology: .*nope.json: cannot read"),
+        ({"lb_workers": 0}, r"lb_workers: must be an integer 1\.\.64, not 0"),
+        ({"lb_workers": "2"}, r"lb_workers: must be an integer 1\.\.64, not '2'"),
+        ({"lb_workers": 64}, None),
     ],
 )
 def test_bad_deployment(tmp_path, changes, message):
@@ -94,6 +97,7 @@ def test_every_process_configuration_renders_from_it():
     assert (lb.iface, lb.vips, lb.hash_seed) == ("h1-eth0", (("20.0.0.1", 80),), 2026)
     assert lb.backends == d.backend_ips() and ("10.2.3.2", "h3") in lb.names
     assert (lb.announce, lb.bfd_interval_ms, lb.bfd_multiplier) == (True, 100, 3)
+    assert lb.workers == 1  # the deployment's lb_workers, absent here
     agent = render.agent_config(d, "h7")
     assert (agent.iface, agent.vips, agent.allowed_lbs) == (
         "h7-eth0",
@@ -101,6 +105,11 @@ def test_every_process_configuration_renders_from_it():
         ("10.1.1.2", "10.1.2.2"),
     )
     assert agent.server_mss == 1440 and agent.mtu == 1500
+
+
+def test_lb_workers_is_rendered_into_every_lb(tmp_path: Path) -> None:
+    d = load_deployment(_write(tmp_path, lb_workers=2))
+    assert {render.lb_config(d, h).workers for h in d.load_balancers} == {2}
 
 
 def test_missing_key(tmp_path):
