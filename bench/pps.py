@@ -74,6 +74,7 @@ PHASES = (
     "scraped",
     "memory",
     "lb_memory",
+    "workers",
 )
 UDP_PORT = 9  # discard; the agent phase binds it on the DUT (bench/udp_sink.py)
 PING_PORT = 7777
@@ -111,6 +112,14 @@ def cpu_note(res: dict[str, Any]) -> str:
     """' [cpu0 100% si 35%, cpu1 ...]': how busy each core was, softirq share included."""
     parts = [f"{c} {v['busy']:.0%} si {v['softirq']:.0%}" for c, v in res.get("cpu", {}).items()]
     return f" [{', '.join(parts)}]" if parts else ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, as `lscpu | grep 'Model name'` shows it)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def say(text: str) -> None:
@@ -330,9 +339,16 @@ def place(ctx: Ctx, placement: str) -> None:
 
 
 def run_forwarder(
-    ctx: Ctx, name: str, argv: list[str] | None, seconds: float, placements: Sequence[str]
+    ctx: Ctx,
+    name: str,
+    argv: list[str] | None,
+    seconds: float,
+    placements: Sequence[str],
+    cpu: int | str | None = None,
 ) -> dict[str, Any]:
-    """Saturation per placement for one forwarder on the DUT (argv None: the kernel router)."""
+    """Saturation per placement for one forwarder on the DUT (argv None: the kernel router),
+    pinned to `cpu` (default the DUT core)."""
+    cpu = ctx.args.dut_cpu if cpu is None else cpu
     tb = ctx.tb
     counting(ctx, True)
     tb.set_dut_forwarding(argv is None)
@@ -342,7 +358,7 @@ def run_forwarder(
         proc = None
         try:
             if argv is not None:
-                proc = ctx.procs.start(f"{name}-{placement}", tb.dut, argv, cpu=ctx.args.dut_cpu)
+                proc = ctx.procs.start(f"{name}-{placement}", tb.dut, argv, cpu=cpu)
                 ready = wait_ready(ctx, proc, lambda: delivered_frames(ctx), ctx.cfg_probe)
             else:
                 ready = 0.0
@@ -368,6 +384,27 @@ def run_forwarder(
                     out[placement]["program_stats"] = final  # its own counters at exit
     tb.set_dut_forwarding(False)
     place(ctx, "split")
+    return out
+
+
+def worker_cpus(ncpu: int, gen_cpu: int) -> str:
+    """The CPUs the workers may use (fastpath.workers pins worker i to the i-th of them): every
+    CPU but the generator's when there are more than two; on two, both (worker 1 then shares
+    the generator's core: README-pps.md says what that figure means)."""
+    cpus = [c for c in range(ncpu) if ncpu <= 2 or c != gen_cpu]
+    return ",".join(map(str, cpus))
+
+
+def run_workers(ctx: Ctx) -> dict[str, Any]:
+    """fastpath with `--workers N` for each N > 1 of --workers, as the fastpath phase measures
+    one (same placements, same round; N = 1 is that phase)."""
+    a = ctx.args
+    cpus = worker_cpus(os.cpu_count() or 1, a.gen_cpu)
+    out: dict[str, Any] = {"cpus": cpus}
+    for n in a.workers:
+        if n > 1:
+            argv = [*lb_argv(ctx), "--workers", str(n)]
+            out[str(n)] = run_forwarder(ctx, f"workers{n}", argv, a.duration, a.placements, cpus)
     return out
 
 
@@ -655,6 +692,7 @@ def run_round(ctx: Ctx, i: int, r: dict[str, Any]) -> None:
         ("agent", lambda: run_agent(ctx)),
         ("latency", lambda: run_latency(ctx)),
         ("scraped", lambda: run_scraped(ctx)),
+        ("workers", lambda: run_workers(ctx)),
     ]
     # Rotate the order each round, so no system always runs first (or always after scapy).
     order = [p for p in phases if p[0] in a.phases]
@@ -664,6 +702,8 @@ def run_round(ctx: Ctx, i: int, r: dict[str, Any]) -> None:
     for name, fn in order:
         say(f"round {i + 1}: {name}")
         r[name] = guarded(name, fn)
+    for n, res in (r.pop("workers", None) or {}).items():  # as phases of their own
+        r["workers_cpus" if n == "cpus" else f"workers{n}"] = res
 
 
 def guarded(name: str, fn: Callable[[], Any]) -> Any:
@@ -810,6 +850,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lb-arg", action="append", default=[], help="extra fastpath.lb argument")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent.decap argument")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument(
+        "--workers",
+        type=lambda s: sorted({int(x) for x in s.split(",") if x}),
+        default=None,
+        metavar="N,N,...",
+        help="also measure fastpath.lb --workers N for each N (1 is the fastpath phase): "
+        "workers_pps per count and workers_scaling (N / 1, paired per round); adds the "
+        "workers and fastpath phases",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.scapy_duration = 2.0, 0.5, 2.0
@@ -822,6 +871,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [x for x in a.placements if x not in PLACEMENTS]
     if bad:
         p.error(f"--placements: unknown {bad}; choose from {', '.join(PLACEMENTS)}")
+    if a.workers is not None:
+        if not a.workers or min(a.workers) < 1:
+            p.error("--workers: counts must be integers >= 1, e.g. 1,2")
+        a.phases += [x for x in ("fastpath", "workers") if x not in a.phases]
+    elif "workers" in a.phases:
+        a.phases.remove("workers")  # it needs --workers
     if a.rounds < 1 or a.duration <= 0 or a.flows < 1:
         p.error("--rounds, --duration and --flows must be positive")
     ncpu = os.cpu_count() or 1
@@ -872,9 +927,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gen_cpu": args.gen_cpu,
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
+        "cpu_model": cpu_model(),
         "loadavg_start": os.getloadavg(),
     }
     say(f"{args.rounds} rounds, {args.flows} flows, {args.duration} s per run; logs in {work}")
+    say(f"CPU: {meta['cpu_model']}, {meta['cpus']} CPUs")
     interrupted = False
     try:
         with tbm.Testbed() as tb:
@@ -909,6 +966,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(v, dict | float | int)
     }
     line["pps_by_placement"] = summary["by_placement"]
+    if args.workers:
+        line.update(stats.workers_figures(rounds, args.workers))
+    line["cpu_model"] = meta["cpu_model"]
     line["rounds"] = len(rounds)
     if "scraped" in args.phases:
         line["scraped_ratio"] = scraped_ratio(rounds)

@@ -35,10 +35,11 @@ class Procs:
         self.running: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
 
     def start(
-        self, name: str, ns: str, argv: Sequence[str], cpu: int | None = None
+        self, name: str, ns: str, argv: Sequence[str], cpu: int | str | None = None
     ) -> subprocess.Popen[bytes]:
         """Runs argv inside namespace `ns` (ip netns exec execs it: the pid is the program's),
-        pinned to `cpu` if given; stdout and stderr go to <log_dir>/<name>.log."""
+        pinned to `cpu` if given (a CPU, or a taskset list such as "0,2-5"); stdout and stderr
+        go to <log_dir>/<name>.log."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
         log = (self.log_dir / f"{name}.log").open("ab")

@@ -68,6 +68,22 @@ def round_figures(r: Round) -> dict[str, float | None]:
     }
 
 
+def workers_figures(rounds: Sequence[Round], counts: Sequence[int]) -> dict[str, Any]:
+    """Per worker count: the median delivered rate (each round's best placement; 1 worker is
+    the `fastpath` phase, N the `workers<N>` phase) and the median of the per-round ratios N
+    workers / 1 worker (paired within each round)."""
+    pps: dict[str, float | None] = {}
+    scaling: dict[str, float | None] = {}
+    for n in counts:
+        key = "fastpath" if n == 1 else f"workers{n}"
+        ones = [best_delivered(r.get("fastpath")) for r in rounds]
+        ns = [best_delivered(r.get(key)) for r in rounds]
+        pps[str(n)] = median([v for v in ns if v is not None])
+        ratios = [v / o for v, o in zip(ns, ones, strict=True) if v is not None and o]
+        scaling[str(n)] = median(ratios)
+    return {"workers_pps": pps, "workers_scaling": scaling}
+
+
 def placement_medians(rounds: Sequence[Round], system: str) -> dict[str, float | None]:
     """A system's median delivered rate per CPU placement, over the rounds."""
     by: dict[str, list[float]] = {}

@@ -128,3 +128,17 @@ def test_cpu_shares_from_proc_stat() -> None:
     assert shares["cpu0"] == {"busy": 1.0, "softirq": 0.5}
     assert shares["cpu1"] == {"busy": 0.0, "softirq": 0.0}
     assert "cpu" not in shares
+
+
+def test_workers_figures_pair_each_round_with_its_one_worker_run() -> None:
+    def rnd(one: int, two: int | None) -> dict:
+        r: dict = {"fastpath": {"split": {"delivered_pps": one}, "gen-core": {"delivered_pps": 1}}}
+        if two is not None:
+            r["workers2"] = {"split": {"delivered_pps": two}}
+        return r
+
+    rounds = [rnd(100, 150), rnd(200, 200), rnd(50, 100), rnd(80, None)]
+    out = stats.workers_figures(rounds, [1, 2, 4])
+    assert out["workers_pps"] == {"1": 90.0, "2": 150.0, "4": None}
+    # per round 1.5, 1.0, 2.0 (the round without a 2-worker run has no ratio): median 1.5
+    assert out["workers_scaling"] == {"1": 1.0, "2": 1.5, "4": None}
