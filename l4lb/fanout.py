@@ -1,10 +1,12 @@
 """PACKET_FANOUT: several AF_PACKET sockets on one interface sharing its frames, each frame to
 exactly one of them (linux/if_packet.h; packet(7)).
 
-fastpath.workers uses mode HASH: the kernel picks the socket by the frame's flow hash
-(skb_get_hash: addresses and TCP/UDP ports; addresses only for IP fragments, first one
-included), modulo the number of sockets in the group, so every frame of a flow reaches the same
-worker while the group does not change. Flags chosen, and why:
+fastpath.workers uses mode HASH: the kernel picks the socket by a flow hash of the frame
+(af_packet.c fanout_demux_hash: __skb_get_hash_symmetric, computed from the frame's addresses
+and TCP/UDP ports each time, never the skb's own hash, which a local sender's socket may change
+on a retransmission timeout; addresses only for IP fragments, the first one included), scaled to
+the number of sockets in the group, so every frame of a flow reaches the same worker while the
+group does not change. Flags chosen, and why:
 - no PACKET_FANOUT_FLAG_DEFRAG: it would reassemble IP fragments before the tap, and the LB
   forwards fragments one by one (fastpath.balancer: all of a datagram's fragments hash by
   their addresses, as the kernel's flow hash does, so they already share a worker);
