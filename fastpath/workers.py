@@ -71,7 +71,7 @@ from fastpath.runner import (
 from fastpath.stats import CoreStats, IoStats
 from fastpath.worker import die_with_parent, run_worker
 from fastpath.workerproto import LineReader, ProtocolError, counters_of, encode, merge
-from l4lb.control import ControlServer
+from l4lb.control import CommandError, ControlServer
 from l4lb.errors import L4lbError
 from l4lb.plane import Plane
 from l4lb.wire import format_mac
@@ -502,8 +502,14 @@ def run_workers(cfg: LbConfig) -> int:
                 warned = True
                 warn_truncated(snap["io"]["rx_truncated"], ifname)
 
+        def show(now: float, advance: bool = True) -> dict[str, Any]:
+            try:
+                return snapshot(now, advance=advance)
+            except WorkerFailed as exc:  # the loop is stopping: say why, not a traceback
+                raise CommandError(f"workers: {exc}") from None
+
         pids = {"workers": [w.pid for w in pool.workers]}
-        commands = lb_commands(snapshot, reporter, backends, pids)
+        commands = lb_commands(show, reporter, backends, pids)
         plane = Plane([pool], name="fastpath.lb")
         control, health = control_plane(cfg, core, backends, commands, reporter, plane)
         start_line(cfg, core, control)
