@@ -399,7 +399,7 @@ def run_workers(ctx: Ctx) -> dict[str, Any]:
     """fastpath with `--workers N` for each N > 1 of --workers, as the fastpath phase measures
     one (same placements, same round; N = 1 is that phase)."""
     a = ctx.args
-    cpus = worker_cpus(os.cpu_count() or 1, a.gen_cpu)
+    cpus = a.worker_cpus or worker_cpus(os.cpu_count() or 1, a.gen_cpu)
     out: dict[str, Any] = {"cpus": cpus}
     for n in a.workers:
         if n > 1:
@@ -858,6 +858,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also measure fastpath.lb --workers N for each N (1 is the fastpath phase): "
         "workers_pps per count and workers_scaling (N / 1, paired per round); adds the "
         "workers and fastpath phases",
+    )
+    p.add_argument(
+        "--worker-cpus",
+        metavar="LIST",
+        help="taskset CPU list for the --workers runs (default: every CPU but the generator's, "
+        "both on a 2-CPU machine); e.g. the DUT core alone (0) measures what N processes on "
+        "one core cost against one",
     )
     a = p.parse_args(argv)
     if a.quick:
