@@ -186,6 +186,8 @@ def run_worker(
         ready = {"ready": True, "pid": os.getpid(), "cpu": cpu, "group": joined[0]}
         channel.send({"seq": 0, "ok": True, "result": ready})
         forwarder.run(None, IO_EVERY, Plane([channel], name=f"fastpath.lb worker {index}"))
+        if not channel.eof:  # the counters once the loop has folded in its last frames
+            channel.send({"seq": 0, "ok": True, "result": {"final": stats({})}})
     except OSError as exc:
         with_err = {"seq": 0, "ok": False, "error": f"worker {index}: {exc}"}
         try:

@@ -322,14 +322,20 @@ class WorkerPool:
             self.on_failure()
 
     def stop(self) -> list[str]:
-        """SIGTERM every worker by PID and wait (SIGKILL after STOP_TIMEOUT); the failures."""
+        """SIGTERM every worker by PID and wait (SIGKILL after STOP_TIMEOUT); the failures.
+        Each worker's last counters, sent as its loop ends, become `results` when every worker
+        sent them (the final snapshot is then exact: no I/O count lags). Idempotent."""
         errors: list[str] = []
         for w in self.workers:
             if w.exited is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
+        finals: list[dict[str, Any]] = []
         for w in self.workers:
+            final = self._final(w, deadline)
+            if final is not None:
+                finals.append(final)
             while not self._reap(w, block=False) and time.monotonic() < deadline:
                 time.sleep(0.01)
             if w.exited is None:
@@ -340,17 +346,37 @@ class WorkerPool:
             elif w.exited != "exit status 0" and self.failed is None:
                 errors.append(f"worker {w.index} (pid {w.pid}): {w.exited}")
             w.sock.close()
+        if self.workers and len(finals) == len(self.workers) and self.failed is None:
+            self._absorb(finals)
+        self.workers = []  # stopped: nothing left to ask
         return errors
+
+    def _final(self, w: Worker, deadline: float) -> dict[str, Any] | None:
+        """The counters `w` sends as its loop ends (None if it ends without)."""
+        if w.exited is not None or w.sock.fileno() < 0:
+            return None
+        while True:
+            try:
+                msg = self._next(w, deadline)
+            except WorkerFailed:  # its end closed (it exited) or it stayed silent
+                return None
+            result = msg.get("result")
+            if msg.get("ok") and isinstance(result, dict) and "final" in result:
+                final: dict[str, Any] = result["final"]
+                return final
 
     # --- counters -------------------------------------------------------------------------
 
     def poll(self) -> list[dict[str, Any]]:
         """Every worker's stats now (kept in `results`, summed into `counters`)."""
-        self.results = self.request({"op": "stats"})
-        per = merge([r["per_backend"] for r in self.results])
+        self._absorb(self.request({"op": "stats"}))
+        return self.results
+
+    def _absorb(self, results: list[dict[str, Any]]) -> None:
+        self.results = results
+        per = merge([r["per_backend"] for r in results])
         self._counters = counters_of(per)
         self._tracked = {ip: c["active_flows"] for ip, c in per.items()}
-        return self.results
 
     def summed(self) -> tuple[CoreStats, IoStats, int, int]:
         """The core and I/O counters, kernel drops and tracked flows of all, from `results`."""
@@ -463,6 +489,7 @@ def run_workers(cfg: LbConfig) -> int:
     control: ControlServer | None = None
     health = None
     failed = False
+    stop_errors: list[str] = []
     try:
         steer = steer_rps(cfg, ifindex)
         if not cfg.keep_offloads:
@@ -474,7 +501,7 @@ def run_workers(cfg: LbConfig) -> int:
         reporter = Reporter(ifname, backends, steer, vip_drop, started)
 
         def snapshot(now: float, final: bool = False, advance: bool = True) -> dict[str, Any]:
-            results = pool.poll()
+            results = pool.results if final else pool.poll()
             core_stats, io, kdrops, tracked = pool.summed()
             return reporter.snapshot(
                 now,
@@ -518,6 +545,7 @@ def run_workers(cfg: LbConfig) -> int:
         if cfg.announce:
             announcer, drainer = start_announcing(cfg, plane, reporter, pool.frames, running.stop)
         serve(plane, tick, cfg.stats_interval, running)
+        stop_errors = pool.stop()  # first, so that the final counters are the workers' last
         if pool.failed is None:
             writer.emit(snapshot(time.monotonic(), final=True))
     except Stop:
@@ -529,7 +557,7 @@ def run_workers(cfg: LbConfig) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if drainer is not None:
             signal.set_wakeup_fd(-1)
-        errors = pool.stop()
+        errors = stop_errors + pool.stop()
         errors += _cleanup(None, None, None, vip_drop, offloads, steer, control, health, announcer)
         if drainer is not None:
             drainer.close()

@@ -167,6 +167,11 @@ def test_two_workers_split_flows_sum_counters_and_take_changes(
     final = json.loads(stats.read_text())
     assert final["final"] is True and len(final["workers"]) == 2
     assert final["core"]["forwarded"] == 2 * FLOWS * FRAMES_PER_FLOW
+    # The workers' last counters, sent as their loops ended: the I/O counts are complete too.
+    assert final["io"]["rx_frames"] == final["core"]["frames"] == final["io"]["tx_frames"]
+    assert [w["io"]["rx_frames"] for w in final["workers"]] == [
+        w["core"]["frames"] for w in final["workers"]
+    ]
     assert f"l4lb_l{t}" not in sh("nft", "list", "tables", ns=lbns)
     assert not ctl.exists()
 
