@@ -178,13 +178,15 @@ def _mac(ns: str, dev: str) -> str:
     return str(json.loads(sh("ip", "-j", "-n", ns, "link", "show", "dev", dev))[0]["address"])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_the_real_lb_announces_keeps_bfd_up_under_full_load_and_drains_on_sigterm(
-    announced: BirdBed, tmp_path: Path
+    announced: BirdBed, tmp_path: Path, workers: int
 ) -> None:
     """fastpath.lb itself on h1 (in place of the stand-in): announced once it forwards; t1
     floods h1 with 64-byte UDP to the VIP (bench.blast at full speed) while BIRD's BFD session
-    must not flap: the loop answers BFD between batches; SIGTERM then withdraws, waits for
-    BIRD, drains and exits 0."""
+    must not flap: the loop answers BFD between batches (with 2 workers: the supervisor's loop,
+    which forwards nothing); SIGTERM then withdraws, waits for BIRD, drains (the workers
+    forwarding on) and exits 0."""
     from bench.frames import pack_frames, udp_frames
 
     bed = announced
@@ -196,7 +198,7 @@ def test_the_real_lb_announces_keeps_bfd_up_under_full_load_and_drains_on_sigter
     argv = [sys.executable, "-m", "fastpath.lb", "h1-eth0", "--vip", "20.0.0.1:9",
             "--backend", "10.2.3.2", "--next-hop-mac", t1_mac, "--announce",
             "--stats-file", str(stats), "--control-socket", str(ctl),
-            "--stats-interval", "0.2"]  # fmt: skip
+            "--stats-interval", "0.2", "--workers", str(workers)]  # fmt: skip
     lb = bed.spawn("lb-h1", "h1", argv)
     try:
         figure("fastpath.lb started -> in t1's ECMP", bed.wait_gateways([H1, H2], 10.0))
@@ -225,6 +227,7 @@ def test_the_real_lb_announces_keeps_bfd_up_under_full_load_and_drains_on_sigter
         figure("SIGTERM of fastpath.lb -> exited", time.monotonic() - t0)
         final = json.loads(stats.read_text())
         assert final["final"] and final["drain"]["reason"] == "quiet", final["drain"]
+        assert final["workers"] is None if workers == 1 else len(final["workers"]) == workers
         assert final["drain"]["confirmed_ms"] is not None
         assert not ctl.exists(), "the control socket goes at exit"
     finally:
