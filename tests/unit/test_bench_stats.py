@@ -142,3 +142,10 @@ def test_workers_figures_pair_each_round_with_its_one_worker_run() -> None:
     assert out["workers_pps"] == {"1": 90.0, "2": 150.0, "4": None}
     # per round 1.5, 1.0, 2.0 (the round without a 2-worker run has no ratio): median 1.5
     assert out["workers_scaling"] == {"1": 1.0, "2": 1.5, "4": None}
+
+
+def test_pps_puts_workers_off_the_generator_core_when_there_are_more_than_two() -> None:
+    from bench.pps import worker_cpus
+
+    assert worker_cpus(2, gen_cpu=1) == "0,1"  # two CPUs: nowhere else to go
+    assert worker_cpus(4, gen_cpu=1) == "0,2,3"
