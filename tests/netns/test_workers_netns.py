@@ -12,6 +12,8 @@ FRAMES_PER_FLOW datagrams each (one source port per flow).
 - A backend change through the control channel reaches both workers before the answer: new
   flows after draining one backend go to the other on both workers; a refused change changes
   nothing on either.
+- Fanout groups (l4lb.fanout): two groups on one interface get distinct kernel-chosen ids, a
+  joiner lands in the creator's group, and a joiner with other flags is refused.
 - SIGTERM stops both workers (their PIDs are gone) and the supervisor exits 0 with the
   nftables table removed; a worker killed with SIGKILL makes the supervisor report it, stop the
   other and exit 1, cleaning up the same.
@@ -28,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from bench.netns import PY, Capture, Netns, NsProc, sh
+from bench.netns import PY, Capture, Netns, NsProc, py, sh
 from l4lb.control import RequestRefused, request
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("ethtool")]
@@ -192,3 +194,31 @@ def test_a_dead_worker_stops_the_lb_with_status_1(netns: Netns, tmp_path: Path) 
     assert not any(map(_alive, pids))
     assert f"l4lb_l{netns.tag}" not in sh("nft", "list", "tables", ns=lbns)
     assert not ctl.exists()
+
+
+_GROUPS = r"""
+import json, socket, sys
+from l4lb import fanout
+def bound():
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    s.bind((sys.argv[1], 0x0003))
+    return s
+a, b, c, d = bound(), bound(), bound(), bound()
+ga, gb = fanout.create_group(a), fanout.create_group(b)
+fanout.join_group(c, ga)
+try:  # same id, another mode (1: PACKET_FANOUT_LB): the kernel refuses to mix them
+    fanout.join_group(d, ga, mode=1)
+    refused = None
+except OSError as exc:
+    refused = exc.errno
+print(json.dumps([ga, gb, fanout.group_id(c), refused]))
+"""
+
+
+def test_fanout_groups_are_unique_per_creator_and_joined_by_id(netns: Netns) -> None:
+    a, b = netns.add("A"), netns.add("B")
+    netns.veth(a, f"a{netns.tag}", b, f"b{netns.tag}")
+    ga, gb, joined, refused = py(a, _GROUPS, f"a{netns.tag}")
+    assert ga != gb  # two LBs on one interface can never share a group
+    assert joined == ga
+    assert refused is not None  # EINVAL: a worker cannot join a group of another kind
