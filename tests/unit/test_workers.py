@@ -20,6 +20,7 @@ from fastpath.config import LbConfig
 from fastpath.lb import build_parser
 from fastpath.stats import IoStats
 from fastpath.worker import Channel, handlers
+from fastpath.workerpool import Worker, WorkerFailed, WorkerPool, worker_cpus
 from fastpath.workerproto import (
     LineReader,
     ProtocolError,
@@ -28,7 +29,6 @@ from fastpath.workerproto import (
     encode,
     merge,
 )
-from fastpath.workers import Worker, WorkerFailed, WorkerPool, worker_cpus
 from l4lb.errors import ConfigError
 
 # --- the protocol and the sums ------------------------------------------------------------
