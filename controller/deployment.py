@@ -15,7 +15,7 @@ from typing import Any
 from agent.config import check_mss
 from controller.exporter.config import DEFAULT_PORT, check_port
 from controller.topology import Topology, TopologyError, load_topology
-from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER, check_hash_seed
+from fastpath.config import BFD_INTERVAL_MS, BFD_MULTIPLIER
 from l4lb import cfgfile
 from l4lb.errors import ConfigError
 from l4lb.healthcfg import HealthConfig
@@ -115,6 +115,9 @@ class Deployment:
     """The file it was read from, if it was read from one."""
     bgp: BgpSettings = BgpSettings()
     """AS numbers and BFD timers of the VIP announcements."""
+    conn: tuple[tuple[str, int | float], ...] = ()
+    """The connection-table keys the file gives (CONN_KEYS: LbConfig's fields of the same
+    names), rendered into every LB's configuration; the others keep the LB's defaults."""
 
     def backend_ips(self) -> tuple[tuple[str, int], ...]:
         """(backend IP, weight), in the file's order."""
@@ -132,8 +135,20 @@ class Deployment:
         return [h for h in self.topology.hosts() if h not in busy]
 
 
+CONN_KEYS = (
+    "conn_capacity",
+    "conn_idle_timeout",
+    "conn_half_open_capacity",
+    "conn_half_open_timeout",
+    "conn_insert_rate",
+)
+"""Optional keys of the connection table (fastpath.config.LbConfig's fields, checked by its
+rule, fastpath.config.check_conn, as the LB configurations are rendered): capacity, timeouts,
+and the SYN flood's insert cap."""
+
 KEYS = frozenset(
     {
+        *CONN_KEYS,
         "topology",
         "vip",
         "vip_ports",
@@ -214,8 +229,8 @@ def parse_deployment(
     if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
     metrics_port = data.get("metrics_port", DEFAULT_PORT)
+    conn = tuple((k, data[k]) for k in CONN_KEYS if k in data)
     try:  # the data planes' own rules (one definition each), on the deployment's values
-        check_hash_seed(seed)
         check_mss(mss, mtu)
         check_port("metrics_port", metrics_port)
     except ConfigError as exc:
@@ -246,6 +261,7 @@ def parse_deployment(
         source=source,
         path=path,
         bgp=bgp,
+        conn=conn,
     )
     from controller import render  # render imports this module
 
@@ -289,6 +305,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
             "bfd_multiplier": dep.bgp.bfd_multiplier,
         },
         "metrics_port": dep.metrics_port,
+        **dict(dep.conn),
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

@@ -76,6 +76,7 @@ def lb_config(
         announce=True,
         bfd_interval_ms=dep.bgp.bfd_interval_ms,
         bfd_multiplier=dep.bgp.bfd_multiplier,
+        **dict(dep.conn),  # type: ignore[arg-type]
     )
     return cfg if record is None else with_record(cfg, record)
 

@@ -74,7 +74,13 @@ class Balancer:
     def __init__(self, cfg: BalancerConfig) -> None:
         self.cfg = cfg
         self.counters = Counters()
-        self.conntrack = ConnTable(cfg.conn_capacity, cfg.conn_idle_timeout)
+        self.conntrack = ConnTable(
+            cfg.conn_capacity,
+            cfg.conn_idle_timeout,
+            cfg.conn_half_open_capacity,
+            cfg.conn_half_open_timeout,
+            cfg.conn_insert_rate,
+        )
         ports_of: dict[int, set[int]] = {}
         any_port: set[int] = set()
         for ip, port in cfg.vips:

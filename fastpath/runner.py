@@ -53,7 +53,7 @@ from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
-from fastpath.stats import CoreStats, LbStats
+from fastpath.stats import CoreStats, FlowStats, LbStats
 from l4lb import bpf, rps
 from l4lb.control import Command, ControlServer, default_socket
 from l4lb.errors import ConfigError, UsageError
@@ -130,6 +130,9 @@ def balancer_config(cfg: LbConfig) -> tuple[BalancerConfig, NextHop | None]:
             hash_seed=cfg.hash_seed,
             conn_capacity=cfg.conn_capacity,
             conn_idle_timeout=cfg.conn_idle_timeout,
+            conn_half_open_capacity=cfg.conn_half_open_capacity,
+            conn_half_open_timeout=cfg.conn_half_open_timeout,
+            conn_insert_rate=cfg.conn_insert_rate,
             mtu=mtu,
         )
     except ConfigError as exc:
@@ -254,6 +257,7 @@ def run(cfg: LbConfig) -> int:
                 announce=announcer.stats(mono_to_wall) if announcer is not None else None,
                 drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
                 health=health.stats(now) if health is not None else None,
+                flows=FlowStats.of(balancer.conntrack),
             )
             if advance:
                 last[:] = [now, io.rx_frames, io.tx_frames]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fastpath.conntrack import ConnTable, FlowEvent
 from fastpath.counters import Counters, DropReason
 
 
@@ -34,6 +35,43 @@ class CoreStats:
             icmp_frag_needed_sent=c.drops[DropReason.FRAG_NEEDED],
             drops={r.name.lower(): c.drops[r] for r in DropReason},
             backends=c.per_backend(c.forwarded),
+        )
+
+
+@dataclass
+class FlowStats:
+    """The connection table's flows and its SYN flood defence (fastpath.conntrack)."""
+
+    established: int = 0
+    """Established flows tracked now (the same count as tracked_flows)."""
+    half_open: int = 0
+    """Half-open flows tracked now (a bare SYN seen, nothing else yet)."""
+    new_flows: int = 0
+    """New flows inserted (half-open, non-SYN misses, UDP/ICMP), since start."""
+    nonsyn_miss: int = 0
+    """TCP packets not a bare SYN of a flow not tracked (another LB's flow, or this LB's
+    before a restart): forwarded by the lookup table, tracked as established (under the cap)."""
+    flood_bypass: int = 0
+    """New flows over the insert cap: forwarded by the lookup table, not tracked."""
+    evictions: int = 0
+    """Half-open flows dropped without being promoted (for room, or aged out)."""
+    promoted: int = 0
+    """Half-open flows promoted to established by a packet not a bare SYN."""
+    insert_rate: int = 0
+    """The cap: most new flows inserted per second (0: no cap)."""
+
+    @classmethod
+    def of(cls, ct: ConnTable) -> FlowStats:
+        e = ct.events
+        return cls(
+            established=len(ct),
+            half_open=ct.half_open,
+            new_flows=e[FlowEvent.NEW],
+            nonsyn_miss=e[FlowEvent.NONSYN_MISS],
+            flood_bypass=e[FlowEvent.FLOOD_BYPASS],
+            evictions=e[FlowEvent.EVICTIONS],
+            promoted=e[FlowEvent.PROMOTED],
+            insert_rate=ct.insert_rate,
         )
 
 
@@ -252,7 +290,7 @@ class LbStats:
     kernel_drops: int
     """Frames the kernel could not put in the ring because it was full."""
     tracked_flows: int
-    """Flows in the connection table."""
+    """Established flows in the connection table (half-open ones: flows.half_open)."""
     next_hop_mac: str
     """Ethernet destination of the frames sent (learned and refreshed, or given)."""
     rps_cpus: str | None
@@ -271,6 +309,8 @@ class LbStats:
     """The VIP announcement (None when the LB does not announce)."""
     drain: DrainStats | None = None
     """The graceful stop, from the first SIGTERM on (None before)."""
+    flows: FlowStats = field(default_factory=FlowStats)
+    """The connection table's flow counters (new flows, SYN flood defence)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
