@@ -40,9 +40,11 @@ kernel verifies it after decapsulation anyway, and the check costs ~0.2 us per p
 from __future__ import annotations
 
 import ipaddress
+import struct
 from array import array
 from collections import Counter
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import xxhash
 
@@ -217,6 +219,35 @@ class Balancer:
         a count over the table, ~3 ms."""
         owners = Counter(self._tables.table)
         return {ip: owners.get(bid, 0) for ip, bid in self._ids.items()}
+
+    def flow(self, src: str, sport: int, dst: str, dport: int, proto: int) -> dict[str, Any]:
+        """Where the connection table has a TCP/UDP flow (client src:sport -> VIP dst:dport):
+        {"state": "established" | "half_open" | "untracked", "backend": its IP or None,
+        "table_backend": the lookup table's choice for it (None: no backend)}. The key is the
+        packet core's (the module docstring): xxh3_64 of the 12 bytes, the protocol's seed."""
+        raw = (
+            ipaddress.IPv4Address(src).packed
+            + ipaddress.IPv4Address(dst).packed
+            + struct.pack("!HH", sport, dport)
+        )
+        key = xxhash.xxh3_64_intdigest(raw, seed=self._tables.seeds[proto])
+        ct = self.conntrack
+        state, bid = "untracked", None
+        for name, gens in (
+            ("established", (ct.young, ct.old)),
+            ("half_open", (ct.syn_young, ct.syn_old)),
+        ):
+            for gen in gens:
+                if key in gen:
+                    state, bid = name, gen[key]
+        table = self._tables.table
+        choice = table[key % len(table)]
+        names = self.counters.backend_names
+        return {
+            "state": state,
+            "backend": None if bid is None else names[bid],
+            "table_backend": None if choice < 0 else names[choice],
+        }
 
     def tracked(self, ip: str) -> int:
         """Flows tracked to a backend of the set now (0 for one not in the set)."""

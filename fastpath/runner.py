@@ -53,6 +53,7 @@ from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
+from fastpath.flow_commands import flow_commands
 from fastpath.stats import CoreStats, FlowStats, LbStats
 from l4lb import bpf, rps
 from l4lb.control import Command, ControlServer, default_socket
@@ -297,6 +298,7 @@ def run(cfg: LbConfig) -> int:
                 "is the process alive and its loop turning",
             ),
             **backend_commands(backends, time.monotonic),
+            **flow_commands(balancer),
         }
         plane = Plane(name="fastpath.lb")
         if cfg.health is not None:
