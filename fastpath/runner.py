@@ -48,12 +48,12 @@ from fastpath.backends import BackendError, Backends, BackendSpec
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.drain import DrainService
+from fastpath.flow_commands import flow_commands
 from fastpath.forward import Forwarder
 from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
-from fastpath.flow_commands import flow_commands
 from fastpath.stats import CoreStats, FlowStats, LbStats
 from l4lb import bpf, rps
 from l4lb.control import Command, ControlServer, default_socket

@@ -59,6 +59,9 @@ class FlowStats:
     """Half-open flows promoted to established by a packet not a bare SYN."""
     insert_rate: int = 0
     """The cap: most new flows inserted per second (0: no cap)."""
+    rotations: int = 0
+    """Generation changes of the established flows (by time or for room), since start: one
+    per conn_idle_timeout when nothing fills them; SYNs never cause one."""
 
     @classmethod
     def of(cls, ct: ConnTable) -> FlowStats:
@@ -72,6 +75,7 @@ class FlowStats:
             evictions=e[FlowEvent.EVICTIONS],
             promoted=e[FlowEvent.PROMOTED],
             insert_rate=ct.insert_rate,
+            rotations=ct.rotations,
         )
 
 

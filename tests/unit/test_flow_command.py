@@ -52,7 +52,7 @@ def test_a_flow_s_state_follows_its_packets(served) -> None:
         ({"src": "10.9.1.2", "sport": 70000, "dst": "20.0.0.1", "dport": 80}, "'sport' must"),
         (
             {"src": "10.9.1.2", "sport": 1, "dst": "20.0.0.1", "dport": 80, "proto": "sctp"},
-            "'proto' must be \"tcp\" or \"udp\"",
+            '\'proto\' must be "tcp" or "udp"',
         ),
         ({"src": "10.9.1.2", "sport": 1, "dst": "20.0.0.1", "dport": 80, "prot": 6}, "unknown"),
     ],
