@@ -24,6 +24,7 @@ process has a timeout; namespaces and processes are removed on exit, failure and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -117,8 +118,11 @@ def _show(ctl: Path) -> dict[str, Any]:
     return result
 
 
-def run(opts: Options, workdir: Path, log: Any = print) -> dict[str, Any]:
-    """The whole drill in `workdir` (files, sockets); its figures as a dict."""
+def run(
+    opts: Options, workdir: Path, log: Any = print, netns: Netns | None = None
+) -> dict[str, Any]:
+    """The whole drill in `workdir` (files, sockets); its figures as a dict. Its namespaces
+    are made in `netns` (the caller removes them) or in a Netns of its own (removed here)."""
     began = time.monotonic()
     www = workdir / "www"
     www.mkdir()
@@ -130,7 +134,7 @@ def run(opts: Options, workdir: Path, log: Any = print) -> dict[str, Any]:
     frames_file = workdir / "syns.bin"
     procs = Procs()
     downloads: list[subprocess.Popen[bytes]] = []
-    with Netns() as bed:
+    with contextlib.nullcontext(netns) if netns is not None else Netns() as bed:
         try:
             t = bed.tag
             c, r, lb, b, f = (bed.add(x) for x in ("c", "r", "l", "b", "f"))
@@ -321,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.syns < 1 or not 1 <= args.downloads <= 50:
         p.error("--syns must be >= 1 and --downloads 1..50")
-    if why := missing("curl", "ethtool"):
+    if why := missing("curl", "ethtool", tun=True):
         print(f"bench.synflood: cannot run: {why}", file=sys.stderr)
         return 2
     install_signal_handlers()
