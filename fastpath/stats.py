@@ -106,8 +106,8 @@ class BackendStats:
     slots: int
     """Lookup-table slots it owns: its share of new flows is slots / table.size."""
     active_flows: int
-    """Flows tracked to it in the connection table now (a flow stays tracked until it idles
-    out: conn_idle_timeout, at most twice that)."""
+    """Established flows tracked to it in the connection table now (a flow stays tracked
+    until it idles out: conn_idle_timeout, at most twice that); half-open ones not counted."""
     connections: int
     """Flows the connection table started tracking to it (new connections), since start."""
     packets: int
