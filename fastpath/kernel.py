@@ -255,7 +255,11 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                     events[_new] += 1
                     conns[bid] += 1
                     if syn:
-                        ct.insert_half_open(key, bid)
+                        syn_young = ct.syn_young
+                        if len(syn_young) >= ct.syn_half:
+                            ct.insert_half_open(key, bid)  # rotates the half-open ones first
+                        else:
+                            syn_young[key] = bid
                         return bid
         if bid is None:
             bid = table[key % len(table)]
