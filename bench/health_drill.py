@@ -55,6 +55,8 @@ class Syn:
     """Wall time the SYN reached the backend."""
     lb: str
     """The outer source: the LB that sent it."""
+    client: tuple[str, int]
+    """The inner source address and port (SYN_FILTER's frames have 20-byte headers)."""
 
 
 def read_syns(pcap: Path) -> list[Syn]:
@@ -68,8 +70,10 @@ def read_syns(pcap: Path) -> list[Syn]:
         sec, usec, incl, _orig = PCAP_RECORD.unpack_from(data, off)
         frame = data[off + PCAP_RECORD.size : off + PCAP_RECORD.size + incl]
         off += PCAP_RECORD.size + incl
-        if len(frame) >= 30:
-            out.append(Syn(sec + usec / 1e6, ".".join(str(b) for b in frame[26:30])))
+        if len(frame) >= 56:
+            src = ".".join(str(b) for b in frame[46:50])
+            sport = int.from_bytes(frame[54:56], "big")
+            out.append(Syn(sec + usec / 1e6, ".".join(str(b) for b in frame[26:30]), (src, sport)))
     return out
 
 

@@ -15,9 +15,12 @@ stopped using it (target < 1 s) and from its restart until it used it again (tar
 each LB's RSS at start and end, and as its last line one JSON object (also written to
 bench/results/soak-<time>.json).
 
-Cluster changes (drain, add, remove a backend) belong in the schedule too; they need
-`python -m controller backend` (issue 8 item 3, another branch). `cluster_step` is the hook:
-until that command exists it does nothing and the result says so (`cluster_steps`).
+Between two server kills, one other backend goes through the cluster commands (`python -m
+controller backend`, on every LB or none): drained when the killed server is back, removed a
+third of the way to the next kill (its short requests are over by then), added back two thirds
+of the way. Each change is recorded (`cluster_changes`) with its commands' results and the new
+flows that reached the backend between the drain and the add (target 0: a drained or removed
+backend gets none); a change waits while an LB is down (the commands need every LB).
 Everything started is stopped on exit, failure, Ctrl-C and SIGTERM.
 """
 
@@ -29,10 +32,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.health_drill import Drill, Outage, classify
+from bench.health_drill import SLACK, Drill, Outage, Syn, classify
 from bench.wget_load import Fabric, interrupts_as_exceptions, safe_streams, teardown
 from controller import services
 from controller.deployment import Deployment, DeploymentError, load_deployment
@@ -74,29 +78,66 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def cluster_commands_available() -> bool:
-    """True once `python -m controller backend` exists (the backends branch on main)."""
-    res = subprocess.run(
-        [sys.executable, "-m", "controller", "backend", "--help"], capture_output=True,
-        cwd=REPO, timeout=30,
-    )  # fmt: skip
-    return res.returncode == 0
-
-
 def cluster_step(step: str, host: str) -> str:
-    """Drain, undrain, remove or add `host` on every LB through the cluster commands: the
-    schedule's hook for issue 8 item 3's commands (not exercised until they exist)."""
-    argv = {
-        "drain": ["drain", host],
-        "undrain": ["weight", host, "1"],
-        "remove": ["remove", host],
-        "add": ["add", host],
-    }[step]
+    """Drain, remove or add `host` on every LB through the cluster commands: "ok" or why not."""
+    argv = {"drain": ["drain", host], "remove": ["remove", host], "add": ["add", host]}[step]
     res = subprocess.run(
         [sys.executable, "-m", "controller", "backend", *argv], capture_output=True, text=True,
-        cwd=REPO, timeout=30,
+        cwd=REPO, timeout=60,
     )  # fmt: skip
     return "ok" if res.returncode == 0 else f"exit {res.returncode}: {res.stderr.strip()}"
+
+
+@dataclass
+class Change:
+    """One backend drained, removed and added back between two kills."""
+
+    host: str
+    at: dict[str, float]
+    """Step -> when it is due (wall time)."""
+    began: dict[str, float] = field(default_factory=dict)
+    """Step -> wall time its command started."""
+    done: dict[str, float] = field(default_factory=dict)
+    """Step -> wall time its command returned."""
+    results: dict[str, str] = field(default_factory=dict)
+    syns_while_out: int | None = None
+    """SYNs that reached it from SLACK after the drain returned until the add began."""
+    new_flows_while_out: int | None = None
+    """Those of them from a client address and port that had not reached it before the drain:
+    new flows. (A client reusing the port of a flow still tracked here is that flow to the LB,
+    which keeps a drained backend's tracked flows: drain's rule.)"""
+
+    def due(self, now: float) -> str | None:
+        return next((st for st in STEPS if st not in self.done and self.at[st] <= now), None)
+
+    def run(self, step: str) -> None:
+        self.began[step] = time.time()
+        self.results[step] = cluster_step(step, self.host)
+        self.done[step] = time.time()
+
+    def judge(self, syns: list[Syn]) -> None:
+        if "drain" in self.done:
+            start, end = self.done["drain"] + SLACK, self.began.get("add", float("inf"))
+            before = {s.client for s in syns if s.t < self.began["drain"]}
+            out = [s for s in syns if start <= s.t < end]
+            self.syns_while_out = len(out)
+            self.new_flows_while_out = sum(1 for s in out if s.client not in before)
+
+    def ok(self) -> bool:
+        return all(self.results.get(st) == "ok" for st in STEPS) and self.new_flows_while_out == 0
+
+    def as_dict(self, t0: float) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "done_at_s": {st: round(t - t0, 3) for st, t in self.done.items()},
+            "took_s": {st: round(self.done[st] - self.began[st], 3) for st in self.done},
+            "results": self.results,
+            "syns_while_out": self.syns_while_out,
+            "new_flows_while_out": self.new_flows_while_out,
+        }
+
+
+STEPS = ("drain", "remove", "add")
 
 
 def heard_all(drill: Drill, lb: str) -> bool:
@@ -114,11 +155,9 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
     t0 = time.time()
     log(f"soak: {len(clients)} clients x {args.threads} loops for {args.seconds:g} s; a server "
         f"killed every {args.period:g} s for {args.down_for:g} s")  # fmt: skip
-    cluster = cluster_commands_available()
-    steps: list[dict[str, Any]] = []
+    changes: list[Change] = []
     outages: list[Outage] = []
     down: Outage | None = None
-    drained: str | None = None
     lb_kills: list[dict[str, Any]] = []
     lb_down: tuple[str, float] | None = None  # the killed LB and when
     k = j = 0
@@ -137,30 +176,45 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
             log(f"{time.time() - t0:6.1f} s  restarted it: back in ECMP in {back:.3f} s")
             lb_down, j = None, j + 1
         if down is None and now >= 2.0 + k * args.period and now + args.down_for < args.seconds:
-            if drained is not None:  # the drained backend back first
-                steps.append({"undrain": drained, "result": cluster_step("undrain", drained)})
-                drained = None
             down = drill.kill_server(backends[k % len(backends)])
             log(f"{now:6.1f} s  killed the web server on {down.host}")
         elif down is not None and time.time() - down.killed >= args.down_for:
             down.restored = drill.start_server(down.host)
             log(f"{time.time() - t0:6.1f} s  restored it on {down.host}")
             outages.append(down)
-            if cluster:  # between two kills, another backend drained
-                drained = backends[(k + 2) % len(backends)]
-                steps.append({"drain": drained, "result": cluster_step("drain", drained)})
+            # Until the next kill (if it comes: before the load ends), another backend is
+            # drained, removed and added back; with 3 or more backends it is not the next
+            # one to be killed.
+            restored = time.time()
+            gap = min(t0 + 2.0 + (k + 1) * args.period, t0 + args.seconds) - restored
+            if len(backends) >= 3 and gap > 1.0:
+                host = backends[(k + 2) % len(backends)]
+                at = {"drain": restored, "remove": restored + gap / 3}
+                changes.append(Change(host, {**at, "add": restored + 2 * gap / 3}))
             down = None
             k += 1
+        change = changes[-1] if changes else None
+        step = change.due(time.time()) if change is not None and lb_down is None else None
+        if change is not None and step is not None:
+            change.run(step)
+            log(f"{time.time() - t0:6.1f} s  backend {step} {change.host}: "
+                f"{change.results[step]}")  # fmt: skip
         time.sleep(0.01)
     if down is not None:
         down.restored = drill.start_server(down.host)
         outages.append(down)
     if lb_down is not None:
         lb_kills[-1]["back_in_ecmp_s"] = round(drill.restart_lb(lb_down[0]), 3)
+    if changes and "add" not in changes[-1].done:  # the load ended first: put it back
+        for st in STEPS:
+            if st not in changes[-1].done:
+                changes[-1].run(st)
     results = drill.client_results(timeout=30)
     time.sleep(0.2)  # the captures' last packets
     for o in outages:
         o.judge(drill.syns(o.host))
+    for c in changes:
+        c.judge(drill.syns(c.host))
     reqs = classify(outages, results)
     rss_end = drill.lb_rss_kb()
     kills = [
@@ -188,6 +242,7 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
             and worst < TARGET_LAST_NEW_FLOW
             and len(backs) == len(outages)
             and max(backs, default=0.0) < TARGET_BACK
+            and all(c.ok() for c in changes)
             and all(x["out_of_ecmp_s"] < TARGET_LB_OUT for x in lb_kills)
             and all(
                 x["back_in_ecmp_s"] is not None and x["back_in_ecmp_s"] < TARGET_LB_BACK
@@ -196,10 +251,7 @@ def soak(args: argparse.Namespace, dep: Deployment, drill: Drill, log: Any) -> d
         ),
         "lb_rss_kb": {lb: {"start": rss_start[lb], "end": rss_end[lb]} for lb in rss_start},
         "table_changes": health,
-        "cluster_steps": steps
-        if cluster
-        else "skipped: `python -m controller backend` is not "
-        "there yet (issue 8 item 3); bench.soak.cluster_step is the hook",
+        "cluster_changes": [c.as_dict(t0) for c in changes],
     }
 
 
@@ -218,6 +270,14 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(
             f"kill of the LB on {x['lb']}: out of its ToR's ECMP {x['out_of_ecmp_s']:.3f} s "
             f"after, back {x['back_in_ecmp_s']} s after its restart"
+        )
+    for c in res["cluster_changes"]:
+        took = ", ".join(f"{st} {t:.2f} s" for st, t in c["took_s"].items())
+        bad = {st: r for st, r in c["results"].items() if r != "ok"}
+        lines.append(
+            f"backend {c['host']} drained, removed, added ({took}): new flows while out "
+            f"{c['new_flows_while_out']} (target 0) of {c['syns_while_out']} SYNs"
+            f"{f'; failed: {bad}' if bad else ''}"
         )
     for lb, r in res["lb_rss_kb"].items():
         lines.append(f"{lb}: RSS {r['start']} kB at start, {r['end']} kB at the end")

@@ -146,6 +146,8 @@ class Model:
             lbs.append({
                 "host": h,
                 "up": bool(total(m, "l4lb_up")),
+                # None: the LB does not announce (no BGP); 0: up but withdrawn (drain, BFD down)
+                "announced": total(m, "l4lb_vip_announced"),
                 "fwd_pps": _r(fwd), "rx_pps": _r(counter(h, "l4lb_rx_packets_total")),
                 "drop_pps": _r(dropped), "flows": total(m, "l4lb_conntrack_flows"),
                 "cpu": _r(cpu and cpu * 100), "rss_mb": _r(

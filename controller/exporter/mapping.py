@@ -29,8 +29,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 Kind = Literal["counter", "gauge", "state"]
 BACKEND_STATES = ("UP", "DRAIN", "DOWN", "MAINT")
-"""haproxy's names. An LB's backend is UP (weight > 0), DRAIN (weight 0) or DOWN (failed health
-checks); MAINT (taken out by an operator) comes with backend control."""
+"""haproxy's names. An LB's backend is UP (taking new flows), DRAIN (weight 0: tracked flows
+stay), MAINT (taken out by an operator: `backend down`) or DOWN (failed health checks; also
+while the LB fails open, which l4lb_fail_open says)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ LB = (
     Row("l4lb_drops_total", "counter", "", "nft", ("reason",)),
     Row("l4lb_kernel_drops_total", "counter",
         "Frames the kernel could not put in the full receive ring.", "show.kernel_drops"),
-    Row("l4lb_conntrack_flows", "gauge", "Flows in the connection table.", "show.tracked_flows"),
+    Row("l4lb_conntrack_flows", "gauge", "Established flows in the connection table.",
+        "show.tracked_flows"),
     Row("l4lb_conntrack_capacity", "gauge", "Most flows the connection table holds.",
         "config.conn_capacity"),
     Row("l4lb_conntrack_half_open_flows", "gauge",
@@ -110,6 +112,18 @@ LB = (
         "show.flows.evictions"),
     Row("l4lb_backend_packets_total", "counter", "Frames forwarded to the backend.",
         "backends", BACKEND_LABELS, "packets"),
+    Row("l4lb_backend_bytes_total", "counter",
+        "Bytes of the inner IPv4 packets forwarded to the backend.", "backends", BACKEND_LABELS,
+        "bytes"),
+    Row("l4lb_backend_active_flows", "gauge",
+        "Flows the connection table tracks to the backend now (each until it idles out).",
+        "backends", BACKEND_LABELS, "active_flows"),
+    Row("l4lb_backend_connections_total", "counter",
+        "Flows the connection table started tracking to the backend (new connections).",
+        "backends", BACKEND_LABELS, "connections"),
+    Row("l4lb_backend_table_slots", "gauge",
+        "Lookup-table slots the backend owns: its share of new flows is slots / 65537.",
+        "backends", BACKEND_LABELS, "slots"),
     Row("l4lb_backend_weight", "gauge", "The backend's weight (0: draining, no new flows).",
         "backends", BACKEND_LABELS, "weight"),
     Row("l4lb_backend_status", "state",
@@ -121,6 +135,12 @@ LB = (
     Row("l4lb_backend_health_probes_missed_total", "counter",
         "Health probes to the backend's agent not answered in time.", "backends",
         BACKEND_LABELS, "health_missed"),
+    Row("l4lb_fail_open", "gauge",
+        "1 while no backend is healthy and the LB uses the unhealthy ones (fail open).",
+        "fail_open"),
+    Row("l4lb_vip_announced", "gauge",
+        "1 while this LB's VIP announcement is up (its BFD session to the host's BIRD is Up).",
+        "announce.announced"),
     *COMMON,
 )  # fmt: skip
 

@@ -6,15 +6,16 @@
     config   fields of the process's configuration file that it does not report itself
     backends (LB) one dict per backend: vip, backend (its IP), server (its host name, haproxy's
              label for a server's name; the IP when the configuration names none), weight,
-             state, packets
+             state, healthy, health_missed, packets, bytes, active_flows, connections, slots
     nft      (LB) the nftables counters of drops nothing else counts: {reason: packets}
     servers  (agent) one dict per VIP port: vip, port, listening (1 or 0)
     netdev   one dict per interface but lo: device, rx_bytes, tx_bytes, rx_packets, tx_packets
     errors   the exporter's own counts of sources it could not read, by reason
 
-The LB's set of backends cannot change while it runs yet (its control channel has `show` and
-`ping` only), so each backend's weight and state come from its configuration file; the packets
-from its counters (which also keep backends that left the set: state absent).
+Each backend's weight, state and counts come from the LB's `show` (fastpath.stats.BackendStats:
+the set as it is now, backend control and health included); a backend that left the set keeps
+its packet count (the core's counters), without a state. An LB reply without the backend list
+(an older LB) falls back to the configuration file's weights.
 """
 
 from __future__ import annotations
@@ -43,9 +44,23 @@ def vip_label(vips: Sequence[tuple[str, int | None]] | Sequence[str]) -> str:
     return ",".join(dict.fromkeys(addrs))
 
 
+STATE_NAMES = {
+    "active": "UP",
+    "draining": "DRAIN",
+    "admin_down": "MAINT",
+    "unhealthy": "DOWN",
+    "fail_open": "DOWN",  # down, but used because none is healthy: l4lb_fail_open says so
+}
+"""fastpath.backends' effective states in haproxy's names (mapping.BACKEND_STATES)."""
+MODEL_FIELDS = ("weight", "packets", "bytes", "active_flows", "connections", "slots")
+
+
 def lb_backends(show: Mapping[str, Any] | None, cfg: LbConfig) -> list[dict[str, Any]]:
     vip = vip_label(cfg.vips)
     names = dict(cfg.names)
+    model = show.get("backends") if show else None
+    if isinstance(model, list):
+        return _model_backends(vip, names, model, show)
     weights = dict(cfg.backends)
     core = show.get("core") if show else None
     packets = core.get("backends") if isinstance(core, Mapping) else None
@@ -71,6 +86,36 @@ def lb_backends(show: Mapping[str, Any] | None, cfg: LbConfig) -> list[dict[str,
     return rows
 
 
+def _model_backends(
+    vip: str, names: Mapping[str, str], model: list[Any], show: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Rows from the LB's backend model (its `show`), plus the backends that left the set."""
+    rows = []
+    for b in model:
+        if not isinstance(b, Mapping) or not isinstance(b.get("ip"), str):
+            continue
+        ip = b["ip"]
+        server = b.get("name") or names.get(ip, ip)
+        row: dict[str, Any] = {"vip": vip, "backend": ip, "server": server}
+        row.update({k: b[k] for k in MODEL_FIELDS if isinstance(b.get(k), int | float)})
+        row["state"] = STATE_NAMES.get(str(b.get("state")), "DOWN")
+        row["healthy"] = int(b.get("health") != "down")
+        rows.append(row)
+    core = show.get("core") if show else None
+    packets = core.get("backends") if isinstance(core, Mapping) else None
+    seen = {r["backend"] for r in rows}
+    for ip, n in packets.items() if isinstance(packets, Mapping) else ():
+        if ip not in seen:  # left the set: its count stays, it has no state
+            rows.append({"vip": vip, "backend": ip, "server": names.get(ip, ip), "packets": n})
+    health = show.get("health") if show else None
+    checked = health.get("backends") if isinstance(health, Mapping) else None
+    for row in rows:
+        h = checked.get(row["backend"]) if isinstance(checked, Mapping) else None
+        if isinstance(h, Mapping):
+            row["health_missed"] = h.get("missed", 0)
+    return rows
+
+
 def lb_view(
     show: Mapping[str, Any] | None,
     cfg: LbConfig,
@@ -86,6 +131,12 @@ def lb_view(
     }
     if show is not None:
         view["show"] = show
+        ann = show.get("announce")
+        view["announce"] = {
+            "announced": int(bool(isinstance(ann, Mapping) and ann.get("announced"))),
+            "wanted": int(bool(isinstance(ann, Mapping) and ann.get("wanted"))),
+        }
+        view["fail_open"] = int(bool(show.get("fail_open")))
     if nft is not None:
         view["nft"] = dict(nft)
     if netdev is not None:

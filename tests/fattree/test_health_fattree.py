@@ -3,7 +3,8 @@
 - bench/soak.py for one kill: a backend whose web server is killed while short requests run
   gets no new flow from either LB within 2 s, requests keep succeeding (only those in flight
   on it, or sent to it before the LBs knew, may fail), and it gets new flows again within 3 s
-  of its return.
+  of its return; then another backend is drained, removed and added back on both LBs and
+  gets no new flow while out.
 - With the services up once for the rest: every server stopped (the LBs fail open and keep
   forwarding by the whole table, nothing is dropped as `no_backend`); a link down and an
   agent killed (unhealthy through missed probes); a server flapping every 0.5 s for 20 s (a few
@@ -49,6 +50,12 @@ def test_soak_one_kill_meets_the_targets(tmp_path: Path) -> None:
     assert kill["by_lb"] and max(kill["by_lb"].values()) < 2.0, kill
     assert kill["last_new_flow_s"] < 2.0, kill
     assert kill["back_after_s"] is not None and kill["back_after_s"] < 3.0, kill
+    # After the restore, another backend was drained, removed and added back on both LBs,
+    # and got no new flow while it was out.
+    (change,) = res["cluster_changes"]
+    assert change["host"] != kill["host"], change
+    assert change["results"] == {"drain": "ok", "remove": "ok", "add": "ok"}, change
+    assert change["new_flows_while_out"] == 0, change
     assert res["targets_met"] and proc.returncode == 0, proc.stderr
 
 

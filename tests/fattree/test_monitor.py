@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -95,16 +96,19 @@ def test_prometheus_scrapes_every_exporter_and_has_per_backend_rates(monitored: 
         deadline = time.monotonic() + 30
         while True:  # until every series has had two scrapes within its 5 s window
             rates = by(prom("backend:l4lb_backend_packets:rate5s"), "server")
+            new_flows = by(prom("backend:l4lb_backend_connections:rate5s"), "server")
             lbs = by(prom("host:l4lb_forwarded_packets:rate5s"), "host")
             decap = by(prom("host:l4lb_agent_decap:rate5s"), "host")
             dsr = prom(":l4lb_dsr_byte_ratio:rate5s")
             ready = [*(rates.get(b, 0) for b in BACKENDS), *(lbs.get(h, 0) for h in ("h1", "h2"))]
+            ready += [new_flows.get(b, 0) for b in BACKENDS]
             if (all(ready) and dsr) or time.monotonic() > deadline:
                 break
             time.sleep(1)
     finally:
         load.stop()
     assert sorted(rates) == sorted(BACKENDS) and all(rates[b] > 0 for b in BACKENDS), rates
+    assert all(new_flows.get(b, 0) > 0 for b in BACKENDS), new_flows  # downloads: new flows
     assert lbs.get("h1", 0) > 0 and lbs.get("h2", 0) > 0, lbs
     assert all(decap.get(b, 0) > 0 for b in BACKENDS), decap
     # Replies bypass the LBs: their hosts send a small fraction of the backends' bytes (100 KB
@@ -187,6 +191,26 @@ def page_rows(driver: Any) -> dict[str, dict[str, str]]:
     return dict(driver.execute_script(script))
 
 
+def operator(*argv: str) -> None:
+    """An operator's `python -m controller ...` command, which must succeed."""
+    res = subprocess.run(
+        [sys.executable, "-m", "controller", *argv], capture_output=True, text=True,
+        cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, f"{argv}: {res.stderr}"
+
+
+def wait_rows(driver: Any, cond: Any, seconds: float = 10.0) -> bool:
+    """Polls the page until `cond(page_rows)` holds (True) or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(KeyError):
+            if cond(page_rows(driver)):
+                return True
+        time.sleep(0.2)
+    return False
+
+
 def nonzero(rate_text: str) -> bool:
     return rate_text not in ("", "-") and not rate_text.startswith("0 ")
 
@@ -210,6 +234,18 @@ def test_status_page_in_a_real_browser(monitored: NetState, browser: Any) -> Non
         assert all(rows[b]["state"] == "UP" for b in BACKENDS), rows
         assert all(rows[lb]["state"] == "UP" for lb in ("h1", "h2")), rows
         browser.save_screenshot(str(SCREENSHOT))
+        assert all(rows[b]["flows"] not in ("", "n/a") for b in BACKENDS), rows
+
+        # The operator drains h7 and withdraws h2's VIP: the page says DRAIN and WITHDRAWN;
+        # then both come back.
+        operator("backend", "drain", "h7")  # returns once both LBs applied it
+        assert wait_rows(browser, lambda r: r["h7"]["state"] == "DRAIN", 2.0), page_rows(browser)
+        operator("lb", "drain", "h2")
+        assert wait_rows(browser, lambda r: r["h2"]["state"] == "WITHDRAWN"), page_rows(browser)
+        operator("backend", "weight", "h7", "1")
+        operator("lb", "undrain", "h2")
+        assert wait_rows(browser, lambda r: r["h7"]["state"] == "UP"
+                         and r["h2"]["state"] == "UP"), page_rows(browser)  # fmt: skip
 
         # Stop h3's web server (by PID, from the services' record): the page must say so.
         (www,) = [r for r in services.running() if r["name"] == "www-h3"]

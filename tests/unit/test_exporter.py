@@ -21,6 +21,7 @@ from controller.exporter.sources import SourceError
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.counters import DropReason
+from fastpath.runner import make_backends
 from fastpath.stats import CoreStats, IoStats, LbStats
 from l4lb.errors import ConfigError
 
@@ -33,6 +34,11 @@ LB_CFG = LbConfig(
 AGENT_CFG = AgentConfig(vips=(VIP,), allowed_lbs=("10.1.1.2",), iface="h3-eth0")
 
 
+def to_vip(n: int) -> list[bytes]:
+    """n UDP frames to VIP:80, each of its own flow."""
+    return udp_frames(n, "00:00:0a:09:00:02", "00:00:0a:01:01:02", VIP, dport=80)
+
+
 def lb_show(frames: int) -> dict[str, Any]:
     """A real LbStats of a Balancer that handled `frames` UDP frames to VIP:80 and 3 with TTL 1."""
     core = BalancerConfig(
@@ -40,8 +46,9 @@ def lb_show(frames: int) -> dict[str, Any]:
         local_mac=bytes(6), next_hop_mac=bytes.fromhex("00010a010101"),
     )  # fmt: skip
     bal = Balancer(core)
+    model = make_backends(LB_CFG, core, bal, 1.0)  # the LB's backend set, as at its start
     out = memoryview(bytearray(2048))
-    batch = udp_frames(frames, "00:00:0a:09:00:02", "00:00:0a:01:01:02", VIP, dport=80)
+    batch = to_vip(frames)
     for f in batch:
         bal.process(f, out, 1.0)
     for f in batch[:3]:
@@ -52,7 +59,7 @@ def lb_show(frames: int) -> dict[str, Any]:
         time=1.0, iface="h1-eth0", pid=os.getpid(), uptime_s=2.5, final=False, rx_pps=0,
         tx_pps=0, core=CoreStats.of(bal.counters), io=IoStats(rx_frames=frames + 3),
         kernel_drops=4, tracked_flows=len(bal.conntrack), next_hop_mac="00:01:0a:01:01:01",
-        rps_cpus=None, nft_dropped=None,
+        rps_cpus=None, nft_dropped=None, backends=model.stats(1.0, 1.0), table=model.table,
     ).as_dict()  # fmt: skip
 
 
@@ -123,6 +130,14 @@ def test_lb_metrics_carry_the_core_counters_and_the_filtered_drops() -> None:
         dict(k)["state"]: v for k, v in m["l4lb_backend_status"].items() if ("server", "h7") in k
     }
     assert status == {"UP": 0, "DRAIN": 1, "DOWN": 0, "MAINT": 0}
+    # The LB's backend model: its flows, bytes (inner IPv4 total length) and table share.
+    assert one(m, "l4lb_backend_active_flows", **h3) == 200
+    assert one(m, "l4lb_backend_connections_total", **h3) == 200
+    assert one(m, "l4lb_backend_active_flows", **h7) == 0
+    assert one(m, "l4lb_backend_bytes_total", **h3) == sum(len(f) - 14 for f in to_vip(200))
+    assert one(m, "l4lb_backend_table_slots", **h3) == show["table"]["size"]
+    assert one(m, "l4lb_backend_table_slots", **h7) == 0
+    assert one(m, "l4lb_fail_open") == 0 and one(m, "l4lb_vip_announced") == 0
     assert one(m, "l4lb_host_network_transmit_bytes_total", device="h1-eth0") == 20
     assert "lo" not in {dict(k).get("device") for k in m["l4lb_host_network_transmit_bytes_total"]}
     # The LB's own process (here: this test's), through ProcessCollector on the PID it gave.

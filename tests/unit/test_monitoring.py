@@ -80,7 +80,7 @@ def test_prometheus_config_and_rules_pass_promtool(dep, tmp_path: Path) -> None:
     conf.write_text(monitor.prometheus_config(targets.build(dep, STATE)))
     res = subprocess.run(["promtool", "check", "config", str(conf)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "7 rules found" in res.stdout  # the shipped recording rules, loaded from the config
+    assert "9 rules found" in res.stdout  # the shipped recording rules, loaded from the config
 
 
 CFG = targets.MonitorConfig(
@@ -167,6 +167,7 @@ def test_model_turns_two_samples_into_rates_split_dsr_and_drops() -> None:
     s = m.update(sample(10.5, 300, 40, {"h1": 2000, "h3": 150_000}))
     (lb,) = s["lbs"]
     assert (lb["host"], lb["up"], lb["fwd_pps"], lb["share"]) == ("h1", True, 400.0, 1.0)
+    assert lb["announced"] is None  # this LB exports no announcement: not "withdrawn"
     (bk,) = s["backends"]
     assert (bk["host"], bk["state"], bk["pps"], bk["decap_pps"]) == ("h3", "UP", 400.0, 400.0)
     assert bk["per_lb"] == {"h1": 400.0} and bk["active_flows"] is None
@@ -197,3 +198,6 @@ def test_model_takes_the_most_severe_lb_view_and_ignores_counter_resets() -> Non
     s = m.update(later)
     assert s["lbs"][0]["fwd_pps"] is None
     assert s["backends"][0]["state"] == "DRAIN"
+    # The LB drains (lb drain): its announcement is withdrawn while it still runs.
+    later.metrics["h1"]["l4lb_vip_announced"] = {frozenset(): 0.0}  # type: ignore[index]
+    assert m.update(later)["lbs"][0]["announced"] == 0

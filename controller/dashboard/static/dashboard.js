@@ -124,7 +124,7 @@ function drawLbs(state) {
       lb.share ? `${lb.host} ${share}` : "");
     split.appendChild(bar);
     row(tbody, lb.host, "data-lb", [
-      ["host", lb.host], ["state", badge(lb.up ? "UP" : "LB DOWN")], ["share", share],
+      ["host", lb.host], ["state", badge(!lb.up ? "LB DOWN" : lb.announced === 0 ? "WITHDRAWN" : "UP")], ["share", share],
       ["pps", pps(lb.fwd_pps)], ["rx", pps(lb.rx_pps)], ["drops", pps(lb.drop_pps)],
       ["flows", lb.flows ?? "-"], ["cpu", lb.cpu === null ? "-" : lb.cpu.toFixed(0) + " %"],
       ["rss", lb.rss_mb === null ? "-" : lb.rss_mb.toFixed(0) + " MB"],
