@@ -22,6 +22,13 @@ backend that does not serve is re-hashed at its next packet (as Maglev reuses a 
 only while its backend is healthy); one that left the set is forgotten for good: should it
 come back it gets a new backend id, so no old entry returns to it.
 
+What the connection table tracks (fastpath.conntrack; applied in fastpath.kernel's `miss`): a
+TCP flow whose packets so far are bare SYNs is half-open, apart from the established flows,
+with a shorter idle timeout, and becomes established with its next packet; a TCP packet that
+is no bare SYN of an untracked flow (nonsyn_miss), and a new UDP/ICMP flow, are established at
+once; new flows are tracked at most conn_insert_rate per second, the others forwarded by the
+lookup table untracked (flood_bypass).
+
 Encapsulation (l4lb.wire.IPIP): Ethernet (src local_mac, dst next_hop_mac) + IPv4 (IHL 5, TOS
 and DF copied from the inner header, ID from a counter, TTL 64, protocol 4, src local_ip, dst
 backend), checksum computed incrementally from a per-backend precomputed sum, written in the

@@ -192,7 +192,8 @@ class ConnTable:
         self.refill_at = math.floor(now) + 1
 
     def lookup(self, key: int, now: float) -> int | None:
-        """The backend tracked for `key` (refreshing it), or None."""
+        """The backend tracked for `key` as established (refreshing it), or None: the plain
+        table operation. The packet core does this and the SYN flood rules in `miss`."""
         if now >= self.rotate_at:
             self.tick(now)
         value = self.young.get(key)

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--conn-capacity",
         type=positive_int,
         metavar="N",
-        help="most tracked flows (default 1,000,000)",
+        help="most established flows tracked (default 1,000,000; half-open ones: "
+        "--conn-half-open-capacity)",
     )
     p.add_argument(
         "--conn-timeout",
