@@ -95,18 +95,20 @@ def syn_frames(
 ) -> list[bytes]:
     """`count` TCP SYNs from random sources (address in `src_net`, port 1024..65535) to
     dst_ip:dport, 54-byte frames with correct IPv4 and TCP checksums: what a SYN flood of
-    spoofed sources looks like. Sources may repeat (random): about count^2 / 2^(bits+17)
-    pairs collide."""
+    spoofed sources looks like (`src_net` a /32: one host's own address, random ports, what
+    gets past a source guard). Sources may repeat (random): about count^2 / 2^(bits+17) pairs
+    collide."""
     import random
 
     rng = random.Random(seed)
     net = ipaddress.IPv4Network(src_net)
     base, size = int(net.network_address), net.num_addresses
+    hosts = range(1, size - 1) if size > 2 else range(size)  # a /32: the one address
     eth = ETH.pack(parse_mac(dst_mac), parse_mac(src_mac), ETH_P_IP)
     dst = ipaddress.IPv4Address(dst_ip).packed
     out = []
     for i in range(count):
-        src = (base + rng.randrange(1, size - 1)).to_bytes(4, "big")
+        src = (base + rng.choice(hosts)).to_bytes(4, "big")
         sport, seq = rng.randrange(1024, 65536), rng.getrandbits(32)
         tcp = _TCP_SYN.pack(sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
         csum = checksum(_PSEUDO.pack(src, dst, 0, IPPROTO_TCP, len(tcp)) + tcp)
