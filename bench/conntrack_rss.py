@@ -1,6 +1,6 @@
 """The LB's resident memory with N tracked flows: a process that holds the packet core (what the
-`fastpath.lb` process holds), fed N distinct TCP SYNs to the VIP through `Balancer.process`,
-then reads its own VmRSS. One JSON line out:
+`fastpath.lb` process holds), fed N distinct TCP ACKs to the VIP (each a new established flow)
+through `Balancer.process`, then reads its own VmRSS. One JSON line out:
 
     python -m bench.conntrack_rss --flows 1000000
 """
@@ -38,7 +38,9 @@ def vm_rss_kib(pid: str = "self") -> int:
 def syn_template(vip: str, dport: int) -> bytearray:
     eth = ETH.pack(parse_mac("02:00:00:00:00:01"), parse_mac("02:00:00:00:00:02"), ETH_P_IP)
     ip = IPV4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, 0, bytes(4), socket.inet_aton(vip))
-    tcp = TCP.pack(0, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    # An ACK: tracked as established at once (a non-SYN miss); a bare SYN would be half-open,
+    # a table of its own and its own bound (fastpath.conntrack).
+    tcp = TCP.pack(0, dport, 1, 0, 5 << 4, 0x10, 64240, 0, 0)
     return bytearray(eth + ip + tcp)
 
 
@@ -55,6 +57,7 @@ def fill(flows: int, vip: str = "20.0.0.1", dport: int = 80) -> dict[str, object
         local_ip="10.1.1.2",
         local_mac=parse_mac("00:00:0a:01:01:02"),
         next_hop_mac=parse_mac("00:01:0a:01:01:02"),
+        conn_insert_rate=0,  # no cap: every flow fed at the same `now` is tracked
     )
     balancer = Balancer(cfg)
     rss_empty = vm_rss_kib()
@@ -79,6 +82,7 @@ def fill(flows: int, vip: str = "20.0.0.1", dport: int = 80) -> dict[str, object
     return {
         "flows": flows,
         "forwarded": sent,
+        "tracked": len(balancer.conntrack),
         "rss_mb": round(vm_rss_kib() / 1024, 1),
         "rss_mb_empty_balancer": round(rss_empty / 1024, 1),
         "rss_mb_interpreter": round(rss_start / 1024, 1),

@@ -9,7 +9,16 @@ import struct
 from collections.abc import Iterator, Sequence
 
 from l4lb.checksum import checksum
-from l4lb.wire import ETH, ETH_P_IP, IPPROTO_IPIP, IPPROTO_UDP, IPV4, UDP, parse_mac
+from l4lb.wire import (
+    ETH,
+    ETH_P_IP,
+    IPPROTO_IPIP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4,
+    UDP,
+    parse_mac,
+)
 
 MIN_FRAME = 60  # 64 bytes on the wire with the FCS
 
@@ -68,6 +77,46 @@ def ipip_frames(
         inner = udp_packet(ip, vip, port, dport, payload)
         outer = ipv4_header(outer_src, outer_dst, IPPROTO_IPIP, len(inner), ident=i & 0xFFFF)
         out.append(eth + outer + inner)
+    return out
+
+
+_TCP_SYN = struct.Struct("!HHIIBBHHH")  # TCP header without options: ports, seq, ack, ...
+_PSEUDO = struct.Struct("!4s4sBBH")  # the TCP checksum's pseudo-header
+
+
+def syn_frames(
+    count: int,
+    src_mac: str,
+    dst_mac: str,
+    dst_ip: str,
+    dport: int = 80,
+    src_net: str = "10.96.0.0/12",
+    seed: int = 1,
+) -> list[bytes]:
+    """`count` TCP SYNs from random sources (address in `src_net`, port 1024..65535) to
+    dst_ip:dport, 54-byte frames with correct IPv4 and TCP checksums: what a SYN flood of
+    spoofed sources looks like (`src_net` a /32: one host's own address, random ports, what
+    gets past a source guard). Sources may repeat (random): about count^2 / 2^(bits+17) pairs
+    collide."""
+    import random
+
+    rng = random.Random(seed)
+    net = ipaddress.IPv4Network(src_net)
+    base, size = int(net.network_address), net.num_addresses
+    hosts = range(1, size - 1) if size > 2 else range(size)  # a /32: the one address
+    eth = ETH.pack(parse_mac(dst_mac), parse_mac(src_mac), ETH_P_IP)
+    dst = ipaddress.IPv4Address(dst_ip).packed
+    out = []
+    for i in range(count):
+        src = (base + rng.choice(hosts)).to_bytes(4, "big")
+        sport, seq = rng.randrange(1024, 65536), rng.getrandbits(32)
+        tcp = _TCP_SYN.pack(sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+        csum = checksum(_PSEUDO.pack(src, dst, 0, IPPROTO_TCP, len(tcp)) + tcp)
+        tcp = tcp[:16] + csum.to_bytes(2, "big") + tcp[18:]
+        fields = (0x45, 0, 40, i & 0xFFFF, 0x4000, 64, IPPROTO_TCP, 0, src, dst)
+        ip = IPV4.pack(*fields)
+        ip = IPV4.pack(*fields[:7], checksum(ip), src, dst)
+        out.append(eth + ip + tcp)
     return out
 
 

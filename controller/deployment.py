@@ -117,6 +117,9 @@ class Deployment:
     """AS numbers and BFD timers of the VIP announcements."""
     lb_workers: int = 1
     """Forwarding processes per load balancer (LbConfig.workers; fastpath.workers)."""
+    conn: tuple[tuple[str, int | float], ...] = ()
+    """The connection-table keys the file gives (CONN_KEYS: LbConfig's fields of the same
+    names), rendered into every LB's configuration; the others keep the LB's defaults."""
 
     def backend_ips(self) -> tuple[tuple[str, int], ...]:
         """(backend IP, weight), in the file's order."""
@@ -134,8 +137,20 @@ class Deployment:
         return [h for h in self.topology.hosts() if h not in busy]
 
 
+CONN_KEYS = (
+    "conn_capacity",
+    "conn_idle_timeout",
+    "conn_half_open_capacity",
+    "conn_half_open_timeout",
+    "conn_insert_rate",
+)
+"""Optional keys of the connection table (fastpath.config.LbConfig's fields, checked by its
+rule, fastpath.config.check_conn, as the LB configurations are rendered): capacity, timeouts,
+and the SYN flood's insert cap."""
+
 KEYS = frozenset(
     {
+        *CONN_KEYS,
         "topology",
         "vip",
         "vip_ports",
@@ -218,6 +233,7 @@ def parse_deployment(
         raise DeploymentError(f"{source}: mtu must be an integer 576..65535, not {mtu!r}")
     metrics_port = data.get("metrics_port", DEFAULT_PORT)
     lb_workers = data.get("lb_workers", 1)
+    conn = tuple((k, data[k]) for k in CONN_KEYS if k in data)
     try:  # the data planes' own rules (one definition each), on the deployment's values
         check_workers(lb_workers, "lb_workers")
         check_hash_seed(seed)
@@ -252,6 +268,7 @@ def parse_deployment(
         path=path,
         bgp=bgp,
         lb_workers=lb_workers,
+        conn=conn,
     )
     from controller import render  # render imports this module
 
@@ -295,6 +312,7 @@ def with_topology(dep: Deployment, topology: Topology) -> Deployment:
             "bfd_multiplier": dep.bgp.bfd_multiplier,
         },
         "metrics_port": dep.metrics_port,
+        **dict(dep.conn),
     }
     return parse_deployment(data, topology, Path("/"), f"{dep.source} over {topology.source}")
 

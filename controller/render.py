@@ -77,6 +77,7 @@ def lb_config(
         bfd_interval_ms=dep.bgp.bfd_interval_ms,
         bfd_multiplier=dep.bgp.bfd_multiplier,
         workers=dep.lb_workers,
+        **dict(dep.conn),  # type: ignore[arg-type]
     )
     return cfg if record is None else with_record(cfg, record)
 

@@ -22,6 +22,13 @@ backend that does not serve is re-hashed at its next packet (as Maglev reuses a 
 only while its backend is healthy); one that left the set is forgotten for good: should it
 come back it gets a new backend id, so no old entry returns to it.
 
+What the connection table tracks (fastpath.conntrack; applied in fastpath.kernel's `miss`): a
+TCP flow whose packets so far are bare SYNs is half-open, apart from the established flows,
+with a shorter idle timeout, and becomes established with its next packet; a TCP packet that
+is no bare SYN of an untracked flow (nonsyn_miss), and a new UDP/ICMP flow, are established at
+once; new flows are tracked at most conn_insert_rate per second, the others forwarded by the
+lookup table untracked (flood_bypass).
+
 Encapsulation (l4lb.wire.IPIP): Ethernet (src local_mac, dst next_hop_mac) + IPv4 (IHL 5, TOS
 and DF copied from the inner header, ID from a counter, TTL 64, protocol 4, src local_ip, dst
 backend), checksum computed incrementally from a per-backend precomputed sum, written in the
@@ -40,9 +47,11 @@ kernel verifies it after decapsulation anyway, and the check costs ~0.2 us per p
 from __future__ import annotations
 
 import ipaddress
+import struct
 from array import array
 from collections import Counter
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import xxhash
 
@@ -74,7 +83,13 @@ class Balancer:
     def __init__(self, cfg: BalancerConfig) -> None:
         self.cfg = cfg
         self.counters = Counters()
-        self.conntrack = ConnTable(cfg.conn_capacity, cfg.conn_idle_timeout)
+        self.conntrack = ConnTable(
+            cfg.conn_capacity,
+            cfg.conn_idle_timeout,
+            cfg.conn_half_open_capacity,
+            cfg.conn_half_open_timeout,
+            cfg.conn_insert_rate,
+        )
         ports_of: dict[int, set[int]] = {}
         any_port: set[int] = set()
         for ip, port in cfg.vips:
@@ -215,6 +230,35 @@ class Balancer:
         a count over the table, ~3 ms."""
         owners = Counter(self._tables.table)
         return {ip: owners.get(bid, 0) for ip, bid in self._ids.items()}
+
+    def flow(self, src: str, sport: int, dst: str, dport: int, proto: int) -> dict[str, Any]:
+        """Where the connection table has a TCP/UDP flow (client src:sport -> VIP dst:dport):
+        {"state": "established" | "half_open" | "untracked", "backend": its IP or None,
+        "table_backend": the lookup table's choice for it (None: no backend)}. The key is the
+        packet core's (the module docstring): xxh3_64 of the 12 bytes, the protocol's seed."""
+        raw = (
+            ipaddress.IPv4Address(src).packed
+            + ipaddress.IPv4Address(dst).packed
+            + struct.pack("!HH", sport, dport)
+        )
+        key = xxhash.xxh3_64_intdigest(raw, seed=self._tables.seeds[proto])
+        ct = self.conntrack
+        state, bid = "untracked", None
+        for name, gens in (
+            ("established", (ct.young, ct.old)),
+            ("half_open", (ct.syn_young, ct.syn_old)),
+        ):
+            for gen in gens:
+                if key in gen:
+                    state, bid = name, gen[key]
+        table = self._tables.table
+        choice = table[key % len(table)]
+        names = self.counters.backend_names
+        return {
+            "state": state,
+            "backend": None if bid is None else names[bid],
+            "table_backend": None if choice < 0 else names[choice],
+        }
 
     def tracked(self, ip: str) -> int:
         """Flows tracked to a backend of the set now (0 for one not in the set)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastpath.conntrack import HALF_OPEN_CAPACITY, HALF_OPEN_TIMEOUT, INSERT_RATE
 from l4lb.busypoll import busy_poll_error
 from l4lb.errors import ConfigError
 from l4lb.healthcfg import HealthConfig
@@ -45,11 +46,45 @@ def check_hash_seed(seed: int) -> None:
         raise ConfigError(f"hash_seed: must be an integer 0 <= seed < 2**56, not {seed!r}")
 
 
-def check_conn(capacity: int, idle_timeout: float) -> None:
-    if capacity < 2:
-        raise ConfigError(f"conn_capacity: must be >= 2, not {capacity}")
-    if not idle_timeout > 0:
-        raise ConfigError(f"conn_idle_timeout: must be > 0, not {idle_timeout}")
+MAX_INSERT_RATE = 10_000_000
+"""Largest conn_insert_rate: far beyond what one Python loop can insert (a bound that catches a
+typo; 0 turns the cap off)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_conn(
+    capacity: int,
+    idle_timeout: float,
+    half_open_capacity: int = HALF_OPEN_CAPACITY,
+    half_open_timeout: float = HALF_OPEN_TIMEOUT,
+    insert_rate: int = INSERT_RATE,
+) -> None:
+    """Raise ConfigError unless the connection table's settings (fastpath.conntrack) hold."""
+    if not _is_int(capacity) or capacity < 2:
+        raise ConfigError(f"conn_capacity: must be an integer >= 2, not {capacity!r}")
+    if not _is_number(idle_timeout) or not idle_timeout > 0:
+        raise ConfigError(f"conn_idle_timeout: must be > 0, not {idle_timeout!r}")
+    if not _is_int(half_open_capacity) or half_open_capacity < 2:
+        raise ConfigError(
+            f"conn_half_open_capacity: must be an integer >= 2, not {half_open_capacity!r}"
+        )
+    if not _is_number(half_open_timeout) or not 0 < half_open_timeout <= idle_timeout:
+        raise ConfigError(
+            f"conn_half_open_timeout: must be > 0 and at most conn_idle_timeout "
+            f"({idle_timeout}), not {half_open_timeout!r}"
+        )
+    if not _is_int(insert_rate) or not 0 <= insert_rate <= MAX_INSERT_RATE:
+        raise ConfigError(
+            f"conn_insert_rate: must be an integer 0..{MAX_INSERT_RATE} (0: no cap), "
+            f"not {insert_rate!r}"
+        )
 
 
 BFD_INTERVAL_MS = (10, 10000)
@@ -125,6 +160,12 @@ class BalancerConfig:
     """Most flows the connection table holds (bounds its memory)."""
     conn_idle_timeout: float = 60.0
     """Seconds a flow stays tracked without packets (kept at least this long, gone by 2x)."""
+    conn_half_open_capacity: int = HALF_OPEN_CAPACITY
+    """Most half-open flows (bare SYNs seen, nothing else yet), held apart from the rest."""
+    conn_half_open_timeout: float = HALF_OPEN_TIMEOUT
+    """Seconds a half-open flow stays tracked without packets (<= conn_idle_timeout)."""
+    conn_insert_rate: int = INSERT_RATE
+    """Most new flows tracked per second (0: no cap); more are forwarded by the table only."""
     mtu: int = 1500
     """MTU of the outgoing link: encapsulated packets (inner + 20) must fit in it."""
     verify_checksum: bool = False
@@ -141,7 +182,13 @@ class BalancerConfig:
         check_hash_seed(self.hash_seed)
         if not _is_prime(self.table_size):
             raise ConfigError(f"table_size: must be a prime, not {self.table_size}")
-        check_conn(self.conn_capacity, self.conn_idle_timeout)
+        check_conn(
+            self.conn_capacity,
+            self.conn_idle_timeout,
+            self.conn_half_open_capacity,
+            self.conn_half_open_timeout,
+            self.conn_insert_rate,
+        )
         if not 68 + 20 <= self.mtu <= 65535:
             raise ConfigError(f"mtu: must be 88..65535, not {self.mtu}")
 
@@ -187,6 +234,13 @@ class LbConfig:
     """Most tracked flows."""
     conn_idle_timeout: float = 60.0
     """Idle seconds before a tracked flow may be forgotten."""
+    conn_half_open_capacity: int = HALF_OPEN_CAPACITY
+    """Most half-open flows (a SYN seen, nothing else yet), apart from the established ones."""
+    conn_half_open_timeout: float = HALF_OPEN_TIMEOUT
+    """Idle seconds before a half-open flow may be forgotten (<= conn_idle_timeout)."""
+    conn_insert_rate: int = INSERT_RATE
+    """Most new flows tracked per second (0: no cap); those over it are forwarded by the
+    lookup table without being tracked (SYN flood defence, fastpath.conntrack)."""
     stats_file: str | None = None
     """Latest counters as JSON (default /run/l4lb/lb-IFACE.json; "" for none)."""
     stats_interval: float = 1.0
@@ -239,7 +293,13 @@ class LbConfig:
             parse_ipv4("local_ip", self.local_ip)
         if self.next_hop_mac is not None:
             parse_mac(self.next_hop_mac)
-        check_conn(self.conn_capacity, self.conn_idle_timeout)
+        check_conn(
+            self.conn_capacity,
+            self.conn_idle_timeout,
+            self.conn_half_open_capacity,
+            self.conn_half_open_timeout,
+            self.conn_insert_rate,
+        )
         if not self.stats_interval > 0:
             raise ConfigError(f"stats_interval: must be > 0, not {self.stats_interval}")
         if not 1 <= self.batch <= BATCH_MAX:

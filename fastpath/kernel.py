@@ -18,7 +18,9 @@ so closures handed out once stay valid.
 Where the next checks go: the fast path reads the frame's fields in one unpack (`_FAST_FIELDS`,
 through the destination port); a field further on (the TCP flags byte, frame[47] with IHL 5)
 is one index away, and a new counter is one more list slot in fastpath.counters. A flow the
-connection table does not know goes through `miss()`.
+young generation does not hold goes through `miss()` on both paths: the connection table's
+rules, the SYN flood's included, are written once there, and the TCP flags byte is read
+only then (an established flow's packet never reads it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from struct import Struct
 
 import xxhash
 
-from fastpath.conntrack import ConnTable
+from fastpath.conntrack import ConnTable, FlowEvent
 from fastpath.counters import Counters, DropReason
 from l4lb.checksum import checksum, complete_l4_checksum, ipv4_header_ok
 from l4lb.ring import CSUM_NOT_READY, READY, Slots
@@ -81,6 +83,10 @@ _TOO_BIG = DropReason.TOO_BIG.value
 _FRAG_NEEDED = DropReason.FRAG_NEEDED.value
 _INTERNAL_ERROR = DropReason.INTERNAL_ERROR.value
 
+NEW, NONSYN_MISS, FLOOD_BYPASS, PROMOTED = (
+    FlowEvent.NEW.value, FlowEvent.NONSYN_MISS.value, FlowEvent.FLOOD_BYPASS.value,
+    FlowEvent.PROMOTED.value,
+)  # fmt: skip
 _MIN_FRAME = ETH_HLEN + IPV4_HLEN
 _TCP_UDP = frozenset((IPPROTO_TCP, IPPROTO_UDP))
 _ICMP_ERRORS = frozenset((ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED))
@@ -174,25 +180,39 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
         fbytes[bid] += tl
         return _OUTER_LEN + tl
 
-    def choose(key: int, track: bool, now: float) -> int:
-        """Backend id for a flow hash: tracked (refreshed if `track`), else from the table. A
-        tracked flow whose backend is out of service (empty template) is re-hashed."""
-        bid = ct.lookup(key, now) if track else ct.get(key)
+    def choose(key: int, flags: int, track: bool, now: float) -> int:
+        """Backend id for a flow hash on the general path: if `track`, as the fast path
+        decides (the young generation, else `miss`); else read only, tracked or the table's.
+        `flags`: the TCP flags byte, -1 for other protocols (see `miss`)."""
+        if track:
+            bid = ct.young.get(key)
+            if bid is None or not templates[bid]:
+                bid = miss(key, bid, flags, now)
+            return bid
+        bid = ct.get(key)
         if bid is None or not templates[bid]:
-            if bid is not None and track:
-                ct.forget(key)
             bid = table[key % len(table)]
-            if bid != NO_BACKEND and track:
-                ct.insert(key, bid)
-                conns[bid] += 1
         return bid
 
     half = ct.half
+    events = ct.events
+    _new, _nonsyn, _bypass, _promoted = NEW, NONSYN_MISS, FLOOD_BYPASS, PROMOTED
 
-    def miss(key: int, stale: int | None) -> int:
-        """Fast path, not in the young generation, or there as `stale` (its backend out of
-        service): promote from the old generation, else the table's choice (a new
-        connection); track it, counted per backend. The caller ticked the clock."""
+    def miss(key: int, stale: int | None, flags: int, now: float) -> int:
+        """Both paths, for a flow not in the young generation, or there as `stale` (its
+        backend out of service). The one definition of the rules (fastpath.conntrack):
+        - tracked established (old generation) -> promoted to the young one; stale or
+          tracked to a backend out of service -> re-hashed, tracked again, counted per
+          backend (no new flow: it was one already);
+        - half-open: a bare SYN (`flags & 0x17 == 0x02`: SYN, no ACK/FIN/RST; ECN bits
+          allowed) keeps it half-open, anything else promotes it to established;
+        - else a new flow, by the table: over the second's insert budget forwarded but not
+          tracked (flood_bypass); a bare SYN is tracked half-open; any other TCP packet is
+          a nonsyn_miss tracked as established; UDP, ICMP and fragments (`flags` -1: no
+          handshake to wait for) are tracked as established at once.
+        The caller ticked the established generations; the half-open ones tick here."""
+        if now >= ct.syn_rotate_at:
+            ct.tick_half_open(now)
         if stale is not None:  # in the young generation, so not in the old one: re-hash
             del ct.young[key]
             young_n[stale] -= 1
@@ -203,6 +223,44 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                 old_n[bid] -= 1
                 if not templates[bid]:
                     bid = None
+            else:
+                bid = ct.syn_young.get(key)
+                if bid is None:
+                    bid = ct.syn_old.get(key)
+                if bid is not None:  # half-open
+                    if not templates[bid]:
+                        bid = table[key % len(table)]
+                        if bid == NO_BACKEND:
+                            ct.pop_half_open(key)
+                            return bid
+                    if flags & 0x17 == 0x02:  # a SYN again: still half-open, refreshed
+                        ct.pop_half_open(key)
+                        ct.insert_half_open(key, bid)
+                        return bid
+                    ct.pop_half_open(key)
+                    events[_promoted] += 1
+                else:  # a new flow
+                    bid = table[key % len(table)]
+                    if bid == NO_BACKEND:
+                        return bid
+                    syn = flags & 0x17 == 0x02
+                    if flags >= 0 and not syn:
+                        events[_nonsyn] += 1
+                    if now >= ct.refill_at:
+                        ct.refill(now)
+                    if ct.budget <= 0:
+                        events[_bypass] += 1
+                        return bid
+                    ct.budget -= 1
+                    events[_new] += 1
+                    conns[bid] += 1
+                    if syn:
+                        syn_young = ct.syn_young
+                        if len(syn_young) >= ct.syn_half:
+                            ct.insert_half_open(key, bid)  # rotates the half-open ones first
+                        else:
+                            syn_young[key] = bid
+                        return bid
         if bid is None:
             bid = table[key % len(table)]
             if bid == NO_BACKEND:
@@ -253,7 +311,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
         if icmp_type == ICMP_ECHO_REQUEST:
             if tl > max_inner:
                 return too_big(frame, out, hl, tl, frag)
-            bid = choose(h3(frame[26:34], seeds[IPPROTO_ICMP]), True, now)
+            bid = choose(h3(frame[26:34], seeds[IPPROTO_ICMP]), -1, True, now)
         elif icmp_type in _ICMP_ERRORS:
             # The quoted packet was sent by a VIP to the client: IP header + >= 8 bytes.
             q = l4 + ICMP_HLEN
@@ -281,7 +339,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                 return 0
             if tl > max_inner:
                 return too_big(frame, out, hl, tl, frag)
-            bid = choose(h3(flow, seeds[qproto]), False, now)
+            bid = choose(h3(flow, seeds[qproto]), -1, False, now)
         else:
             drops[_ICMP_UNSUPPORTED] += 1
             return 0
@@ -329,6 +387,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                 drops[_IPIP_LOOP if proto == IPPROTO_IPIP else _UNSUPPORTED_PROTO] += 1
                 return 0
             key = h3(frame[26:34], seeds[proto])
+            flags = -1
         elif proto in _TCP_UDP:
             l4 = ETH_HLEN + hl
             if tl < hl + (TCP_HLEN if proto == IPPROTO_TCP else UDP_HLEN):
@@ -342,6 +401,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                 key = h3(frame[26:38], seeds[proto])
             else:
                 key = h3(bytes(frame[26:34]) + bytes(frame[l4 : l4 + 4]), seeds[proto])
+            flags = frame[l4 + 13] if proto == IPPROTO_TCP else -1
         elif proto == IPPROTO_ICMP:
             return icmp(frame, out, now, hl, tl, frag, tos)
         else:
@@ -349,7 +409,7 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
             return 0
         if tl > max_inner:
             return too_big(frame, out, hl, tl, frag)
-        bid = choose(key, True, now)
+        bid = choose(key, flags, True, now)
         if bid == NO_BACKEND:
             drops[_NO_BACKEND] += 1
             return 0
@@ -409,7 +469,8 @@ def make_kernel(t: Tables, counters: Counters, ct: ConnTable) -> BindRingFn:
                                 key = h3(frame[26:38], seeds[proto])
                                 bid = young_get(key)
                                 if bid is None or not templates[bid]:
-                                    bid = miss(key, bid)
+                                    # The TCP flags (frame[47] at IHL 5) only here.
+                                    bid = miss(key, bid, frame[47] if proto == 6 else -1, now)
                                     young_get = ct.young.get  # miss() may have rotated it
                                     if bid == NO_BACKEND:
                                         drops[_NO_BACKEND] += 1

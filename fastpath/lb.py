@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpath.config import BATCH_MAX, MAX_WORKERS, LbConfig
+from fastpath.conntrack import HALF_OPEN_CAPACITY, HALF_OPEN_TIMEOUT, INSERT_RATE
 from fastpath.runner import run
 from l4lb import cfgfile
 from l4lb.busypoll import add_busy_poll_option
@@ -103,6 +104,16 @@ def workers_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"--workers must be an integer 1..{MAX_WORKERS}, not {text!r}"
         ) from None
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+        if v < 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
     return v
 
 
@@ -190,13 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--conn-capacity",
         type=positive_int,
         metavar="N",
-        help="most tracked flows (default 1,000,000)",
+        help="most established flows tracked (default 1,000,000; half-open ones: "
+        "--conn-half-open-capacity)",
     )
     p.add_argument(
         "--conn-timeout",
         type=positive_float,
         metavar="S",
         help="idle seconds before a tracked flow may be forgotten (default 60)",
+    )
+    p.add_argument(
+        "--conn-half-open-capacity",
+        type=positive_int,
+        metavar="N",
+        help=f"most half-open flows (a SYN seen, nothing else yet), held apart from the "
+        f"established ones (default {HALF_OPEN_CAPACITY:,}; at least 2)",
+    )
+    p.add_argument(
+        "--conn-half-open-timeout",
+        type=positive_float,
+        metavar="S",
+        help=f"idle seconds before a half-open flow may be forgotten (default "
+        f"{HALF_OPEN_TIMEOUT:g}; at most --conn-timeout)",
+    )
+    p.add_argument(
+        "--conn-insert-rate",
+        type=non_negative_int,
+        metavar="N",
+        help=f"most new flows tracked per second (default {INSERT_RATE:,}; 0: no cap); "
+        "flows over it are forwarded by the lookup table without being tracked",
     )
     p.add_argument(
         "--keep-offloads",
@@ -276,6 +309,9 @@ def resolve_config(args: argparse.Namespace) -> LbConfig:
         ("ring_frames", "ring_frames"),
         ("conn_capacity", "conn_capacity"),
         ("conn_timeout", "conn_idle_timeout"),
+        ("conn_half_open_capacity", "conn_half_open_capacity"),
+        ("conn_half_open_timeout", "conn_half_open_timeout"),
+        ("conn_insert_rate", "conn_insert_rate"),
         ("keep_offloads", "keep_offloads"),
         ("nft", "nft"),
         ("announce", "announce"),

@@ -48,12 +48,13 @@ from fastpath.backends import BackendError, Backends, BackendSpec, PacketCore
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.drain import DrainService
+from fastpath.flow_commands import flow_commands
 from fastpath.forward import Forwarder
 from fastpath.healthsvc import LbHealth
 from fastpath.neigh import NextHop, interface_info
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
-from fastpath.stats import CoreStats, IoStats, LbStats
+from fastpath.stats import CoreStats, FlowStats, IoStats, LbStats
 from l4lb import bpf, rps
 from l4lb.control import Command, ControlServer, default_socket
 from l4lb.errors import ConfigError, UsageError
@@ -130,6 +131,9 @@ def balancer_config(cfg: LbConfig) -> tuple[BalancerConfig, NextHop | None]:
             hash_seed=cfg.hash_seed,
             conn_capacity=cfg.conn_capacity,
             conn_idle_timeout=cfg.conn_idle_timeout,
+            conn_half_open_capacity=cfg.conn_half_open_capacity,
+            conn_half_open_timeout=cfg.conn_half_open_timeout,
+            conn_insert_rate=cfg.conn_insert_rate,
             mtu=mtu,
         )
     except ConfigError as exc:
@@ -207,6 +211,7 @@ class Reporter:
         kernel_drops: int,
         tracked_flows: int,
         next_hop_mac: str,
+        flows: FlowStats,
         workers: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """The stats now; `advance` starts the next rate interval (the stats tick does)."""
@@ -238,6 +243,7 @@ class Reporter:
             drain=drainer.drain.stats(mono_to_wall) if drainer is not None else None,
             health=health.stats(now) if health is not None else None,
             workers=workers,
+            flows=flows,
         )
         if advance:
             self.last = (now, io.rx_frames, io.tx_frames)
@@ -416,6 +422,7 @@ def run(cfg: LbConfig) -> int:
                 kernel_drops=kdrops,
                 tracked_flows=len(balancer.conntrack),
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
+                flows=FlowStats.of(balancer.conntrack),
             )
 
         warned = False
@@ -431,7 +438,10 @@ def run(cfg: LbConfig) -> int:
                 warned = True  # once: the counter keeps the count
                 warn_truncated(forwarder.rx_truncated, ifname)
 
-        commands = lb_commands(snapshot, reporter, backends, {})
+        commands = {
+            **lb_commands(snapshot, reporter, backends, {}),
+            **flow_commands(balancer.flow),
+        }
         plane = Plane(name="fastpath.lb")
         control, health = control_plane(cfg, core, backends, commands, reporter, plane)
         start_line(cfg, core, control)

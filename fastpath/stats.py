@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fastpath.conntrack import ConnTable, FlowEvent
 from fastpath.counters import Counters, DropReason
 
 
@@ -38,6 +39,47 @@ class CoreStats:
 
 
 @dataclass
+class FlowStats:
+    """The connection table's flows and its SYN flood defence (fastpath.conntrack)."""
+
+    established: int = 0
+    """Established flows tracked now (the same count as tracked_flows)."""
+    half_open: int = 0
+    """Half-open flows tracked now (a bare SYN seen, nothing else yet)."""
+    new_flows: int = 0
+    """New flows inserted (half-open, non-SYN misses, UDP/ICMP), since start."""
+    nonsyn_miss: int = 0
+    """TCP packets not a bare SYN of a flow not tracked (another LB's flow, or this LB's
+    before a restart): forwarded by the lookup table, tracked as established (under the cap)."""
+    flood_bypass: int = 0
+    """New flows over the insert cap: forwarded by the lookup table, not tracked."""
+    evictions: int = 0
+    """Half-open flows dropped without being promoted (for room, or aged out)."""
+    promoted: int = 0
+    """Half-open flows promoted to established by a packet not a bare SYN."""
+    insert_rate: int = 0
+    """The cap: most new flows inserted per second (0: no cap)."""
+    rotations: int = 0
+    """Generation changes of the established flows (by time or for room), since start: one
+    per conn_idle_timeout when nothing fills them; SYNs never cause one."""
+
+    @classmethod
+    def of(cls, ct: ConnTable) -> FlowStats:
+        e = ct.events
+        return cls(
+            established=len(ct),
+            half_open=ct.half_open,
+            new_flows=e[FlowEvent.NEW],
+            nonsyn_miss=e[FlowEvent.NONSYN_MISS],
+            flood_bypass=e[FlowEvent.FLOOD_BYPASS],
+            evictions=e[FlowEvent.EVICTIONS],
+            promoted=e[FlowEvent.PROMOTED],
+            insert_rate=ct.insert_rate,
+            rotations=ct.rotations,
+        )
+
+
+@dataclass
 class BackendStats:
     """One backend of the set now (fastpath.backends): configuration, health, effect, counts."""
 
@@ -64,8 +106,8 @@ class BackendStats:
     slots: int
     """Lookup-table slots it owns: its share of new flows is slots / table.size."""
     active_flows: int
-    """Flows tracked to it in the connection table now (a flow stays tracked until it idles
-    out: conn_idle_timeout, at most twice that)."""
+    """Established flows tracked to it in the connection table now (a flow stays tracked
+    until it idles out: conn_idle_timeout, at most twice that); half-open ones not counted."""
     connections: int
     """Flows the connection table started tracking to it (new connections), since start."""
     packets: int
@@ -252,7 +294,7 @@ class LbStats:
     kernel_drops: int
     """Frames the kernel could not put in the ring because it was full."""
     tracked_flows: int
-    """Flows in the connection table."""
+    """Established flows in the connection table (half-open ones: flows.half_open)."""
     next_hop_mac: str
     """Ethernet destination of the frames sent (learned and refreshed, or given)."""
     rps_cpus: str | None
@@ -275,6 +317,8 @@ class LbStats:
     """Each worker's own counters (fastpath.workerproto.WorkerStats: worker, pid, cpu, core,
     io, kernel_drops, tracked_flows, per_backend), whose sums are the fields above; None for
     a single-process LB (`--workers 1`)."""
+    flows: FlowStats = field(default_factory=FlowStats)
+    """The connection table's flow counters (new flows, SYN flood defence)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

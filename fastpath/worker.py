@@ -125,7 +125,11 @@ def handlers(balancer: Balancer, stats: Handler) -> dict[str, Handler]:
     def next_hop(msg: dict[str, Any]) -> None:
         balancer.set_next_hop_mac(parse_mac(msg["mac"]))
 
-    return {"stats": stats, "backends": backends, "next_hop": next_hop}
+    def flow(msg: dict[str, Any]) -> dict[str, Any]:
+        src, sport, dst, dport, proto = msg["flow"]
+        return balancer.flow(str(src), int(sport), str(dst), int(dport), int(proto))
+
+    return {"stats": stats, "backends": backends, "next_hop": next_hop, "flow": flow}
 
 
 def run_worker(

@@ -24,7 +24,7 @@ from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.counters import Counters
 from fastpath.runner import log
-from fastpath.stats import CoreStats, IoStats
+from fastpath.stats import CoreStats, FlowStats, IoStats
 from fastpath.worker import die_with_parent, run_worker
 from fastpath.workerproto import LineReader, ProtocolError, counters_of, encode, merge
 from l4lb.errors import L4lbError
@@ -329,6 +329,19 @@ class WorkerPool:
         per = merge([r["per_backend"] for r in results])
         self._counters = counters_of(per)
         self._tracked = {ip: c["active_flows"] for ip, c in per.items()}
+
+    def flow(self, src: str, sport: int, dst: str, dport: int, proto: int) -> dict[str, Any]:
+        """Balancer.flow over the workers: the one whose table tracks the flow (the fanout
+        sends a flow to one worker), else the first's answer (untracked, the table's choice,
+        which every worker shares)."""
+        answers = self.request({"op": "flow", "flow": [src, sport, dst, dport, proto]})
+        tracked = [(i, a) for i, a in enumerate(answers) if a["state"] != "untracked"]
+        i, answer = tracked[0] if tracked else (None, answers[0])
+        return {**answer, "worker": i}
+
+    def flows(self) -> FlowStats:
+        """The connection tables' flow counters of all, from `results`."""
+        return FlowStats(**merge([x["flows"] for x in self.results]))
 
     def summed(self) -> tuple[CoreStats, IoStats, int, int]:
         """The core and I/O counters, kernel drops and tracked flows of all, from `results`."""

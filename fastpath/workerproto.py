@@ -7,6 +7,8 @@ One JSON object per line each way over a socket pair per worker:
                            "down": [ip, ...]}        Balancer.set_backends
                           {"seq": N, "op": "next_hop", "mac": "aa:bb:cc:dd:ee:ff"}
                           {"seq": N, "op": "stats"}  -> the worker's WorkerStats as a dict
+                          {"seq": N, "op": "flow", "flow": [src, sport, dst, dport, proto]}
+                                                     Balancer.flow: where its table has it
     worker -> supervisor  {"seq": N, "ok": true, "result": ...} or {"seq": N, "ok": false,
                            "error": "why"}; first, unasked, {"seq": 0, "ok": true,
                            "result": {"ready": true, "pid", "cpu", "group"}} once it forwards
@@ -25,7 +27,7 @@ from typing import Any
 
 from fastpath.balancer import Balancer
 from fastpath.counters import Counters
-from fastpath.stats import CoreStats, IoStats
+from fastpath.stats import CoreStats, FlowStats, IoStats
 
 MAX_LINE = 1 << 22
 """Longest line accepted (a stats reply with 64 backends is a few KiB)."""
@@ -107,6 +109,9 @@ class WorkerStats:
     """Flows in its connection table."""
     per_backend: dict[str, BackendCounts] = field(default_factory=dict)
     """Counts per backend IP (backends that left the set included)."""
+    flows: FlowStats = field(default_factory=FlowStats)
+    """Its connection table's flow counters (summed: insert_rate is then the LB's cap, one
+    per worker added up)."""
 
     @classmethod
     def of(
@@ -118,7 +123,10 @@ class WorkerStats:
         per = {
             ip: BackendCounts(packets[ip], nbytes[ip], conns[ip], b.tracked(ip)) for ip in packets
         }
-        return cls(worker, pid, cpu, CoreStats.of(c), io, kernel_drops, len(b.conntrack), per)
+        return cls(
+            worker, pid, cpu, CoreStats.of(c), io, kernel_drops, len(b.conntrack), per,
+            FlowStats.of(b.conntrack),
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

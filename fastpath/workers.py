@@ -41,6 +41,7 @@ from typing import Any
 from fastpath.announce import Announcer
 from fastpath.config import LbConfig
 from fastpath.drain import DrainService
+from fastpath.flow_commands import flow_commands
 from fastpath.nft import VipDrop
 from fastpath.offload import Offloads
 from fastpath.runner import (
@@ -163,6 +164,7 @@ def run_workers(cfg: LbConfig) -> int:
                 io=io,
                 kernel_drops=kdrops,
                 tracked_flows=tracked,
+                flows=pool.flows(),
                 next_hop_mac=format_mac(next_hop.mac if next_hop else core.next_hop_mac),
                 workers=results,
             )
@@ -188,7 +190,14 @@ def run_workers(cfg: LbConfig) -> int:
                 raise CommandError(f"workers: {exc}") from None
 
         pids = {"workers": [w.pid for w in pool.workers]}
-        commands = lb_commands(show, reporter, backends, pids)
+
+        def flow(src: str, sport: int, dst: str, dport: int, proto: int) -> dict[str, Any]:
+            try:
+                return pool.flow(src, sport, dst, dport, proto)
+            except WorkerFailed as exc:
+                raise CommandError(f"workers: {exc}") from None
+
+        commands = {**lb_commands(show, reporter, backends, pids), **flow_commands(flow)}
         plane = Plane([pool], name="fastpath.lb")
         control, health = control_plane(cfg, core, backends, commands, reporter, plane)
         start_line(cfg, core, control)

@@ -165,6 +165,11 @@ def test_sigkill_of_an_lb_breaks_no_download_and_new_flows_fail_under_1s(
         results = check_downloads(downloads)
         figure("SIGKILL: downloads", f"{len(results)} of {len(results)} complete, sha256 right")
         assert time.monotonic() - kill_mono < DOWNLOAD_WAIT + 30
+        # The downloads t1 hashes to h1 came back to the restarted LB, which never saw them:
+        # forwarded by the lookup table and counted apart (as Katran's "LB restarting").
+        flows = show("h1")["flows"]
+        figure("restarted lb-h1: nonsyn_miss", str(flows["nonsyn_miss"]))
+        assert flows["nonsyn_miss"] >= 1 and flows["established"] >= 1, flows
 
 
 def test_sigterm_of_an_lb_is_a_graceful_drain(net: NetState, spool: Path) -> None:

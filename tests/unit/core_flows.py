@@ -25,12 +25,14 @@ def cfg(backends=FOUR, local_ip="10.1.1.2", **kw) -> BalancerConfig:
     )
 
 
-def tcp_frame(src: int, sport: int, dport: int = 80) -> bytes:
+def tcp_frame(src: int, sport: int, dport: int = 80, flags: int = 0x10) -> bytes:
+    """A TCP segment to VIP:dport; an ACK by default, so the flow is tracked as established
+    at once (a bare SYN, flags 0x02, is tracked half-open: fastpath.conntrack)."""
     ip = bytearray(
         IPV4.pack(0x45, 0, 40, 0, 0x4000, 64, 6, 0, src.to_bytes(4, "big"), bytes([20, 0, 0, 1]))
     )
     ip[10:12] = checksum(ip).to_bytes(2, "big")
-    tcp = TCP.pack(sport, dport, 0, 0, 0x50, 0x02, 1000, 0, 0)
+    tcp = TCP.pack(sport, dport, 0, 0, 0x50, flags, 1000, 0, 0)
     return bytes.fromhex("00000a01010200010a0101020800") + bytes(ip) + tcp
 
 

@@ -11,14 +11,17 @@ import pytest
 
 from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig
+from fastpath.conntrack import FlowEvent
 from fastpath.counters import DropReason
-from fastpath.stats import CoreStats
+from fastpath.stats import CoreStats, FlowStats
 from l4lb.checksum import checksum, fold
 from l4lb.ring import FakeRing
 from l4lb.wire import IPV4, UDP
 from tests.fixtures import cases
 
 Result = tuple[cases.Case, bytes | None, dict[str, dict[str, int]]]
+"""(case, frame sent or None, deltas: drops, forwarded per backend, flow events, and the
+established and half-open counts of the connection table)."""
 
 
 def make_config(name: str, **changes: object) -> BalancerConfig:
@@ -34,7 +37,9 @@ def replay(bal: Balancer, table: list[cases.Case]) -> list[Result]:
     unsent = ring.slots.unsent
     results = []
     for i, case in enumerate(table):
+        ct = bal.conntrack
         before = (list(bal.counters.drops), list(bal.counters.forwarded))
+        events, sizes = list(ct.events), (len(ct), ct.half_open)
         assert ring_batch(i, i + 1, cases.NOW) == 1
         output = None if unsent == [i] else ring.sent(i)
         unsent.clear()
@@ -48,7 +53,15 @@ def replay(bal: Balancer, table: list[cases.Case]) -> list[Result]:
             for j, (a, b) in enumerate(zip(before[1], bal.counters.forwarded, strict=True))
             if b != a
         }
-        results.append((case, output, {"drops": drops, "forwarded": fwd}))
+        flows = {
+            FlowEvent(j).name: b - a
+            for j, (a, b) in enumerate(zip(events, ct.events, strict=True))
+            if b != a
+        }
+        table = {"established": len(ct) - sizes[0], "half_open": ct.half_open - sizes[1]}
+        results.append(
+            (case, output, {"drops": drops, "forwarded": fwd, "flows": flows, "table": table})
+        )
     return results
 
 
@@ -64,14 +77,23 @@ def replayed(config: str) -> dict[str, Result]:
 def test_case(spec: cases.Spec) -> None:
     case, output, delta = replayed(spec.config)[spec.name]
     assert output == case.expected, f"{spec.name}: {spec.description}"
+    verdict = {k: delta[k] for k in ("drops", "forwarded")}
     if spec.verdict == "forward":
         assert delta["drops"] == {}
         outer_dst = ".".join(str(b) for b in case.expected[30:34])  # type: ignore[index]
         assert delta["forwarded"] == {outer_dst: 1}
     elif spec.verdict == "icmp_reply":
-        assert delta == {"drops": {"FRAG_NEEDED": 1}, "forwarded": {}}
+        assert verdict == {"drops": {"FRAG_NEEDED": 1}, "forwarded": {}}
     else:
-        assert delta == {"drops": {spec.verdict: 1}, "forwarded": {}}
+        assert verdict == {"drops": {spec.verdict: 1}, "forwarded": {}}
+    if spec.flow is not None:
+        events, established, half_open = cases.FLOW_EFFECTS[spec.flow]
+        assert delta["flows"] == events, spec.name
+        assert delta["table"] == {"established": established, "half_open": half_open}
+
+
+def test_every_flow_effect_has_a_golden_case() -> None:
+    assert {s.flow for s in cases.SPECS} - {None} == set(cases.FLOW_EFFECTS)
 
 
 def test_every_drop_reason_has_a_golden_case() -> None:
@@ -150,6 +172,16 @@ def test_general_path_matches_fast_path() -> None:
     fast = Balancer(make_config("default"))
     assert [r[2] for r in general] == [r[2] for r in replay(fast, table)]  # verdict per case
     assert CoreStats.of(checked.counters) == CoreStats.of(fast.counters)
+    assert FlowStats.of(checked.conntrack) == FlowStats.of(fast.conntrack)
+
+
+def test_general_path_matches_fast_path_under_the_cap() -> None:
+    """The SYN flood cap's cases take the same decisions on both paths (one rule: `miss`)."""
+    table = cases.load("syn_cap")
+    checked = Balancer(make_config("syn_cap", verify_checksum=True))
+    fast = Balancer(make_config("syn_cap"))
+    assert replay(checked, table) == replay(fast, table)
+    assert FlowStats.of(checked.conntrack) == FlowStats.of(fast.conntrack)
 
 
 def _udp_to_vip(payload: bytes, csum_field: int | None) -> bytes:

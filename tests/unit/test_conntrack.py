@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 
-from core_flows import FIFTH, FOUR, backends_of, cfg, random_flows
+from core_flows import FIFTH, FOUR, backends_of, cfg, random_flows, tcp_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpath.balancer import Balancer
-from fastpath.conntrack import ConnTable
+from fastpath.conntrack import ConnTable, FlowEvent
 from fastpath.stats import CoreStats
 
 
@@ -254,3 +254,83 @@ def test_bytes_and_connections_per_backend() -> None:
     for ip, _ in FOUR:
         n = got.count(ip)
         assert (packets[ip], nbytes[ip], conns[ip]) == (2 * n, 2 * n * 40, n)
+
+
+# --- the SYN flood defence: half-open flows apart, an insert cap (fastpath.conntrack) --------
+
+SYN, ACK = 0x02, 0x10
+
+
+def flows_of(n: int, seed: int, flags: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [tcp_frame(rng.getrandbits(32), rng.randrange(1, 65536), flags=flags) for _ in range(n)]
+
+
+def send(bal: Balancer, frames: list[bytes], now: float) -> None:
+    out = memoryview(bytearray(1600))
+    for f in frames:
+        assert bal.process(memoryview(f), out, now) == len(f) + 20  # every one forwarded
+
+
+def test_established_flows_are_never_evicted_by_syns() -> None:
+    """A flood of SYNs far beyond both tables' sizes leaves every established flow tracked,
+    on its backend, and the established generations unrotated: SYNs evict only SYNs."""
+    bal = Balancer(cfg(conn_capacity=1000, conn_half_open_capacity=100, conn_insert_rate=0))
+    ct = bal.conntrack
+    established = flows_of(400, seed=40, flags=ACK)
+    send(bal, established, 1.0)
+    assert len(ct) == 400 and ct.events[FlowEvent.NONSYN_MISS] == 400
+    before = {k: ct.get(k) for k in ct.young}
+    rotations = ct.rotations
+    send(bal, flows_of(20_000, seed=41, flags=SYN), 1.5)
+    assert {k: ct.get(k) for k in ct.young} == before and ct.rotations == rotations
+    assert ct.half_open <= 100
+    # Every SYN beyond the half-open table's room was evicted (all but those it still holds).
+    assert ct.events[FlowEvent.EVICTIONS] == 20_000 - ct.half_open
+    assert backends_of(bal, established) == backends_of(Balancer(cfg()), established)
+
+
+def test_half_open_flows_idle_out_sooner_and_their_ack_promotes_them() -> None:
+    bal = Balancer(cfg(conn_idle_timeout=60.0, conn_half_open_timeout=2.0))
+    ct = bal.conntrack
+    syns = flows_of(50, seed=42, flags=SYN)
+    send(bal, syns, 1.0)
+    assert (len(ct), ct.half_open) == (0, 50)
+    acks = [f[:47] + bytes([ACK]) + f[48:] for f in syns]  # the same flows' ACKs
+    send(bal, acks[:10], 2.5)  # within the timeout: promoted
+    assert (len(ct), ct.half_open, ct.events[FlowEvent.PROMOTED]) == (10, 40, 10)
+    established_ack = flows_of(5, seed=43, flags=ACK)
+    send(bal, established_ack, 2.5)
+    send(bal, flows_of(1, seed=44, flags=SYN), 6.0)  # a miss 2 x 2 s later ticks them out
+    assert ct.half_open == 1 and ct.events[FlowEvent.EVICTIONS] == 40
+    assert len(ct) == 15  # the established ones idle out after 60-120 s, not now
+    send(bal, acks[10:20], 6.5)  # forgotten: their ACKs are non-SYN misses now
+    assert ct.events[FlowEvent.NONSYN_MISS] == 5 + 10
+
+
+def test_the_insert_cap_refills_every_second() -> None:
+    bal = Balancer(cfg(conn_insert_rate=100))
+    ct = bal.conntrack
+    send(bal, flows_of(250, seed=45, flags=SYN), 1.0)
+    assert ct.half_open == 100 and ct.events[FlowEvent.FLOOD_BYPASS] == 150
+    send(bal, flows_of(250, seed=46, flags=SYN), 1.9)  # the same second: nothing more
+    assert ct.half_open == 100 and ct.events[FlowEvent.FLOOD_BYPASS] == 400
+    send(bal, flows_of(250, seed=47, flags=ACK), 2.0)  # a new second: 100 more, any kind
+    assert len(ct) == 100 and ct.events[FlowEvent.FLOOD_BYPASS] == 550
+    assert ct.events[FlowEvent.NEW] == 200
+    # Over the cap a flow still gets the table's backend: the one any LB picks.
+    bypassed = flows_of(250, seed=46, flags=SYN)
+    assert backends_of(bal, bypassed) == backends_of(Balancer(cfg()), bypassed)
+
+
+def test_no_cap_when_the_rate_is_zero() -> None:
+    bal = Balancer(cfg(conn_insert_rate=0))
+    send(bal, flows_of(30_000, seed=48, flags=ACK), 1.0)
+    assert len(bal.conntrack) == 30_000 and bal.conntrack.events[FlowEvent.FLOOD_BYPASS] == 0
+
+
+def test_half_open_flows_are_not_active_flows_of_a_backend() -> None:
+    bal = Balancer(cfg())
+    send(bal, flows_of(200, seed=49, flags=SYN), 1.0)
+    assert sum(bal.tracked(ip) for ip in bal.backends) == 0
+    assert sum(bal.counters.connections) == 200  # but they are connections begun

@@ -64,7 +64,18 @@ def _write(tmp_path: Path, **changes: Any) -> Path:
         ({"hash_seed": "x"}, "'hash_seed' must be int"),
         ({"hash_seed": 2**56}, r"hash_seed: must be an integer 0 <= seed < 2\*\*56"),
         ({"hash_seed": 2**56 - 1}, None),
-        ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, bgp, hash_seed,"),
+        ({"hash_sed": 5}, "unknown key.s. 'hash_sed' .known: backends, bgp, conn_capacity,"),
+        ({"conn_insert_rate": -1}, r"conn_insert_rate: must be an integer 0..10000000"),
+        ({"conn_insert_rate": 1.5}, r"conn_insert_rate: must be an integer"),
+        ({"conn_insert_rate": 0}, None),
+        ({"conn_half_open_timeout": 0}, r"conn_half_open_timeout: must be > 0 and at most"),
+        (
+            {"conn_half_open_timeout": 61},
+            r"conn_half_open_timeout: must be > 0 and at most conn_idle_timeout \(60.0\)",
+        ),
+        ({"conn_half_open_timeout": 5, "conn_idle_timeout": 5}, None),
+        ({"conn_half_open_capacity": 1}, r"conn_half_open_capacity: must be an integer >= 2"),
+        ({"conn_capacity": "big"}, r"conn_capacity: must be an integer >= 2, not 'big'"),
         ({"topology": "nope.json"}, "topology: .*nope.json: cannot read"),
         ({"lb_workers": 0}, r"lb_workers: must be an integer 1\.\.64, not 0"),
         ({"lb_workers": "2"}, r"lb_workers: must be an integer 1\.\.64, not '2'"),
@@ -159,3 +170,17 @@ def test_bad_health_is_refused_naming_the_field(
     with pytest.raises(DeploymentError) as exc:
         load_deployment(_write(tmp_path, health=health))
     assert message in str(exc.value)
+
+
+def test_connection_table_keys_reach_every_lb(tmp_path: Path) -> None:
+    """The SYN flood's settings (and the table's size) go from the file into each LB's
+    rendered configuration; keys the file leaves out keep the LB's defaults."""
+    dep = load_deployment(_write(tmp_path, conn_insert_rate=500, conn_half_open_timeout=2.5))
+    for host in dep.load_balancers:
+        lb = render.lb_config(dep, host)
+        assert (lb.conn_insert_rate, lb.conn_half_open_timeout) == (500, 2.5)
+        assert lb.conn_half_open_capacity == LbConfig.conn_half_open_capacity
+    files = render.render(dep, tmp_path)
+    path = next(p for p in files if p.name.startswith("lb-"))
+    (tmp_path / "f.json").write_text(files[path])
+    assert cfgfile.load(LbConfig, tmp_path / "f.json").conn_insert_rate == 500

@@ -22,7 +22,7 @@ from fastpath.balancer import Balancer
 from fastpath.config import BalancerConfig, LbConfig
 from fastpath.counters import DropReason
 from fastpath.runner import make_backends
-from fastpath.stats import CoreStats, IoStats, LbStats
+from fastpath.stats import CoreStats, FlowStats, IoStats, LbStats
 from l4lb.errors import ConfigError
 
 VIP = "20.0.0.1"
@@ -60,6 +60,7 @@ def lb_show(frames: int) -> dict[str, Any]:
         tx_pps=0, core=CoreStats.of(bal.counters), io=IoStats(rx_frames=frames + 3),
         kernel_drops=4, tracked_flows=len(bal.conntrack), next_hop_mac="00:01:0a:01:01:01",
         rps_cpus=None, nft_dropped=None, backends=model.stats(1.0, 1.0), table=model.table,
+        flows=FlowStats.of(bal.conntrack),
     ).as_dict()  # fmt: skip
 
 
@@ -116,6 +117,12 @@ def test_lb_metrics_carry_the_core_counters_and_the_filtered_drops() -> None:
     assert one(m, "l4lb_forwarded_packets_total") == 200
     assert one(m, "l4lb_kernel_drops_total") == 4
     assert one(m, "l4lb_conntrack_flows") == 200 and one(m, "l4lb_conntrack_capacity") == 5000
+    # 200 UDP flows: new and established at once; no SYN, so nothing half-open or bypassed.
+    assert one(m, "l4lb_conntrack_new_flows_total") == 200
+    assert one(m, "l4lb_conntrack_half_open_flows") == 0
+    assert one(m, "l4lb_conntrack_flood_bypass_total") == 0
+    assert one(m, "l4lb_conntrack_nonsyn_miss_total") == 0
+    assert one(m, "l4lb_conntrack_half_open_evictions_total") == 0
     assert one(m, "l4lb_drops_total", reason="filtered_wrong_port") == 1000
     assert one(m, "l4lb_drops_total", reason="ttl_expired") == 3
     reasons = {dict(k)["reason"] for k in m["l4lb_drops_total"]}

@@ -89,6 +89,11 @@ def test_worker_stats_sum_to_the_single_process_figures() -> None:
     assert merge([s["per_backend"] for s in stats]) == whole["per_backend"]
     c = counters_of(merge([s["per_backend"] for s in stats]))
     assert c.per_backend(c.forwarded) == one.counters.per_backend(one.counters.forwarded)
+    # The connection tables' flow counters too; the cap adds up (each worker has its own).
+    flows, alone = merge([s["flows"] for s in stats]), whole["flows"]
+    assert flows["new_flows"] == alone["new_flows"] == len(frames)
+    assert flows["established"] + flows["half_open"] == alone["established"] + alone["half_open"]
+    assert flows["insert_rate"] == 2 * alone["insert_rate"]
 
 
 def test_worker_cpus_round_robin_over_the_allowed_ones() -> None:
@@ -222,6 +227,25 @@ def test_poll_sums_the_workers_counters_for_backends(pool_of: Any) -> None:
     assert sum(r.packets for r in rows) == len(frames)
     assert sum(r.active_flows for r in rows) == len(frames)
     assert sum(r.connections for r in rows) == len(frames)
+
+
+def five_tuple(frame: bytes) -> tuple[str, int, str, int, int]:
+    ip = socket.inet_ntoa
+    sport, dport = int.from_bytes(frame[34:36], "big"), int.from_bytes(frame[36:38], "big")
+    return ip(frame[26:30]), sport, ip(frame[30:34]), dport, frame[23]
+
+
+def test_flow_asks_every_worker_and_answers_with_the_one_that_tracks_it(pool_of: Any) -> None:
+    pool, fakes = pool_of()
+    Backends(pool, [BackendSpec(ip, w) for ip, w in FOUR])
+    seen, unseen = random_flows(2, seed=11)
+    fakes[1].balancer.process(seen, memoryview(bytearray(2048)), 1.0)
+    got = pool.flow(*five_tuple(seen))
+    assert got["worker"] == 1 and got["state"] != "untracked", got
+    assert got["backend"] == got["table_backend"] is not None
+    nobody = pool.flow(*five_tuple(unseen))
+    assert nobody["worker"] is None and nobody["state"] == "untracked", nobody
+    assert pool.poll() and pool.flows().new_flows == 1
 
 
 def test_a_worker_that_goes_away_fails_the_pool(pool_of: Any) -> None:
