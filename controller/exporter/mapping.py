@@ -98,7 +98,7 @@ LB = (
         "config.conn_capacity"),
     Row("l4lb_conntrack_half_open_flows", "gauge",
         "Half-open flows tracked (a bare SYN seen, nothing else yet).", "show.flows.half_open"),
-    Row("l4lb_conntrack_new_flows_total", "counter",
+    Row("l4lb_new_flows_total", "counter",
         "New flows inserted into the connection table (under the insert cap).",
         "show.flows.new_flows"),
     Row("l4lb_conntrack_nonsyn_miss_total", "counter",

@@ -118,7 +118,7 @@ def test_lb_metrics_carry_the_core_counters_and_the_filtered_drops() -> None:
     assert one(m, "l4lb_kernel_drops_total") == 4
     assert one(m, "l4lb_conntrack_flows") == 200 and one(m, "l4lb_conntrack_capacity") == 5000
     # 200 UDP flows: new and established at once; no SYN, so nothing half-open or bypassed.
-    assert one(m, "l4lb_conntrack_new_flows_total") == 200
+    assert one(m, "l4lb_new_flows_total") == 200
     assert one(m, "l4lb_conntrack_half_open_flows") == 0
     assert one(m, "l4lb_conntrack_flood_bypass_total") == 0
     assert one(m, "l4lb_conntrack_nonsyn_miss_total") == 0
