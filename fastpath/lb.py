@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import ipaddress
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,36 +85,25 @@ def positive_float(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-        if v <= 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, not {text!r}") from None
-    return v
+def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer lo..hi (no upper bound when `hi` is None)."""
+    bound = f"{lo}..{hi}" if hi is not None else "> 0" if lo == 1 else f">= {lo}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lo - 1
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, not {text!r}")
+        return v
+
+    return parse
 
 
-def workers_count(text: str) -> int:
-    try:
-        v = int(text)
-        if not 1 <= v <= MAX_WORKERS:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--workers must be an integer 1..{MAX_WORKERS}, not {text!r}"
-        ) from None
-    return v
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-        if v < 0:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
-    return v
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+workers_count = int_range(1, MAX_WORKERS)
 
 
 def build_parser() -> argparse.ArgumentParser:

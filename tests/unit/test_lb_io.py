@@ -23,7 +23,7 @@ from l4lb import cfgfile, ring, rps, statsfile
         (["eth0", "--vip", "20.0.0.1:http"], "bad --vip"),
         (["eth0", "--backend", "10.2.3.2=-1"], "weight must be an integer >= 0"),
         (["eth0", "--stats-interval", "0"], "expected a number > 0"),
-        (["eth0", "--batch", "x"], "expected an integer > 0"),
+        (["eth0", "--batch", "x"], "argument --batch: must be an integer > 0"),
         ([], "the following arguments are required: IFACE"),
     ],
 )

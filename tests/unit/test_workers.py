@@ -124,7 +124,7 @@ def test_cli_workers_bad_value_exits_2_with_the_reason(
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["h1-eth0", "--workers", bad])
     assert exc.value.code == 2
-    assert f"--workers must be an integer 1..64, not '{bad}'" in capsys.readouterr().err
+    assert f"argument --workers: must be an integer 1..64, not '{bad}'" in capsys.readouterr().err
 
 
 # --- the pool against in-process workers --------------------------------------------------
