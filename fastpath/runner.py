@@ -194,7 +194,7 @@ class Reporter:
     ) -> None:
         self.ifname, self.backends, self.steer, self.vip_drop = ifname, backends, steer, vip_drop
         self.started = started
-        self.mono_to_wall = time.time() - started
+        self.mono_to_wall = time.time() - time.monotonic()  # not `started`: time has passed
         self.last = (started, 0, 0)
         self.health: LbHealth | None = None
         self.announcer: Announcer | None = None

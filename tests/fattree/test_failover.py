@@ -362,6 +362,21 @@ def test_double_fault_breaks_exactly_the_moved_flows_of_the_killed_lb(
     wait_gateways(net, [H1, H2], 3.0)
 
 
+@pytest.fixture(autouse=True)
+def _both_lbs_after_each(net: NetState) -> Iterator[None]:
+    """A test that leaves an LB down (it failed before its restart) errors here, and the LB
+    is restarted, so that the next tests start from two LBs instead of failing after it."""
+    yield
+    down = [
+        h for h in ("h1", "h2") if services.proc_state(service(f"lb-{h}")["pid"]) in (None, "Z")
+    ]
+    for host in down:
+        restart(net, f"lb-{host}")
+    if down:
+        wait_gateways(net, [H1, H2], 5.0)
+        pytest.fail(f"the test left lb-{', lb-'.join(down)} down (restarted for the next tests)")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_leftover(net: NetState) -> Iterator[None]:
     yield

@@ -7,7 +7,9 @@ t1's kernel route changed, polled with `ip -j route` (about 2-3 ms per look).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 from bird_testbed import LBS, BirdBed, require_bird, sh, wait_for
 
 from bench.netns import REPO
-from controller import birdctl
+from controller import birdctl, netstate
 from l4lb.control import request
 
 pytestmark = pytest.mark.netns
@@ -233,6 +235,42 @@ def test_the_real_lb_announces_keeps_bfd_up_under_full_load_and_drains_on_sigter
     finally:
         bed.stop("lb-h1")
     assert "withdraw acknowledged by BIRD" in bed.log("lb-h1"), bed.log("lb-h1")
+
+
+def test_a_hung_worker_takes_its_lb_out_of_t1s_ecmp_and_stops_it(
+    announced: BirdBed, tmp_path: Path
+) -> None:
+    """fastpath.lb --workers 2 on h1 with one worker SIGSTOPped (alive, forwarding nothing):
+    the supervisor's next stats request waits for it, so its BFD goes silent and BIRD
+    withdraws h1 after the detection time; the request times out (REPLY_TIMEOUT) and the LB
+    exits 1 naming the worker, its workers gone."""
+    from fastpath.workerpool import REPLY_TIMEOUT
+
+    bed = announced
+    bed.stop("holder-h1")
+    bed.wait_gateways([H2], 3.0)
+    ctl = tmp_path / "lb-h1.ctl"
+    argv = [sys.executable, "-m", "fastpath.lb", "h1-eth0", "--vip", "20.0.0.1:9",
+            "--backend", "10.2.3.2", "--next-hop-mac", _mac(bed.ns["t1"], "t1-eth1"),
+            "--announce", "--stats-file", "", "--control-socket", str(ctl),
+            "--stats-interval", "0.2", "--workers", "2"]  # fmt: skip
+    lb = bed.spawn("lb-h1", "h1", argv)
+    pids: list[int] = []
+    try:
+        bed.wait_gateways([H1, H2], 10.0)
+        pids = request(ctl, "ping")["workers"]
+        assert len(pids) == 2
+        os.kill(pids[1], signal.SIGSTOP)
+        took = bed.wait_gateways([H2], 2.0)
+        figure("SIGSTOP of one of 2 workers -> its LB out of t1's ECMP", took)
+        assert lb.wait(REPLY_TIMEOUT + 10) == 1
+        assert all(netstate.proc_start_time(p) is None for p in pids), "a worker was left"
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+        bed.stop("lb-h1")
+    assert f"pid {pids[1]}) did not answer in time" in bed.log("lb-h1"), bed.log("lb-h1")
 
 
 def test_p4_follow_reads_the_real_birds(announced: BirdBed) -> None:
