@@ -302,6 +302,9 @@ def report(res: dict[str, Any]) -> None:
           f"evictions {res['evictions']:,} (half-open), nonsyn_miss {res['nonsyn_miss']:,}; "
           f"cap {res['insert_rate']:,}/s, half-open capacity {res['half_open_capacity']:,}, "
           f"capacity {res['conn_capacity']:,}")  # fmt: skip
+    for x in res["failed_downloads"]:
+        print(f"download from port {x['port']} failed: curl exit {x['rc']}, sha256 "
+              f"{'right' if x['sha256_ok'] else 'wrong'}: {x['stderr'] or '-'}")  # fmt: skip
     print(json.dumps({k: v for k, v in res.items() if k != "failed_downloads"}
                      | {"failed_downloads": len(res["failed_downloads"])}))  # fmt: skip
 
