@@ -82,6 +82,11 @@ class Options:
     """The whole run's bound, in seconds."""
 
 
+STALL_AFTER = 20.0
+"""Seconds after the flood by which the downloads should be done (each needs about 13 s in
+all); later, the run records what each hop holds (`stall`) to say where they stopped."""
+
+
 def _wait(pred: Any, timeout: float, what: str) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -230,6 +235,28 @@ def run(
             sampler.join(10)
             after = _show(ctl)
             flows_after = [flow(i) for i in range(opts.downloads)]
+            stall = None
+            deadline = time.monotonic() + STALL_AFTER
+            while any(p.poll() is None for p in downloads) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if any(p.poll() is None for p in downloads):  # what each hop holds of the stall
+                now_show = _show(ctl)
+                agent_stats = json.loads((workdir / "agent.json").read_text())
+                stall = {
+                    "lb_rx_since_flood": now_show["io"]["rx_frames"] - after["io"]["rx_frames"],
+                    "lb_kernel_drops_since": now_show["kernel_drops"] - after["kernel_drops"],
+                    "agent": {k: agent_stats.get(k) for k in ("core", "io", "kernel_drops")},
+                    "client_tcp": sh("ss", "-tni", "state", "established", ns=c, check=False),
+                    "server_tcp": sh("ss", "-tni", "state", "established", ns=b, check=False),
+                    "links": {
+                        ns: sh("ip", "-s", "link", ns=ns, check=False) for ns in (c, r, lb, b)
+                    },
+                    "neighbours": {
+                        ns: sh("ip", "-s", "neigh", ns=ns, check=False) for ns in (c, r, b)
+                    },
+                    "router_ip_stats": sh("nstat", "-az", ns=r, check=False),
+                    "backend_ip_stats": sh("nstat", "-az", ns=b, check=False),
+                }
 
             results = []
             for i, p in enumerate(downloads):
@@ -244,6 +271,9 @@ def run(
                 results.append({"port": FIRST_PORT + i, "rc": p.returncode, "sha256_ok": ok,
                                 "stderr": err.decode(errors="replace").strip()})  # fmt: skip
             final = _show(ctl)
+            # A download can only stall if something on its path did: which of them still runs.
+            alive = {name: x.proc.poll() is None for name, x in
+                     (("lb", lb_proc), ("agent", agent), ("server", server))}  # fmt: skip
         finally:
             for p in downloads:
                 if p.poll() is None:
@@ -279,11 +309,15 @@ def run(
         "half_open_capacity": opts.half_open_capacity,
         "lb_frames": after["core"]["frames"] - before["core"]["frames"],
         "lb_kernel_drops": after["kernel_drops"] - before["kernel_drops"],
+        "lb_frames_after_flood": final["core"]["frames"] - after["core"]["frames"],
+        "lb_rx_after_flood": final["io"]["rx_frames"] - after["io"]["rx_frames"],
         "lb_internal_errors": final["core"]["drops"]["internal_error"],
         "samples": len(samples),
         "sample_errors": sampler.errors,
         "failed_downloads": [x for x in results if x["rc"] != 0 or not x["sha256_ok"]],
         "seconds": round(time.monotonic() - began, 1),
+        "alive_after": alive,
+        "stall": stall,
     }
 
 
@@ -302,6 +336,11 @@ def report(res: dict[str, Any]) -> None:
           f"evictions {res['evictions']:,} (half-open), nonsyn_miss {res['nonsyn_miss']:,}; "
           f"cap {res['insert_rate']:,}/s, half-open capacity {res['half_open_capacity']:,}, "
           f"capacity {res['conn_capacity']:,}")  # fmt: skip
+    if not all(res["alive_after"].values()):
+        print(f"exited during the run: {[k for k, v in res['alive_after'].items() if not v]}")
+    if res["stall"] is not None:
+        print(f"downloads still running {STALL_AFTER:g} s after the flood:\n"
+              + json.dumps(res["stall"], indent=1))  # fmt: skip
     for x in res["failed_downloads"]:
         print(f"download from port {x['port']} failed: curl exit {x['rc']}, sha256 "
               f"{'right' if x['sha256_ok'] else 'wrong'}: {x['stderr'] or '-'}")  # fmt: skip
@@ -341,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run(opts, Path(tmp))
     report(res)
     ok = res["downloads_ok"] == res["downloads"] == res["download_flows_tracked_after"]
+    ok = ok and all(res["alive_after"].values())
     return 0 if ok else 1
 
 
