@@ -244,6 +244,8 @@ class Stats:
         self.started = time.monotonic()
         self.writer = StatsWriter(s.stats_file, "agent.decap")
         self.health: AgentHealth | None = None
+        self.loop: RxLoop | None = None
+        """The receive loop, once it runs (its ring_resyncs)."""
 
     def snapshot(self, event: str) -> AgentStats:
         self.ring_drops += self.sock_drops()
@@ -256,6 +258,7 @@ class Stats:
             ring_drops=self.ring_drops,
             last_spoofed_source=self.core.last_spoofed_source(),
             health=self.health.stats(time.monotonic()) if self.health is not None else None,
+            ring_resyncs=self.loop.ring_resyncs if self.loop is not None else 0,
         )
 
     def uptime(self) -> float:
@@ -295,7 +298,7 @@ def serve(
     control plane's services when due."""
     interval = stats.s.conf.stats_interval
     loop = RxLoop(ring.slots, sock_fd, BATCH, busy_poll_us, IDLE_POLL_MS)
-    stop.loop = loop
+    stop.loop = stats.loop = loop
     if stop.set:
         return
     loop.run(

@@ -72,6 +72,8 @@ class AgentStats:
     """Frames the kernel could not put in the ring because it was full."""
     last_spoofed_source: str | None
     """The latest outer source that was not an allowed load balancer, if any."""
+    ring_resyncs: int = 0
+    """Times the receive loop moved to where the kernel's ring continues (l4lb.rxloop)."""
     health: HealthStats | None = None
     """The health checks (None when the agent runs without them)."""
 
@@ -86,6 +88,7 @@ class AgentStats:
         ring_drops: int,
         last_spoofed_source: str | None,
         health: HealthStats | None = None,
+        ring_resyncs: int = 0,
     ) -> AgentStats:
         return cls(
             event=event,
@@ -99,6 +102,7 @@ class AgentStats:
             drops={r.name.lower(): c.drops[r] for r in DecapDrop},
             ring_drops=ring_drops,
             last_spoofed_source=last_spoofed_source,
+            ring_resyncs=ring_resyncs,
             health=health,
         )
 

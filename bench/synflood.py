@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.host import tun_name
 from bench.frames import pack_frames, syn_frames
 from bench.netns import PY, Netns, NsProc, Procs, install_signal_handlers, missing, sh
 from l4lb import control
@@ -83,6 +84,8 @@ class Options:
 
 
 STALL_AFTER = 20.0
+TAP_SECONDS = 25
+AGENT_KEYS = ("frames", "delivered", "dropped", "partial_checksums", "drops", "ring_drops")
 """Seconds after the flood by which the downloads should be done (each needs about 13 s in
 all); later, the run records what each hop holds (`stall`) to say where they stopped."""
 
@@ -240,12 +243,36 @@ def run(
             while any(p.poll() is None for p in downloads) and time.monotonic() < deadline:
                 time.sleep(0.5)
             if any(p.poll() is None for p in downloads):  # what each hop holds of the stall
+                # What crosses each end for a while: do the server's probes leave it, arrive?
+                filt = "tcp port 80 or ip proto 4"
+                taps = {}
+                ends = (("client", c, n["c0"]), ("backend", b, n["b0"]),
+                        ("backend_tun", b, tun_name(n["b0"])))  # fmt: skip
+                for where, ns, dev in ends:
+                    argv = ["ip", "netns", "exec", ns, "timeout", str(TAP_SECONDS), "tcpdump",
+                            "-n", "-l", "-i", dev, "-c", "40", filt]  # fmt: skip
+                    taps[where] = subprocess.Popen(
+                        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+                    )
+                agent_before = json.loads((workdir / "agent.json").read_text())
+                tapped = {w: t.communicate(timeout=TAP_SECONDS + 10)[0] for w, t in taps.items()}
                 now_show = _show(ctl)
                 agent_stats = json.loads((workdir / "agent.json").read_text())
+                try:  # is the agent's loop turning (it answers from between batches)?
+                    agent_ping: Any = control.request(workdir / "agent.ctl", "ping", timeout=2.0)
+                except (L4lbError, OSError) as exc:
+                    agent_ping = f"no answer: {exc!r}"
                 stall = {
+                    "agent_ping": agent_ping,
+                    "agent_stats_age_s": round(time.time() - agent_stats.get("time", 0), 1),
+                    "agent_while_tapped": {
+                        k: agent_stats.get(k, 0) - agent_before.get(k, 0)
+                        for k in ("frames", "delivered", "dropped", "ring_drops")
+                    },
                     "lb_rx_since_flood": now_show["io"]["rx_frames"] - after["io"]["rx_frames"],
+                    "lb_ring_waiting": now_show["io"]["ring_waiting"],
                     "lb_kernel_drops_since": now_show["kernel_drops"] - after["kernel_drops"],
-                    "agent": {k: agent_stats.get(k) for k in ("core", "io", "kernel_drops")},
+                    "agent": {k: agent_stats.get(k) for k in AGENT_KEYS},
                     "client_tcp": sh("ss", "-tni", "state", "established", ns=c, check=False),
                     "server_tcp": sh("ss", "-tni", "state", "established", ns=b, check=False),
                     "links": {
@@ -256,6 +283,7 @@ def run(
                     },
                     "router_ip_stats": sh("nstat", "-az", ns=r, check=False),
                     "backend_ip_stats": sh("nstat", "-az", ns=b, check=False),
+                    "tcpdump": tapped,
                 }
 
             results = []
@@ -316,6 +344,10 @@ def run(
         "sample_errors": sampler.errors,
         "failed_downloads": [x for x in results if x["rc"] != 0 or not x["sha256_ok"]],
         "seconds": round(time.monotonic() - began, 1),
+        "ring_resyncs": {
+            "lb": final["io"].get("ring_resyncs"),
+            "agent": json.loads((workdir / "agent.json").read_text()).get("ring_resyncs"),
+        },
         "alive_after": alive,
         "stall": stall,
     }

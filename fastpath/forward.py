@@ -57,6 +57,8 @@ class Forwarder:
             batches=loop.batches,
             wakeups=loop.wakeups,
             socket_errors=loop.socket_errors,
+            ring_resyncs=loop.ring_resyncs,
+            ring_waiting=self.slots.waiting(),
         )
 
     def run(

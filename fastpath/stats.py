@@ -157,6 +157,12 @@ class IoStats:
     """poll() calls on an empty ring."""
     socket_errors: int = 0
     """Errors the ring's socket reported, each read and cleared (ENETDOWN: IFACE went down)."""
+    ring_resyncs: int = 0
+    """Times the receive loop moved to where the kernel's ring continues (l4lb.rxloop)."""
+    ring_waiting: int = 0
+    """Ring slots holding a frame not yet taken, when the snapshot was made (counted then, not
+    per packet). Above 0 while rx_frames stands still, the loop waits on a slot the kernel is
+    not filling: the ring's and the loop's positions disagree (bench/synflood's `stall`)."""
 
 
 @dataclass

@@ -145,6 +145,11 @@ class Slots:
         self.unsent: list[int] = []
         self.csum_completed = 0
 
+    def waiting(self) -> int:
+        """Slots holding a frame for the loop now (a scan of the status words: for a snapshot,
+        not the packet path)."""
+        return sum(1 for st in self.status if st & READY)
+
     def release(self) -> None:
         """Drop every view into `mem` (the ring's mmap cannot close while they exist)."""
         for v in (*self.frames, *self.outs, self.out_mem, self.status, self.wire_len, self.snap):

@@ -13,6 +13,13 @@ With a `plane` (l4lb.plane), the loop also runs the process's control work: once
 compares the clock with `plane.due`; while idle it sleeps no longer than that and also wakes
 for input on the plane's sockets (a control request, a health reply, a BFD packet).
 
+If the ring's socket says a frame waits (POLLIN) while the next slot stays empty for
+RESYNC_AFTER, the loop and the kernel disagree on where the ring continues: the loop would wait
+on a slot the kernel fills only a lap later while the frames pile up elsewhere (seen after a
+SYN flood overflowed the ring: the agent took no frame for minutes and counted no drop). The
+loop then moves to the first slot holding a frame (`ring_resyncs`). A slot another CPU is still
+filling is ready within microseconds, far below RESYNC_AFTER.
+
 An error the ring's socket reports (ENETDOWN when the interface goes down) makes poll() return
 at once until it is read: the loop reads it (SO_ERROR, which clears it) and counts it in
 `socket_errors`, so a link that is down does not spin the loop at 100% CPU.
@@ -24,13 +31,25 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from l4lb.busypoll import spin_for_frame
 from l4lb.plane import Plane
 from l4lb.ring import READY, Slots
 
 HandleFn = Callable[[int, int, float], int]
+RESYNC_AFTER = 0.05
+"""Seconds the next slot may stay empty while the ring's socket says a frame waits."""
+
+
+def next_ready(status: Sequence[int], i: int) -> int | None:
+    """The first slot from i on (wrapping) that holds a frame, or None."""
+    nr = len(status)
+    for k in range(1, nr):
+        j = (i + k) % nr
+        if status[j] & READY:
+            return j
+    return None
 
 
 def take_socket_error(fd: int) -> int:
@@ -72,6 +91,8 @@ class RxLoop:
         """poll() calls on an empty ring."""
         self.socket_errors = 0
         """Errors the ring's socket reported (read and cleared): ENETDOWN, the link went down."""
+        self.ring_resyncs = 0
+        """Moves to the slot holding the next frame, the kernel's position (module docstring)."""
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler); it does within idle_ms."""
@@ -99,6 +120,7 @@ class RxLoop:
         if plane is None:
             plane = Plane()  # no services: due stays +inf after the first run
         plane_due = plane.run(clock())
+        stuck_since = 0.0  # when the socket first said "a frame waits" with slot i empty
         try:
             while self.running:
                 if not status[i] & READY:
@@ -120,12 +142,25 @@ class RxLoop:
                     events = poll(wait)
                     now = clock()
                     wake_plane = now >= plane_due
+                    waits = False
                     for fd, ev in events:
                         if fd != ring_fd:
                             wake_plane = True
                         elif ev & select.POLLERR:
                             self.socket_errors += 1
                             take_socket_error(fd)
+                        elif ev & select.POLLIN:
+                            waits = True
+                    if not waits or status[i] & READY:
+                        stuck_since = 0.0
+                    elif not stuck_since:
+                        stuck_since = now
+                    elif now - stuck_since >= RESYNC_AFTER:
+                        j = next_ready(status, i)
+                        if j is not None:
+                            i = j
+                            self.ring_resyncs += 1
+                        stuck_since = 0.0
                     if wake_plane:
                         plane_due = plane.run(now)
                     if now < next_tick:
@@ -136,6 +171,7 @@ class RxLoop:
                         end = nr
                     now = clock()
                     n = handle(i, end, now)
+                    stuck_since = 0.0
                     status[i : i + n] = zeros if n == batch else zeros[:n]
                     rx += n
                     batches += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -114,3 +115,43 @@ def test_an_error_on_the_ring_socket_is_read_once_not_spun_on() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # read and cleared
     finally:
         sock.close()
+
+
+def test_a_loop_waiting_where_the_kernel_is_not_moves_to_the_next_frame() -> None:
+    """The ring's socket says a frame waits (POLLIN: here a socket with a byte never read) while
+    the next slot stays empty and frames sit further on, as after a ring overflow put the loop
+    and the kernel at different slots: after RESYNC_AFTER the loop goes to the first slot with a
+    frame and takes the run from there."""
+    ring = FakeRing(8)
+    ring.load([b"a"] * 3, first=5)  # slots 5, 6, 7 hold frames; 0..4 are empty
+    a, b = socket.socketpair()
+    try:
+        b.send(b"x")  # a stays readable
+        loop = RxLoop(ring.slots, a.fileno(), batch=8, idle_ms=5)
+        calls: list[tuple[int, int]] = []
+
+        def handle(first: int, end: int, now: float) -> int:
+            calls.append((first, end))
+            loop.stop()
+            return end - first
+
+        threading.Timer(2.0, loop.stop).start()  # bound: the loop stops by itself
+        loop.run(handle)
+    finally:
+        a.close()
+        b.close()
+    assert loop.ring_resyncs == 1
+    assert calls == [(5, 8)]
+    assert [ring.slots.status[i] for i in range(5, 8)] == [KERNEL] * 3
+
+
+def test_no_move_while_the_socket_says_nothing_waits(fd: int) -> None:
+    """Frames elsewhere in the ring but no POLLIN (the fd fixture never becomes readable): the
+    loop keeps its place; only the kernel's word moves it."""
+    ring = FakeRing(8)
+    ring.load([b"a"] * 3, first=5)
+    loop = RxLoop(ring.slots, fd, batch=8, idle_ms=5)
+    handled: list[int] = []
+    threading.Timer(0.3, loop.stop).start()
+    loop.run(lambda first, end, now: handled.append(first) or 0)
+    assert loop.ring_resyncs == 0 and handled == []
