@@ -281,8 +281,8 @@ def run(
                     "neighbours": {
                         ns: sh("ip", "-s", "neigh", ns=ns, check=False) for ns in (c, r, b)
                     },
-                    "router_ip_stats": sh("nstat", "-az", ns=r, check=False),
-                    "backend_ip_stats": sh("nstat", "-az", ns=b, check=False),
+                    "router_ip_stats": sh("nstat", "-asz", ns=r, check=False),
+                    "backend_ip_stats": sh("nstat", "-asz", ns=b, check=False),
                     "tcpdump": tapped,
                 }
 
