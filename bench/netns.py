@@ -161,6 +161,37 @@ class Netns:
         self.close()
 
 
+ROUTED_BACKENDS = ("10.100.3.2", "10.100.3.3")
+"""The two backend addresses of `routed_lb`'s backend namespace."""
+
+
+def routed_lb(netns: Netns, client_offload: bool = False) -> tuple[str, str, str, str]:
+    """(client, router, lb, backend) namespaces made in `netns`: client 10.100.1.2, LB
+    10.100.2.2 (IP forwarding off), the backend with ROUTED_BACKENDS, all routed by the router,
+    which sends the VIP 20.0.0.1 to the LB. Interfaces c<tag>, rc/rl/rb<tag>, l<tag>, b<tag>;
+    `client_offload`: the client's interface leaves TCP/UDP checksums partial (tx on)."""
+    c, r, lbns, b = netns.add("C"), netns.add("R"), netns.add("L"), netns.add("B")
+    t = netns.tag
+    netns.veth(c, f"c{t}", r, f"rc{t}")
+    netns.veth(r, f"rl{t}", lbns, f"l{t}")
+    netns.veth(r, f"rb{t}", b, f"b{t}")
+    sh("ip", "addr", "add", "10.100.1.2/24", "dev", f"c{t}", ns=c)
+    if client_offload:
+        sh("ethtool", "-K", f"c{t}", "tx", "on", ns=c)
+    sh("ip", "route", "add", "default", "via", "10.100.1.1", ns=c)
+    for addr, dev in (("10.100.1.1", "rc"), ("10.100.2.1", "rl"), ("10.100.3.1", "rb")):
+        sh("ip", "addr", "add", f"{addr}/24", "dev", f"{dev}{t}", ns=r)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
+    sh("ip", "route", "add", "20.0.0.1/32", "via", "10.100.2.2", ns=r)
+    sh("ip", "addr", "add", "10.100.2.2/24", "dev", f"l{t}", ns=lbns)
+    sh("ip", "route", "add", "default", "via", "10.100.2.1", ns=lbns)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=0", ns=lbns)
+    for addr in ROUTED_BACKENDS:
+        sh("ip", "addr", "add", f"{addr}/24", "dev", f"b{t}", ns=b)
+    sh("ip", "route", "add", "default", "via", "10.100.3.1", ns=b)
+    return c, r, lbns, b
+
+
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` and `__exit__` runs."""
 

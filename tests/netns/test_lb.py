@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.netns import PY, Capture, Netns, NsProc, capture, sh
+from bench.netns import PY, Capture, Netns, NsProc, capture, routed_lb, sh
 from l4lb.control import RequestRefused, request
 from tests.fixtures import cases
 
@@ -145,24 +145,8 @@ print("[]")
 
 
 def test_routed_udp_reaches_backend_encapsulated(netns: Netns, tmp_path: Path) -> None:
-    c, r, lbns, b = netns.add("C"), netns.add("R"), netns.add("L"), netns.add("B")
+    c, r, lbns, b = routed_lb(netns, client_offload=True)  # partial checksums leave c
     t = netns.tag
-    netns.veth(c, f"c{t}", r, f"rc{t}")
-    netns.veth(r, f"rl{t}", lbns, f"l{t}")
-    netns.veth(r, f"rb{t}", b, f"b{t}")
-    sh("ip", "addr", "add", "10.100.1.2/24", "dev", f"c{t}", ns=c)
-    sh("ethtool", "-K", f"c{t}", "tx", "on", ns=c)  # partial checksums leave the client
-    sh("ip", "route", "add", "default", "via", "10.100.1.1", ns=c)
-    for addr, dev in (("10.100.1.1", "rc"), ("10.100.2.1", "rl"), ("10.100.3.1", "rb")):
-        sh("ip", "addr", "add", f"{addr}/24", "dev", f"{dev}{t}", ns=r)
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
-    sh("ip", "route", "add", "20.0.0.1/32", "via", "10.100.2.2", ns=r)
-    sh("ip", "addr", "add", "10.100.2.2/24", "dev", f"l{t}", ns=lbns)
-    sh("ip", "route", "add", "default", "via", "10.100.2.1", ns=lbns)
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=0", ns=lbns)
-    for addr in ("10.100.3.2/24", "10.100.3.3/24"):
-        sh("ip", "addr", "add", addr, "dev", f"b{t}", ns=b)
-    sh("ip", "route", "add", "default", "via", "10.100.3.1", ns=b)
     r_mac = json.loads(sh("ip", "-j", "link", "show", f"rl{t}", ns=r))[0]["address"]
     b_mac = json.loads(sh("ip", "-j", "link", "show", f"b{t}", ns=b))[0]["address"]
 

@@ -30,14 +30,14 @@ from typing import Any
 
 import pytest
 
-from bench.netns import PY, Capture, Netns, NsProc, py, sh
+from bench.netns import PY, ROUTED_BACKENDS, Capture, Netns, NsProc, py, routed_lb, sh
 from l4lb.control import RequestRefused, request
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("ethtool")]
 
 FRAMES_PER_FLOW = 3
 FLOWS = 200
-B1, B2 = "10.100.3.2", "10.100.3.3"
+B1, B2 = ROUTED_BACKENDS
 
 _CLIENT = r"""
 import socket, sys
@@ -49,28 +49,6 @@ for port in range(first, end):
         s.sendto(b"flow %d frame %d" % (port, i), ("20.0.0.1", 80))
     s.close()
 """
-
-
-def _testbed(netns: Netns) -> tuple[str, str, str, str]:
-    """(client, router, lb, backend) namespaces, routed as in tests/netns/test_lb.py."""
-    c, r, lbns, b = netns.add("C"), netns.add("R"), netns.add("L"), netns.add("B")
-    t = netns.tag
-    netns.veth(c, f"c{t}", r, f"rc{t}")
-    netns.veth(r, f"rl{t}", lbns, f"l{t}")
-    netns.veth(r, f"rb{t}", b, f"b{t}")
-    sh("ip", "addr", "add", "10.100.1.2/24", "dev", f"c{t}", ns=c)
-    sh("ip", "route", "add", "default", "via", "10.100.1.1", ns=c)
-    for addr, dev in (("10.100.1.1", "rc"), ("10.100.2.1", "rl"), ("10.100.3.1", "rb")):
-        sh("ip", "addr", "add", f"{addr}/24", "dev", f"{dev}{t}", ns=r)
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=r)
-    sh("ip", "route", "add", "20.0.0.1/32", "via", "10.100.2.2", ns=r)
-    sh("ip", "addr", "add", "10.100.2.2/24", "dev", f"l{t}", ns=lbns)
-    sh("ip", "route", "add", "default", "via", "10.100.2.1", ns=lbns)
-    sh("sysctl", "-qw", "net.ipv4.ip_forward=0", ns=lbns)
-    for addr in (f"{B1}/24", f"{B2}/24"):
-        sh("ip", "addr", "add", addr, "dev", f"b{t}", ns=b)
-    sh("ip", "route", "add", "default", "via", "10.100.3.1", ns=b)
-    return c, r, lbns, b
 
 
 def _start(lbns: str, tag: str, tmp_path: Path) -> tuple[NsProc, Path, Path]:
@@ -108,7 +86,7 @@ def test_two_workers_split_flows_sum_counters_and_take_changes(
 ) -> None:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one CPU: both workers would share it (the test's point is two cores)")
-    c, _r, lbns, b = _testbed(netns)
+    c, _r, lbns, b = routed_lb(netns)
     t = netns.tag
     lb, stats, ctl = _start(lbns, t, tmp_path)
     pids: list[int] = []
@@ -179,7 +157,7 @@ def test_two_workers_split_flows_sum_counters_and_take_changes(
 
 
 def test_a_dead_worker_stops_the_lb_with_status_1(netns: Netns, tmp_path: Path) -> None:
-    _c, _r, lbns, _b = _testbed(netns)
+    _c, _r, lbns, _b = routed_lb(netns)
     lb, _stats, ctl = _start(lbns, netns.tag, tmp_path)
     pids: list[int] = []
     try:
